@@ -1,0 +1,103 @@
+//! The boundary between schedulers (engines) and transaction semantics (VMs).
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use crate::storage::StorageError;
+
+/// Position of a transaction in its block.
+pub type TxIndex = usize;
+
+/// A write produced by one execution of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write<V, D> {
+    /// The key takes this value.
+    Put(V),
+    /// A commutative update (e.g. "add 5 wei"): it is applied to whatever value the key
+    /// has when it is resolved, so it creates no read dependency for the writer.
+    Delta(D),
+}
+
+/// What executing one transaction produced.
+#[derive(Clone, Debug)]
+pub struct Execution<K, V, D, O> {
+    /// Every key the transaction changed, each at most once.
+    pub writes: Vec<(K, Write<V, D>)>,
+    /// The VM's per-transaction output (status, gas, logs for the EVM).
+    pub output: O,
+}
+
+/// Why a read could not be served.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The value depends on transaction `blocking_tx`, which is being re-executed; the
+    /// engine will suspend this execution and retry it once that transaction is done.
+    #[error("read depends on transaction {blocking_tx}, which is not yet final")]
+    Blocked { blocking_tx: TxIndex },
+    /// The engine abandoned this execution (its result can no longer be used).
+    #[error("execution aborted by the engine")]
+    Aborted,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A read-only view of the state as transaction `i` should see it: the pre-block state
+/// with the writes of transactions before `i` applied. Engines implement it; reads
+/// made through it form the transaction's read set.
+pub trait ReadView<K, V> {
+    /// The value of `key`, or `None` if the key does not exist.
+    fn read(&mut self, key: &K) -> Result<Option<V>, ReadError>;
+}
+
+/// An execution failed for a reason other than the transaction itself being invalid.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VmError {
+    /// A read could not be served; see [`ReadError`]. Engines handle `Blocked`/`Aborted`.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The block's data is inconsistent (e.g. a BLOCKHASH the data set does not have).
+    #[error("bad block data: {0}")]
+    BadData(String),
+    /// The VM itself failed (a bug or an unsupported feature), naming the transaction.
+    #[error("VM failure at transaction {tx}: {message}")]
+    Internal { tx: TxIndex, message: String },
+}
+
+/// Transaction semantics, as schedulers see them.
+///
+/// Contract: `execute(i, view)` is a pure function of `i` and the values `view` returns;
+/// it may be called many times for the same `i` (re-executions) and from many threads.
+pub trait Vm: Sync {
+    /// A state key (an account, a storage slot, a piece of code, an object...).
+    type Key: Clone + Eq + Hash + Ord + Debug + Send + Sync;
+    /// A state value.
+    type Value: Clone + PartialEq + Debug + Send + Sync;
+    /// A commutative update to a value (see [`Write::Delta`]).
+    type Delta: Clone + Debug + Send + Sync;
+    /// Per-transaction output.
+    type Output: Clone + Debug + Send + Sync;
+
+    /// Number of transactions in the block.
+    fn tx_count(&self) -> usize;
+
+    /// Executes transaction `tx` against `view`.
+    fn execute<R: ReadView<Self::Key, Self::Value>>(
+        &self,
+        tx: TxIndex,
+        view: &mut R,
+    ) -> Result<Execution<Self::Key, Self::Value, Self::Delta, Self::Output>, VmError>;
+
+    /// Applies a delta to a key's value (`None`: the key does not exist yet).
+    fn apply_delta(
+        &self,
+        key: &Self::Key,
+        value: Option<Self::Value>,
+        delta: &Self::Delta,
+    ) -> Option<Self::Value>;
+
+    /// Adds `later` into `earlier` so that applying the result equals applying both.
+    fn merge_deltas(&self, earlier: &mut Self::Delta, later: &Self::Delta);
+
+    /// Block-level post-processing of outputs in block order (e.g. cumulative gas).
+    fn finalize_outputs(&self, outputs: &mut [Self::Output]) -> Result<(), VmError>;
+}

@@ -1,0 +1,70 @@
+//! parex-engine: schedulers that execute a block of transactions, generic over the
+//! [`Vm`] (what a transaction does) and the [`Storage`] (the pre-block state).
+//!
+//! Every engine returns the same [`BlockOutcome`] as [`sequential`] for the same block:
+//! that is the contract the tests enforce.
+
+pub mod metrics;
+pub mod sequential;
+
+use parex_core::{BlockOutcome, Storage, Vm, VmError};
+
+pub use metrics::Metrics;
+
+/// The outcome type of an engine run over `V`.
+pub type VmOutcome<V> =
+    BlockOutcome<<V as Vm>::Output, <V as Vm>::Key, <V as Vm>::Value>;
+
+/// An engine failed to execute a block.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+/// The engines parex has, by command-line name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    Sequential,
+}
+
+impl EngineKind {
+    pub const ALL: &'static [EngineKind] = &[EngineKind::Sequential];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Sequential => "sequential",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// Executes `vm`'s block on `storage` with this engine.
+    pub fn execute<V, S>(
+        self,
+        vm: &V,
+        storage: &S,
+        threads: usize,
+    ) -> Result<(VmOutcome<V>, Metrics), EngineError>
+    where
+        V: Vm,
+        S: Storage<Key = V::Key, Value = V::Value>,
+    {
+        if threads == 0 {
+            return Err(EngineError::Config("threads must be at least 1".into()));
+        }
+        match self {
+            EngineKind::Sequential => sequential::execute(vm, storage),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,92 @@
+//! `sequential`: the reference engine. Transactions run one after another, in block
+//! order, on a cache over the pre-block storage; each transaction's writes are applied
+//! before the next one starts. Every other engine must produce exactly its outcome.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use parex_core::{BlockOutcome, ReadError, ReadView, Storage, Vm, Write};
+
+use crate::{EngineError, Metrics, VmOutcome};
+
+struct Entry<V> {
+    value: Option<V>,
+    written: bool,
+}
+
+/// The state as the next transaction sees it: the cache, falling back to storage
+/// (whose answers are cached too, so each key costs at most one storage read).
+struct CacheView<'a, K, V, S> {
+    cache: &'a mut HashMap<K, Entry<V>, alloy_primitives::map::DefaultHashBuilder>,
+    storage: &'a S,
+}
+
+impl<K, V, S> CacheView<'_, K, V, S>
+where
+    K: Clone + Eq + std::hash::Hash,
+    V: Clone,
+    S: Storage<Key = K, Value = V>,
+{
+    fn entry(&mut self, key: &K) -> Result<&mut Entry<V>, ReadError> {
+        if !self.cache.contains_key(key) {
+            let value = self.storage.read(key)?;
+            self.cache.insert(key.clone(), Entry { value, written: false });
+        }
+        Ok(self.cache.get_mut(key).expect("inserted above"))
+    }
+}
+
+impl<K, V, S> ReadView<K, V> for CacheView<'_, K, V, S>
+where
+    K: Clone + Eq + std::hash::Hash,
+    V: Clone,
+    S: Storage<Key = K, Value = V>,
+{
+    #[inline]
+    fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
+        if let Some(e) = self.cache.get(key) {
+            return Ok(e.value.clone());
+        }
+        Ok(self.entry(key)?.value.clone())
+    }
+}
+
+/// Executes the block serially.
+pub fn execute<V, S>(vm: &V, storage: &S) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let started = Instant::now();
+    let n = vm.tx_count();
+    let mut cache = HashMap::default();
+    let mut outputs = Vec::with_capacity(n);
+    for tx in 0..n {
+        let mut view = CacheView { cache: &mut cache, storage };
+        let execution = vm.execute(tx, &mut view)?;
+        for (key, write) in execution.writes {
+            let entry = view.entry(&key).map_err(parex_core::VmError::from)?;
+            entry.written = true;
+            entry.value = match write {
+                Write::Put(value) => Some(value),
+                Write::Delta(delta) => vm.apply_delta(&key, entry.value.take(), &delta),
+            };
+        }
+        outputs.push(execution.output);
+    }
+    let execution_time = started.elapsed();
+    let finalize_started = Instant::now();
+    vm.finalize_outputs(&mut outputs)?;
+    let mut state_diff: Vec<(V::Key, V::Value)> = cache
+        .into_iter()
+        .filter_map(|(k, e)| if e.written { e.value.map(|v| (k, v)) } else { None })
+        .collect();
+    state_diff.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let metrics = Metrics {
+        executions: n as u64,
+        execution_time,
+        finalize_time: finalize_started.elapsed(),
+        ..Metrics::default()
+    };
+    Ok((BlockOutcome { tx_outcomes: outputs, state_diff }, metrics))
+}

@@ -1,0 +1,22 @@
+//! parex-evm: the revm-backed [`Vm`](parex_core::Vm).
+//!
+//! A transaction runs in revm against a [`parex_core::ReadView`] supplied by the engine
+//! (through a `revm::Database` adapter), and its state changes come back as writes of
+//! the account model ([`parex_core::StateKey`]). The beneficiary's fee is not credited
+//! inside revm: a custom handler captures it, and it leaves as a balance *delta*, so
+//! transactions do not depend on each other through the coinbase.
+
+mod db;
+mod handler;
+pub mod block;
+pub mod receipts;
+pub mod spec;
+pub mod vm;
+
+pub use block::{EvmBlock, EvmTx, TxConversionError};
+pub use receipts::{logs_bloom, receipts_root};
+pub use spec::spec_for_block;
+pub use vm::EvmVm;
+
+/// The Ethereum mainnet chain id.
+pub const MAINNET_CHAIN_ID: u64 = 1;

@@ -1,0 +1,234 @@
+//! [`EvmVm`]: one Ethereum transaction in revm, as a [`Vm`].
+
+use alloy_primitives::{Address, U256};
+use parex_core::{
+    AccountInfo, AccountValue, BalanceDelta, Execution, ReadView, StateKey, StateValue, TxIndex,
+    TxOutcome, TxStatus, Vm, VmError, Write,
+};
+use revm::context::{CfgEnv, Context, Journal};
+use revm::context_interface::result::{EVMError, ExecutionResult};
+use revm::context_interface::{ContextSetters, JournalTr};
+use revm::handler::{EthFrame, Handler, MainBuilder};
+use revm::interpreter::interpreter::EthInterpreter;
+use revm::primitives::hardfork::SpecId;
+use revm::state::{Account, EvmState};
+
+use crate::block::EvmBlock;
+use crate::db::{DbError, ViewDb};
+use crate::handler::FeeCapturingHandler;
+
+/// Executes the transactions of one block with revm.
+pub struct EvmVm<'b> {
+    block: &'b EvmBlock,
+    cfg: CfgEnv,
+}
+
+type Write_ = Write<StateValue, BalanceDelta>;
+pub type EvmExecution = Execution<StateKey, StateValue, BalanceDelta, TxOutcome>;
+
+impl<'b> EvmVm<'b> {
+    pub fn new(block: &'b EvmBlock) -> Self {
+        let mut cfg = CfgEnv::new_with_spec(block.spec);
+        cfg.chain_id = block.chain_id;
+        Self { block, cfg }
+    }
+
+    pub fn block(&self) -> &EvmBlock {
+        self.block
+    }
+
+    fn beneficiary(&self) -> Address {
+        self.block.env.beneficiary
+    }
+
+    /// Whether a zero-value touch creates an account (before Spurious Dragon, EIP-161).
+    fn touch_creates(&self) -> bool {
+        !self.block.spec.is_enabled_in(SpecId::SPURIOUS_DRAGON)
+    }
+}
+
+impl Vm for EvmVm<'_> {
+    type Key = StateKey;
+    type Value = StateValue;
+    type Delta = BalanceDelta;
+    type Output = TxOutcome;
+
+    fn tx_count(&self) -> usize {
+        self.block.txs.len()
+    }
+
+    fn execute<R: ReadView<StateKey, StateValue>>(
+        &self,
+        tx: TxIndex,
+        view: &mut R,
+    ) -> Result<EvmExecution, VmError> {
+        let tx_env = &self.block.txs[tx].env;
+        let db = ViewDb::new(view, &self.block.block_hashes);
+        let mut ctx: Context<_, _, _, _, Journal<_>, ()> = Context::new(db, self.block.spec);
+        ctx.cfg = self.cfg.clone();
+        ctx.block = self.block.env.clone();
+        ctx.set_tx(tx_env.clone());
+        let mut evm = ctx.build_mainnet();
+        let handler = FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
+        let result = { handler }.run_and_fee(&mut evm);
+        let (result, fee) = match result {
+            Ok(ok) => ok,
+            Err(EVMError::Transaction(invalid)) => {
+                return Ok(Execution {
+                    writes: Vec::new(),
+                    output: TxOutcome {
+                        tx_type: tx_env.tx_type,
+                        status: TxStatus::Invalid(invalid.to_string()),
+                        gas_used: 0,
+                        cumulative_gas_used: 0,
+                        logs: Vec::new(),
+                    },
+                });
+            }
+            Err(EVMError::Database(DbError::Read(e))) => return Err(VmError::Read(e)),
+            Err(EVMError::Database(e)) => return Err(VmError::BadData(e.to_string())),
+            Err(EVMError::Header(e)) => return Err(VmError::BadData(e.to_string())),
+            Err(e) => return Err(VmError::Internal { tx, message: e.to_string() }),
+        };
+        let state = evm.ctx.journaled_state.finalize();
+        let writes = self.writes_from_state(state, &mut evm.ctx.journaled_state.database, fee)?;
+        let (status, gas_used, logs) = match result {
+            ExecutionResult::Success { gas, logs, .. } => (TxStatus::Success, gas.tx_gas_used(), logs),
+            ExecutionResult::Revert { gas, logs, .. } => (TxStatus::Revert, gas.tx_gas_used(), logs),
+            ExecutionResult::Halt { reason, gas, logs } => {
+                (TxStatus::Halt(format!("{reason:?}")), gas.tx_gas_used(), logs)
+            }
+        };
+        Ok(Execution {
+            writes,
+            output: TxOutcome { tx_type: tx_env.tx_type, status, gas_used, cumulative_gas_used: 0, logs },
+        })
+    }
+
+    fn apply_delta(&self, _key: &StateKey, value: Option<StateValue>, delta: &BalanceDelta) -> Option<StateValue> {
+        let current = value.and_then(|v| v.as_account().copied());
+        let mut after = delta.apply(current);
+        if !delta.create_if_absent && after.info.is_some_and(|i| i.is_empty()) {
+            after.info = None; // EIP-161: a touched empty account is removed.
+        }
+        Some(StateValue::Account(after))
+    }
+
+    fn merge_deltas(&self, earlier: &mut BalanceDelta, later: &BalanceDelta) {
+        earlier.merge(later);
+    }
+
+    fn finalize_outputs(&self, outputs: &mut [TxOutcome]) -> Result<(), VmError> {
+        let mut cumulative = 0u64;
+        for (i, out) in outputs.iter_mut().enumerate() {
+            cumulative += out.gas_used;
+            out.cumulative_gas_used = cumulative;
+            if cumulative > self.block.env.gas_limit {
+                return Err(VmError::BadData(format!(
+                    "transaction {i} brings the block's gas to {cumulative}, above its limit {}",
+                    self.block.env.gas_limit
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the handler and returns the result with the fee it captured.
+trait RunAndFee<EVM> {
+    type Out;
+    fn run_and_fee(self, evm: &mut EVM) -> Self::Out;
+}
+
+impl<EVM, ERROR, FRAME> RunAndFee<EVM> for FeeCapturingHandler<EVM, ERROR, FRAME>
+where
+    FeeCapturingHandler<EVM, ERROR, FRAME>: Handler<Evm = EVM, Error = ERROR, HaltReason = revm::context_interface::result::HaltReason>,
+{
+    type Out = Result<(ExecutionResult, U256), ERROR>;
+    fn run_and_fee(mut self, evm: &mut EVM) -> Self::Out {
+        let result = self.run(evm)?;
+        Ok((result, self.fee.get()))
+    }
+}
+
+impl EvmVm<'_> {
+    /// Turns revm's state changes into writes of the account model, mirroring how revm's
+    /// own caches commit them (selfdestruct, creation, EIP-161 removal), writing only what
+    /// changed, and adding the beneficiary's fee as a delta.
+    fn writes_from_state<R: ReadView<StateKey, StateValue>>(
+        &self,
+        state: EvmState,
+        db: &mut ViewDb<'_, R>,
+        fee: U256,
+    ) -> Result<Vec<(StateKey, Write_)>, VmError> {
+        let mut writes = Vec::with_capacity(state.len() * 2);
+        let beneficiary = self.beneficiary();
+        let mut beneficiary_written = false;
+        for (address, account) in state {
+            if !account.is_touched() {
+                continue;
+            }
+            let before = db.account(address).map_err(|e| match e {
+                DbError::Read(r) => VmError::Read(r),
+                other => VmError::BadData(other.to_string()),
+            })?;
+            let mut after = account_after(&account, before, &mut writes, address);
+            if address == beneficiary {
+                beneficiary_written = true;
+                credit(&mut after, fee, self.touch_creates());
+            }
+            if after != before {
+                writes.push((StateKey::Account(address), Write::Put(StateValue::Account(after))));
+            }
+        }
+        if !beneficiary_written {
+            writes.push((
+                StateKey::Account(beneficiary),
+                Write::Delta(BalanceDelta { credit: fee, create_if_absent: self.touch_creates() }),
+            ));
+        }
+        Ok(writes)
+    }
+}
+
+/// The account value after a transaction, pushing its slot and code writes.
+fn account_after(
+    account: &Account,
+    before: AccountValue,
+    writes: &mut Vec<(StateKey, Write_)>,
+    address: Address,
+) -> AccountValue {
+    if account.is_selfdestructed() {
+        return AccountValue { info: None, storage_generation: before.storage_generation + 1 };
+    }
+    let created = account.is_created();
+    let generation =
+        if created { before.storage_generation + 1 } else { before.storage_generation };
+    let info = &account.info;
+    if created {
+        if let Some(code) = &info.code {
+            if !code.is_empty() {
+                writes.push((StateKey::Code(info.code_hash), Write::Put(StateValue::Code(code.clone()))));
+            }
+        }
+    }
+    for (slot, value) in &account.storage {
+        let present = value.present_value();
+        let changed = if created { !present.is_zero() } else { value.is_changed() };
+        if changed {
+            writes.push((StateKey::Slot(address, generation, *slot), Write::Put(StateValue::Slot(present))));
+        }
+    }
+    let info = AccountInfo { balance: info.balance, nonce: info.nonce, code_hash: info.code_hash };
+    let exists = created || !info.is_empty();
+    AccountValue { info: exists.then_some(info), storage_generation: generation }
+}
+
+/// Adds the beneficiary's fee to an account value the transaction itself wrote.
+fn credit(after: &mut AccountValue, fee: U256, touch_creates: bool) {
+    let delta = BalanceDelta { credit: fee, create_if_absent: touch_creates };
+    *after = delta.apply(Some(*after));
+    if !touch_creates && after.info.is_some_and(|i| i.is_empty()) {
+        after.info = None;
+    }
+}
