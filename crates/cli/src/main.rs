@@ -1,19 +1,349 @@
-use std::path::PathBuf;
-use anyhow::Result;
-use parex_engine::EngineKind;
-use parex_workloads::{mainnet, verify};
+//! `parex`: execute blocks of Ethereum transactions with parallel engines, check them
+//! against mainnet headers, and measure them on synthetic workloads.
 
-fn main() -> Result<()> {
-    let dir = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(mainnet::builtin_dir);
-    let src = mainnet::Source::open(&dir)?;
-    let (mut pass, mut fail) = (0, 0);
-    for (n, b) in src.load_all() {
-        let b = match b { Ok(b) => b, Err(e) => { println!("{n} ERROR {e}"); fail += 1; continue; } };
-        match verify::check_block(&b, EngineKind::Sequential, 1) {
-            Ok(c) => { if c.passed() { pass += 1 } else { fail += 1 }; println!("{n} {} {:?} {:?} {}", c.passed(), c.receipts_root_matches, c.elapsed, c.mismatches(&b)); }
-            Err(e) => { fail += 1; println!("{n} ERROR {e}"); }
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use parex_core::{LatencyStorage, Storage, StateKey, StateValue};
+use parex_engine::{EngineKind, Metrics};
+use parex_evm::{EvmVm, receipts_root};
+use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic, verify};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "parex", version, about = "Parallel execution engines for Ethereum blocks, checked against serial execution")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Execute mainnet blocks and check receipts root, logs bloom and gas used against their headers.
+    Verify(VerifyArgs),
+    /// Execute one synthetic workload block and report time, throughput and result digests.
+    Run(RunArgs),
+    /// Write the compact copy of a plain mainnet data directory (what `verify` reads by default).
+    Pack(PackArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Engine to execute with.
+    #[arg(long, default_value = "sequential", value_parser = parse_engine)]
+    engine: EngineKind,
+    /// Worker threads (default: the available cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
+}
+
+impl EngineArgs {
+    fn threads(&self) -> usize {
+        self.threads.map(|t| t as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        })
+    }
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Recover every sender from its signature (in parallel) and fail a block whose
+    /// recovered sender differs from the JSON's `from`.
+    #[arg(long)]
+    recover_senders: bool,
+    /// A mainnet data directory in the plain layout (blocks/<n>/block.json, pre_state.json,
+    /// block_hashes.json), a single block directory, or a compact copy. Default: the
+    /// repository's built-in copy (data/mainnet).
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Workload: raw, erc20, swap, mix or chain.
+    #[arg(long, value_parser = parse_workload)]
+    workload: WorkloadKind,
+    /// Block size in transactions [default: 10000 when --gas is not given].
+    #[arg(long, conflicts_with = "gas", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    txs: Option<u64>,
+    /// Block size in total gas (e.g. 1000000000 for a gigagas block); accepts 1e9 or 1G.
+    #[arg(long, value_parser = parse_gas)]
+    gas: Option<u64>,
+    /// Accounts in the population (10% hot); default: enough for every cold pick to be fresh.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
+    accounts: Option<u64>,
+    /// Probability that an account (or pool) a transaction picks is a hot one; 0 = conflict-free.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
+    hot_ratio: f64,
+    /// Delay added to every read of pre-block state, in microseconds (models a disk).
+    #[arg(long, default_value_t = 0)]
+    latency_us: u64,
+    /// Seed of the workload generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Print the engine's metrics (executions, re-executions, waits, phase times).
+    #[arg(long)]
+    stats: bool,
+    /// Also write the results as a JSON object to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// Plain mainnet data directory to read (e.g. ../shared/data/mainnet).
+    src: PathBuf,
+    /// Output directory [default: the repository's data/mainnet].
+    out: Option<PathBuf>,
+}
+
+fn parse_engine(s: &str) -> Result<EngineKind, String> {
+    EngineKind::parse(s).ok_or_else(|| {
+        let names: Vec<_> = EngineKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown engine '{s}' (available: {})", names.join(", "))
+    })
+}
+
+fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::parse(s).ok_or_else(|| {
+        let names: Vec<_> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown workload '{s}' (available: {})", names.join(", "))
+    })
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=1.0).contains(&r) { Ok(r) } else { Err(format!("must be between 0 and 1, got {s}")) }
+}
+
+fn parse_gas(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('G' | 'g') => (&t[..t.len() - 1], 1e9),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not an amount of gas (e.g. 1000000000, 1e9, 1G)"))?;
+    let gas = v * mult;
+    if !(gas >= 21_000.0 && gas <= 1e12) {
+        return Err(format!("gas must be between 21000 and 1e12, got {s}"));
+    }
+    Ok(gas as u64)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Verify(args) => cmd_verify(args),
+        Command::Run(args) => cmd_run(args),
+        Command::Pack(args) => cmd_pack(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    println!("{pass} passed, {fail} failed");
-    Ok(())
+}
+
+fn fork_name(spec: revm::primitives::hardfork::SpecId) -> String {
+    format!("{spec:?}")
+}
+
+fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
+    let dir = args.data_dir.clone().unwrap_or_else(mainnet::builtin_dir);
+    let source = mainnet::Source::open(&dir)
+        .with_context(|| format!("cannot read mainnet data from {}", dir.display()))?;
+    let engine = args.engine.engine;
+    let threads = args.engine.threads();
+    println!("verifying {} blocks from {} with engine {engine}, {threads} threads", source.len(), dir.display());
+    let bar = ProgressBar::new(source.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} blocks {msg}").expect("valid template"));
+    let started = Instant::now();
+    let (mut passed, mut failed) = (0usize, 0usize);
+    let mut unchecked_roots = 0usize;
+    for (number, loaded) in source.load_all() {
+        bar.inc(1);
+        let line = match loaded.and_then(|b| {
+            if args.recover_senders {
+                b.recover_senders()?;
+            }
+            Ok(b)
+        }) {
+            Err(e) => {
+                failed += 1;
+                format!("{number:>9}  FAIL  {e}")
+            }
+            Ok(block) => match verify::check_block(&block, engine, threads) {
+                Err(e) => {
+                    failed += 1;
+                    format!("{number:>9}  FAIL  execution error: {e}")
+                }
+                Ok(check) => {
+                    let root = match check.receipts_root_matches {
+                        Some(true) => "receipts root ok".to_string(),
+                        Some(false) => "receipts root MISMATCH".to_string(),
+                        None => {
+                            unchecked_roots += 1;
+                            "receipts root not checked (pre-Byzantium receipts hold state roots)".to_string()
+                        }
+                    };
+                    let status = if check.passed() { passed += 1; "ok  " } else { failed += 1; "FAIL" };
+                    let extra = check.mismatches(&block);
+                    format!(
+                        "{number:>9}  {status}  {:<15} {:>5} txs {:>10} gas  {:>9.2} ms  gas {}, bloom {}, {root}{}",
+                        fork_name(block.spec()),
+                        check.txs,
+                        check.gas_used,
+                        check.elapsed.as_secs_f64() * 1e3,
+                        if check.gas_matches { "ok" } else { "MISMATCH" },
+                        if check.bloom_matches { "ok" } else { "MISMATCH" },
+                        if extra.is_empty() { String::new() } else { format!("  [{extra}]") },
+                    )
+                }
+            },
+        };
+        bar.suspend(|| println!("{line}"));
+    }
+    bar.finish_and_clear();
+    println!(
+        "total {:.2} s; {unchecked_roots} blocks pre-Byzantium (receipts root not checkable)",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn cmd_run(args: RunArgs) -> Result<ExitCode> {
+    let size = match (args.txs, args.gas) {
+        (_, Some(g)) => Size::Gas(g),
+        (Some(t), None) => Size::Txs(t as usize),
+        (None, None) => Size::Txs(10_000),
+    };
+    let spec = WorkloadSpec {
+        kind: args.workload,
+        size,
+        accounts: args.accounts.map(|a| a as usize),
+        hot_ratio: args.hot_ratio,
+        seed: args.seed,
+    };
+    let setup_started = Instant::now();
+    let workload = synthetic::generate(&spec).context("cannot build the workload")?;
+    let setup_time = setup_started.elapsed();
+    let engine = args.engine.engine;
+    let threads = args.engine.threads();
+    let vm = EvmVm::new(&workload.block);
+    let latency = Duration::from_micros(args.latency_us);
+    let (outcome, metrics, wall) = if latency.is_zero() {
+        timed(engine, &vm, &workload.pre_state, threads)?
+    } else {
+        timed(engine, &vm, &LatencyStorage::new(&workload.pre_state, latency), threads)?
+    };
+    let gas = outcome.gas_used();
+    let gas_per_s = gas as f64 / wall.as_secs_f64();
+    let root = receipts_root(workload.block.spec, &outcome.tx_outcomes).expect("Cancun has receipt roots");
+    let digest = outcome.state_diff_hash();
+    let invalid = outcome.invalid_count();
+    let accounts = workload.spec.accounts.unwrap_or(0);
+    println!("workload        {} (hot ratio {}, {accounts} accounts, seed {})", spec.kind, spec.hot_ratio, spec.seed);
+    println!("engine          {engine}, {threads} threads, read latency {} us", args.latency_us);
+    println!("setup           {} transactions in {:.2} s (not timed below)", workload.setup_txs, setup_time.as_secs_f64());
+    println!("transactions    {} ({invalid} invalid)", outcome.tx_outcomes.len());
+    println!("gas             {gas}");
+    println!("wall time       {:.3} ms", wall.as_secs_f64() * 1e3);
+    println!("throughput      {:.3} Mgas/s", gas_per_s / 1e6);
+    println!("receipts root   {root}");
+    println!("state diff hash {digest}");
+    if args.stats {
+        print_metrics(&metrics);
+    }
+    if let Some(path) = &args.json {
+        let value = json!({
+            "engine": engine.name(),
+            "workload": spec.kind.name(),
+            "threads": threads,
+            "txs": outcome.tx_outcomes.len(),
+            "invalid_txs": invalid,
+            "gas": gas,
+            "wall_ms": wall.as_secs_f64() * 1e3,
+            "gas_per_s": gas_per_s,
+            "receipts_root": root.to_string(),
+            "state_diff_hash": digest.to_string(),
+            "hot_ratio": spec.hot_ratio,
+            "accounts": accounts,
+            "seed": spec.seed,
+            "latency_us": args.latency_us,
+            "setup_txs": workload.setup_txs,
+            "metrics": metrics_json(&metrics),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if invalid > 0 {
+        bail!("{invalid} transactions of the generated block were invalid");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+type Outcome = parex_core::outcome::EvmBlockOutcome;
+
+fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
+    engine: EngineKind,
+    vm: &EvmVm<'_>,
+    storage: &S,
+    threads: usize,
+) -> Result<(Outcome, Metrics, Duration)> {
+    let started = Instant::now();
+    let (outcome, metrics) = engine.execute(vm, storage, threads).context("execution failed")?;
+    Ok((outcome, metrics, started.elapsed()))
+}
+
+fn print_metrics(m: &Metrics) {
+    println!("executions      {} ({} re-executions)", m.executions, m.reexecutions);
+    println!("validations     {} ({} failed)", m.validations, m.validation_failures);
+    println!("dependency waits {}", m.dependency_waits);
+    println!(
+        "time (summed over workers): execution {:.3} ms, validation {:.3} ms, scheduling {:.3} ms, finalize {:.3} ms",
+        m.execution_time.as_secs_f64() * 1e3,
+        m.validation_time.as_secs_f64() * 1e3,
+        m.scheduling_time.as_secs_f64() * 1e3,
+        m.finalize_time.as_secs_f64() * 1e3
+    );
+    for (name, value) in &m.extra {
+        println!("{name:<15} {value}");
+    }
+}
+
+fn metrics_json(m: &Metrics) -> serde_json::Value {
+    let mut v = json!({
+        "executions": m.executions,
+        "reexecutions": m.reexecutions,
+        "validations": m.validations,
+        "validation_failures": m.validation_failures,
+        "dependency_waits": m.dependency_waits,
+        "execution_ms": m.execution_time.as_secs_f64() * 1e3,
+        "validation_ms": m.validation_time.as_secs_f64() * 1e3,
+        "scheduling_ms": m.scheduling_time.as_secs_f64() * 1e3,
+        "finalize_ms": m.finalize_time.as_secs_f64() * 1e3,
+    });
+    for (name, value) in &m.extra {
+        v[*name] = json!(value);
+    }
+    v
+}
+
+fn cmd_pack(args: PackArgs) -> Result<ExitCode> {
+    let out = args.out.unwrap_or_else(mainnet::builtin_dir);
+    let (blocks, bytes) = mainnet::pack(&args.src, &out)
+        .with_context(|| format!("cannot pack {} into {}", args.src.display(), out.display()))?;
+    println!("packed {blocks} blocks into {} ({:.1} MB)", out.display(), bytes as f64 / 1e6);
+    Ok(ExitCode::SUCCESS)
 }
