@@ -14,6 +14,20 @@ use parex_evm::{EvmVm, receipts_root};
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic, verify};
 use serde_json::json;
 
+/// `println!` that ends the program quietly when stdout is closed (e.g. `parex verify | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write to stdout: {e}");
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "parex", version, about = "Parallel execution engines for Ethereum blocks, checked against serial execution")]
 struct Cli {
@@ -164,7 +178,7 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot read mainnet data from {}", dir.display()))?;
     let engine = args.engine.engine;
     let threads = args.engine.threads();
-    println!("verifying {} blocks from {} with engine {engine}, {threads} threads", source.len(), dir.display());
+    out!("verifying {} blocks from {} with engine {engine}, {threads} threads", source.len(), dir.display());
     let bar = ProgressBar::new(source.len() as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} blocks {msg}").expect("valid template"));
     let started = Instant::now();
@@ -211,14 +225,14 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
                 }
             },
         };
-        bar.suspend(|| println!("{line}"));
+        bar.suspend(|| out!("{line}"));
     }
     bar.finish_and_clear();
-    println!(
+    out!(
         "total {:.2} s; {unchecked_roots} blocks pre-Byzantium (receipts root not checkable)",
         started.elapsed().as_secs_f64()
     );
-    println!("{passed} passed, {failed} failed");
+    out!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -253,15 +267,15 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
     let digest = outcome.state_diff_hash();
     let invalid = outcome.invalid_count();
     let accounts = workload.spec.accounts.unwrap_or(0);
-    println!("workload        {} (hot ratio {}, {accounts} accounts, seed {})", spec.kind, spec.hot_ratio, spec.seed);
-    println!("engine          {engine}, {threads} threads, read latency {} us", args.latency_us);
-    println!("setup           {} transactions in {:.2} s (not timed below)", workload.setup_txs, setup_time.as_secs_f64());
-    println!("transactions    {} ({invalid} invalid)", outcome.tx_outcomes.len());
-    println!("gas             {gas}");
-    println!("wall time       {:.3} ms", wall.as_secs_f64() * 1e3);
-    println!("throughput      {:.3} Mgas/s", gas_per_s / 1e6);
-    println!("receipts root   {root}");
-    println!("state diff hash {digest}");
+    out!("workload        {} (hot ratio {}, {accounts} accounts, seed {})", spec.kind, spec.hot_ratio, spec.seed);
+    out!("engine          {engine}, {threads} threads, read latency {} us", args.latency_us);
+    out!("setup           {} transactions in {:.2} s (not timed below)", workload.setup_txs, setup_time.as_secs_f64());
+    out!("transactions    {} ({invalid} invalid)", outcome.tx_outcomes.len());
+    out!("gas             {gas}");
+    out!("wall time       {:.3} ms", wall.as_secs_f64() * 1e3);
+    out!("throughput      {:.3} Mgas/s", gas_per_s / 1e6);
+    out!("receipts root   {root}");
+    out!("state diff hash {digest}");
     if args.stats {
         print_metrics(&metrics);
     }
@@ -307,10 +321,10 @@ fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
 }
 
 fn print_metrics(m: &Metrics) {
-    println!("executions      {} ({} re-executions)", m.executions, m.reexecutions);
-    println!("validations     {} ({} failed)", m.validations, m.validation_failures);
-    println!("dependency waits {}", m.dependency_waits);
-    println!(
+    out!("executions      {} ({} re-executions)", m.executions, m.reexecutions);
+    out!("validations     {} ({} failed)", m.validations, m.validation_failures);
+    out!("dependency waits {}", m.dependency_waits);
+    out!(
         "time (summed over workers): execution {:.3} ms, validation {:.3} ms, scheduling {:.3} ms, finalize {:.3} ms",
         m.execution_time.as_secs_f64() * 1e3,
         m.validation_time.as_secs_f64() * 1e3,
@@ -318,7 +332,7 @@ fn print_metrics(m: &Metrics) {
         m.finalize_time.as_secs_f64() * 1e3
     );
     for (name, value) in &m.extra {
-        println!("{name:<15} {value}");
+        out!("{name:<15} {value}");
     }
 }
 
@@ -344,6 +358,6 @@ fn cmd_pack(args: PackArgs) -> Result<ExitCode> {
     let out = args.out.unwrap_or_else(mainnet::builtin_dir);
     let (blocks, bytes) = mainnet::pack(&args.src, &out)
         .with_context(|| format!("cannot pack {} into {}", args.src.display(), out.display()))?;
-    println!("packed {blocks} blocks into {} ({:.1} MB)", out.display(), bytes as f64 / 1e6);
+    out!("packed {blocks} blocks into {} ({:.1} MB)", out.display(), bytes as f64 / 1e6);
     Ok(ExitCode::SUCCESS)
 }

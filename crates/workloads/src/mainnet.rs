@@ -411,5 +411,6 @@ pub fn builtin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PAREX_MAINNET_DATA") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mainnet")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mainnet");
+    dir.canonicalize().unwrap_or(dir)
 }
