@@ -41,11 +41,31 @@ pub struct TxOutcome {
 }
 
 /// The outcome of a block: one output per transaction, in block order, and the final
-/// value of every key that some transaction wrote, sorted by key.
-#[derive(Clone, Debug, PartialEq)]
+/// value of every key that some transaction wrote, each key once, in no particular order
+/// (ordering is canonicalization, not execution: equality and digests sort).
+#[derive(Clone, Debug)]
 pub struct BlockOutcome<O, K, V> {
     pub tx_outcomes: Vec<O>,
     pub state_diff: Vec<(K, V)>,
+}
+
+impl<O, K: Ord, V> BlockOutcome<O, K, V> {
+    /// The state diff sorted by key.
+    pub fn sorted_diff(&self) -> Vec<&(K, V)> {
+        let mut diff: Vec<&(K, V)> = self.state_diff.iter().collect();
+        diff.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        diff
+    }
+}
+
+/// Equal outcomes: the same outputs in the same order, and the same final value for the
+/// same set of keys (in whatever order the engines listed them).
+impl<O: PartialEq, K: Ord, V: PartialEq> PartialEq for BlockOutcome<O, K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.tx_outcomes == other.tx_outcomes
+            && self.state_diff.len() == other.state_diff.len()
+            && self.sorted_diff() == other.sorted_diff()
+    }
 }
 
 /// The block outcome of the EVM.
@@ -60,16 +80,16 @@ impl EvmBlockOutcome {
     pub fn invalid_count(&self) -> usize {
         self.tx_outcomes.iter().filter(|o| o.status.is_invalid()).count()
     }
-    /// keccak256 over a canonical encoding of the (sorted) state diff: equal digests
+    /// keccak256 over a canonical encoding of the state diff sorted by key: equal digests
     /// mean equal final states, whichever engine or run produced them.
     pub fn state_diff_hash(&self) -> B256 {
-        state_diff_hash(&self.state_diff)
+        state_diff_hash(self.sorted_diff())
     }
 }
 
 /// See [`EvmBlockOutcome::state_diff_hash`]. `diff` must be sorted by key.
-pub fn state_diff_hash(diff: &[(StateKey, StateValue)]) -> B256 {
-    let mut buf = Vec::with_capacity(diff.len() * 96);
+pub fn state_diff_hash<'a>(diff: impl IntoIterator<Item = &'a (StateKey, StateValue)>) -> B256 {
+    let mut buf = Vec::new();
     for (key, value) in diff {
         match key {
             StateKey::Account(a) => {

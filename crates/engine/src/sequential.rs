@@ -27,12 +27,14 @@ where
     V: Clone,
     S: Storage<Key = K, Value = V>,
 {
+    /// The cache entry of `key`, read from storage on first use (one hash lookup).
     fn entry(&mut self, key: &K) -> Result<&mut Entry<V>, ReadError> {
-        if !self.cache.contains_key(key) {
-            let value = self.storage.read(key)?;
-            self.cache.insert(key.clone(), Entry { value, written: false });
-        }
-        Ok(self.cache.get_mut(key).expect("inserted above"))
+        Ok(match self.cache.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Entry { value: self.storage.read(key)?, written: false })
+            }
+        })
     }
 }
 
@@ -59,7 +61,7 @@ where
 {
     let started = Instant::now();
     let n = vm.tx_count();
-    let mut cache = HashMap::default();
+    let mut cache = HashMap::with_capacity_and_hasher(n * 4, Default::default());
     let mut outputs = Vec::with_capacity(n);
     for tx in 0..n {
         let mut view = CacheView { cache: &mut cache, storage };
@@ -77,11 +79,10 @@ where
     let execution_time = started.elapsed();
     let finalize_started = Instant::now();
     vm.finalize_outputs(&mut outputs)?;
-    let mut state_diff: Vec<(V::Key, V::Value)> = cache
+    let state_diff: Vec<(V::Key, V::Value)> = cache
         .into_iter()
         .filter_map(|(k, e)| if e.written { e.value.map(|v| (k, v)) } else { None })
         .collect();
-    state_diff.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let metrics = Metrics {
         executions: n as u64,
         execution_time,

@@ -2,6 +2,8 @@
 //! revm loads becomes a read of the account model, which the engine records.
 
 use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 use alloy_primitives::map::AddressMap;
 use alloy_primitives::{Address, B256, U256};
@@ -24,25 +26,95 @@ pub enum DbError {
 
 impl DBErrorMarker for DbError {}
 
-pub struct ViewDb<'a, R> {
-    view: &'a mut R,
-    block_hashes: &'a HashMap<u64, B256>,
-    /// The account values served to revm, so that writes can be computed relative to them.
-    pub(crate) accounts: AddressMap<AccountValue>,
+/// The engine's read view, with its lifetime erased (see [`ViewDb::attach`]).
+type ErasedView = NonNull<dyn ReadView<StateKey, StateValue> + 'static>;
+
+/// revm's database for one thread's reusable EVM: the read view of the transaction being
+/// executed is attached for the duration of one execution.
+pub struct ViewDb {
+    view: Option<ErasedView>,
+    block_hashes: Arc<HashMap<u64, B256>>,
+    /// The account values served to revm in this execution, so that writes can be
+    /// computed relative to them.
+    accounts: AccountMemo,
 }
 
-impl<'a, R: ReadView<StateKey, StateValue>> ViewDb<'a, R> {
-    pub fn new(view: &'a mut R, block_hashes: &'a HashMap<u64, B256>) -> Self {
-        Self { view, block_hashes, accounts: AddressMap::default() }
+/// The accounts one execution has read: a short list (most transactions touch a handful),
+/// indexed by a map once it grows.
+#[derive(Default)]
+struct AccountMemo {
+    list: Vec<(Address, AccountValue)>,
+    index: AddressMap<usize>,
+}
+
+impl AccountMemo {
+    const INDEX_FROM: usize = 16;
+
+    fn get(&self, address: &Address) -> Option<AccountValue> {
+        if self.list.len() < Self::INDEX_FROM {
+            self.list.iter().find(|(a, _)| a == address).map(|(_, v)| *v)
+        } else {
+            self.index.get(address).map(|&i| self.list[i].1)
+        }
+    }
+
+    fn insert(&mut self, address: Address, value: AccountValue) {
+        self.list.push((address, value));
+        if self.list.len() == Self::INDEX_FROM {
+            self.index.extend(self.list.iter().enumerate().map(|(i, (a, _))| (*a, i)));
+        } else if self.list.len() > Self::INDEX_FROM {
+            self.index.insert(address, self.list.len() - 1);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.index.clear();
+    }
+}
+
+impl ViewDb {
+    pub fn new(block_hashes: Arc<HashMap<u64, B256>>) -> Self {
+        Self { view: None, block_hashes, accounts: AccountMemo::default() }
+    }
+
+    /// Makes `view` the source of every read, until [`ViewDb::detach`].
+    ///
+    /// The view lives shorter than the reusable EVM holding this database, so its lifetime
+    /// is erased here.
+    ///
+    /// # Safety
+    /// The caller must call [`ViewDb::detach`] before the borrow of `view` ends, or else
+    /// never use this database again (e.g. drop it while unwinding from a panic).
+    pub unsafe fn attach<'v>(&mut self, view: &'v mut (dyn ReadView<StateKey, StateValue> + 'v)) {
+        let ptr: NonNull<dyn ReadView<StateKey, StateValue> + 'v> = NonNull::from(view);
+        // SAFETY: only the trait object's lifetime bound changes (identical layout); the
+        // caller guarantees the pointer is not used after the borrow ends (see above).
+        let erased: ErasedView = unsafe { std::mem::transmute(ptr) };
+        self.view = Some(erased);
+        self.accounts.clear();
+    }
+
+    /// Forgets the attached view.
+    pub fn detach(&mut self) {
+        self.view = None;
+    }
+
+    fn view(&mut self) -> Result<&mut (dyn ReadView<StateKey, StateValue> + 'static), ReadError> {
+        let mut ptr = self.view.ok_or(ReadError::Aborted)?;
+        // SAFETY: `view` is `Some` only between `attach` and `detach`, while the view it
+        // points to is exclusively borrowed by the caller of `attach` (its contract);
+        // `&mut self` makes this the only reference derived from it at a time.
+        Ok(unsafe { ptr.as_mut() })
     }
 
     /// The account value of `address` as this execution saw it (read on first use).
     pub fn account(&mut self, address: Address) -> Result<AccountValue, DbError> {
         if let Some(v) = self.accounts.get(&address) {
-            return Ok(*v);
+            return Ok(v);
         }
         let key = StateKey::Account(address);
-        let value = match self.view.read(&key)? {
+        let value = match self.view()?.read(&key)? {
             None => AccountValue::default(),
             Some(StateValue::Account(v)) => v,
             Some(_) => return Err(DbError::WrongKind(key)),
@@ -56,7 +128,7 @@ impl<'a, R: ReadView<StateKey, StateValue>> ViewDb<'a, R> {
             return Ok(Bytecode::default());
         }
         let key = StateKey::Code(code_hash);
-        match self.view.read(&key)? {
+        match self.view()?.read(&key)? {
             Some(StateValue::Code(code)) => Ok(code),
             // Code that no one has: the account's code is unknown to the data set.
             None => Ok(Bytecode::default()),
@@ -65,7 +137,7 @@ impl<'a, R: ReadView<StateKey, StateValue>> ViewDb<'a, R> {
     }
 }
 
-impl<R: ReadView<StateKey, StateValue>> Database for ViewDb<'_, R> {
+impl Database for ViewDb {
     type Error = DbError;
 
     fn basic(&mut self, address: Address) -> Result<Option<RevmAccountInfo>, DbError> {
@@ -83,7 +155,7 @@ impl<R: ReadView<StateKey, StateValue>> Database for ViewDb<'_, R> {
     fn storage(&mut self, address: Address, index: U256) -> Result<U256, DbError> {
         let generation = self.account(address)?.storage_generation;
         let key = StateKey::Slot(address, generation, index);
-        match self.view.read(&key)? {
+        match self.view()?.read(&key)? {
             None => Ok(U256::ZERO),
             Some(StateValue::Slot(v)) => Ok(v),
             Some(_) => Err(DbError::WrongKind(key)),

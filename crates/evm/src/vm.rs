@@ -1,14 +1,21 @@
 //! [`EvmVm`]: one Ethereum transaction in revm, as a [`Vm`].
+//!
+//! Each thread keeps one revm EVM per block (built on first use, like a plain
+//! `transact_commit` loop would), so a transaction pays only for its own execution; the
+//! engine's read view is attached to the EVM's database for the duration of one call.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, U256};
 use parex_core::{
     AccountInfo, AccountValue, BalanceDelta, Execution, ReadView, StateKey, StateValue, TxIndex,
     TxOutcome, TxStatus, Vm, VmError, Write,
 };
-use revm::context::{CfgEnv, Context, Journal};
+use revm::context::{BlockEnv, CfgEnv, Context, Journal, TxEnv};
+use revm::context_interface::JournalTr;
 use revm::context_interface::result::{EVMError, ExecutionResult};
-use revm::context_interface::{ContextSetters, JournalTr};
-use revm::handler::{EthFrame, Handler, MainBuilder};
+use revm::handler::{EthFrame, Handler, MainBuilder, MainnetEvm};
 use revm::interpreter::interpreter::EthInterpreter;
 use revm::primitives::hardfork::SpecId;
 use revm::state::{Account, EvmState};
@@ -17,33 +24,92 @@ use crate::block::EvmBlock;
 use crate::db::{DbError, ViewDb};
 use crate::handler::FeeCapturingHandler;
 
+type ReusableEvm = MainnetEvm<Context<BlockEnv, TxEnv, CfgEnv, ViewDb, Journal<ViewDb>, ()>>;
+type Write_ = Write<StateValue, BalanceDelta>;
+pub type EvmExecution = Execution<StateKey, StateValue, BalanceDelta, TxOutcome>;
+
+thread_local! {
+    /// This thread's EVM and the id of the [`EvmVm`] it was built for.
+    static EVM: RefCell<Option<Box<(u64, ReusableEvm)>>> = const { RefCell::new(None) };
+}
+
+/// Distinguishes [`EvmVm`]s (and so blocks), so that a thread's EVM is never reused for
+/// another block's environment.
+static NEXT_VM_ID: AtomicU64 = AtomicU64::new(0);
+
 /// Executes the transactions of one block with revm.
 pub struct EvmVm<'b> {
     block: &'b EvmBlock,
     cfg: CfgEnv,
+    id: u64,
 }
-
-type Write_ = Write<StateValue, BalanceDelta>;
-pub type EvmExecution = Execution<StateKey, StateValue, BalanceDelta, TxOutcome>;
 
 impl<'b> EvmVm<'b> {
     pub fn new(block: &'b EvmBlock) -> Self {
         let mut cfg = CfgEnv::new_with_spec(block.spec);
         cfg.chain_id = block.chain_id;
-        Self { block, cfg }
+        Self { block, cfg, id: NEXT_VM_ID.fetch_add(1, Ordering::Relaxed) }
     }
 
     pub fn block(&self) -> &EvmBlock {
         self.block
     }
 
-    fn beneficiary(&self) -> Address {
-        self.block.env.beneficiary
-    }
-
     /// Whether a zero-value touch creates an account (before Spurious Dragon, EIP-161).
     fn touch_creates(&self) -> bool {
         !self.block.spec.is_enabled_in(SpecId::SPURIOUS_DRAGON)
+    }
+
+    fn new_evm(&self) -> ReusableEvm {
+        let db = ViewDb::new(self.block.block_hashes.clone());
+        let mut ctx: Context<BlockEnv, TxEnv, CfgEnv, ViewDb, Journal<ViewDb>, ()> =
+            Context::new(db, self.block.spec);
+        ctx.cfg = self.cfg.clone();
+        ctx.block = self.block.env.clone();
+        ctx.build_mainnet()
+    }
+
+    /// Executes the transaction set in `evm`, whose database has the view attached.
+    fn run(&self, tx: TxIndex, evm: &mut ReusableEvm) -> Result<EvmExecution, VmError> {
+        let tx_type = evm.ctx.tx.tx_type;
+        let mut handler = FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
+        let result = handler.run(evm).map(|r| (r, handler.fee.get()));
+        let (result, fee) = match result {
+            Ok(ok) => ok,
+            Err(EVMError::Transaction(invalid)) => {
+                // Drop what the rejected transaction loaded: the EVM is reused.
+                let _ = evm.ctx.journaled_state.finalize();
+                return Ok(Execution {
+                    writes: Vec::new(),
+                    output: TxOutcome {
+                        tx_type,
+                        status: TxStatus::Invalid(invalid.to_string()),
+                        gas_used: 0,
+                        cumulative_gas_used: 0,
+                        logs: Vec::new(),
+                    },
+                });
+            }
+            Err(e) => {
+                let _ = evm.ctx.journaled_state.finalize();
+                return Err(match e {
+                    EVMError::Database(DbError::Read(e)) => VmError::Read(e),
+                    EVMError::Database(e) => VmError::BadData(e.to_string()),
+                    EVMError::Header(e) => VmError::BadData(e.to_string()),
+                    e => VmError::Internal { tx, message: e.to_string() },
+                });
+            }
+        };
+        let state = evm.ctx.journaled_state.finalize();
+        let writes = self.writes_from_state(state, &mut evm.ctx.journaled_state.database, fee)?;
+        let (status, gas_used, logs) = match result {
+            ExecutionResult::Success { gas, logs, .. } => (TxStatus::Success, gas.tx_gas_used(), logs),
+            ExecutionResult::Revert { gas, logs, .. } => (TxStatus::Revert, gas.tx_gas_used(), logs),
+            ExecutionResult::Halt { reason, gas, logs } => {
+                (TxStatus::Halt(format!("{reason:?}")), gas.tx_gas_used(), logs)
+            }
+        };
+        Ok(Execution { writes, output: TxOutcome { tx_type, status, gas_used, cumulative_gas_used: 0, logs } })
     }
 }
 
@@ -62,47 +128,21 @@ impl Vm for EvmVm<'_> {
         tx: TxIndex,
         view: &mut R,
     ) -> Result<EvmExecution, VmError> {
-        let tx_env = &self.block.txs[tx].env;
-        let db = ViewDb::new(view, &self.block.block_hashes);
-        let mut ctx: Context<_, _, _, _, Journal<_>, ()> = Context::new(db, self.block.spec);
-        ctx.cfg = self.cfg.clone();
-        ctx.block = self.block.env.clone();
-        ctx.set_tx(tx_env.clone());
-        let mut evm = ctx.build_mainnet();
-        let handler = FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
-        let result = { handler }.run_and_fee(&mut evm);
-        let (result, fee) = match result {
-            Ok(ok) => ok,
-            Err(EVMError::Transaction(invalid)) => {
-                return Ok(Execution {
-                    writes: Vec::new(),
-                    output: TxOutcome {
-                        tx_type: tx_env.tx_type,
-                        status: TxStatus::Invalid(invalid.to_string()),
-                        gas_used: 0,
-                        cumulative_gas_used: 0,
-                        logs: Vec::new(),
-                    },
-                });
-            }
-            Err(EVMError::Database(DbError::Read(e))) => return Err(VmError::Read(e)),
-            Err(EVMError::Database(e)) => return Err(VmError::BadData(e.to_string())),
-            Err(EVMError::Header(e)) => return Err(VmError::BadData(e.to_string())),
-            Err(e) => return Err(VmError::Internal { tx, message: e.to_string() }),
-        };
-        let state = evm.ctx.journaled_state.finalize();
-        let writes = self.writes_from_state(state, &mut evm.ctx.journaled_state.database, fee)?;
-        let (status, gas_used, logs) = match result {
-            ExecutionResult::Success { gas, logs, .. } => (TxStatus::Success, gas.tx_gas_used(), logs),
-            ExecutionResult::Revert { gas, logs, .. } => (TxStatus::Revert, gas.tx_gas_used(), logs),
-            ExecutionResult::Halt { reason, gas, logs } => {
-                (TxStatus::Halt(format!("{reason:?}")), gas.tx_gas_used(), logs)
-            }
-        };
-        Ok(Execution {
-            writes,
-            output: TxOutcome { tx_type: tx_env.tx_type, status, gas_used, cumulative_gas_used: 0, logs },
-        })
+        // Take this thread's EVM out for the call (a boxed move): if the call panics it
+        // is dropped while unwinding, with the view still attached, and never reused.
+        let mut slot = EVM
+            .with(|slot| slot.borrow_mut().take())
+            .filter(|slot| slot.0 == self.id)
+            .unwrap_or_else(|| Box::new((self.id, self.new_evm())));
+        let evm = &mut slot.1;
+        evm.ctx.tx = self.block.txs[tx].env.clone();
+        // SAFETY: detached below, before the borrow of `view` ends; a panic in between
+        // drops `slot` (see above).
+        unsafe { evm.ctx.journaled_state.database.attach(view) };
+        let outcome = self.run(tx, evm);
+        evm.ctx.journaled_state.database.detach();
+        EVM.with(|cell| *cell.borrow_mut() = Some(slot));
+        outcome
     }
 
     fn apply_delta(&self, _key: &StateKey, value: Option<StateValue>, delta: &BalanceDelta) -> Option<StateValue> {
@@ -134,35 +174,18 @@ impl Vm for EvmVm<'_> {
     }
 }
 
-/// Runs the handler and returns the result with the fee it captured.
-trait RunAndFee<EVM> {
-    type Out;
-    fn run_and_fee(self, evm: &mut EVM) -> Self::Out;
-}
-
-impl<EVM, ERROR, FRAME> RunAndFee<EVM> for FeeCapturingHandler<EVM, ERROR, FRAME>
-where
-    FeeCapturingHandler<EVM, ERROR, FRAME>: Handler<Evm = EVM, Error = ERROR, HaltReason = revm::context_interface::result::HaltReason>,
-{
-    type Out = Result<(ExecutionResult, U256), ERROR>;
-    fn run_and_fee(mut self, evm: &mut EVM) -> Self::Out {
-        let result = self.run(evm)?;
-        Ok((result, self.fee.get()))
-    }
-}
-
 impl EvmVm<'_> {
     /// Turns revm's state changes into writes of the account model, mirroring how revm's
     /// own caches commit them (selfdestruct, creation, EIP-161 removal), writing only what
     /// changed, and adding the beneficiary's fee as a delta.
-    fn writes_from_state<R: ReadView<StateKey, StateValue>>(
+    fn writes_from_state(
         &self,
         state: EvmState,
-        db: &mut ViewDb<'_, R>,
+        db: &mut ViewDb,
         fee: U256,
     ) -> Result<Vec<(StateKey, Write_)>, VmError> {
         let mut writes = Vec::with_capacity(state.len() * 2);
-        let beneficiary = self.beneficiary();
+        let beneficiary = self.block.env.beneficiary;
         let mut beneficiary_written = false;
         for (address, account) in state {
             if !account.is_touched() {
