@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use parex_core::{LatencyStorage, Storage, StateKey, StateValue};
+use parex_core::{LatencyStorage, StateKey, StateValue, Storage};
 use parex_engine::{EngineKind, Metrics};
 use parex_evm::{EvmVm, receipts_root};
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic, verify};
@@ -29,7 +29,11 @@ macro_rules! out {
 }
 
 #[derive(Parser)]
-#[command(name = "parex", version, about = "Parallel execution engines for Ethereum blocks, checked against serial execution")]
+#[command(
+    name = "parex",
+    version,
+    about = "Parallel execution engines for Ethereum blocks, checked against serial execution"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,7 +62,9 @@ struct EngineArgs {
 impl EngineArgs {
     fn threads(&self) -> usize {
         self.threads.map(|t| t as usize).unwrap_or_else(|| {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         })
     }
 }
@@ -134,7 +140,11 @@ fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
     let r: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if (0.0..=1.0).contains(&r) { Ok(r) } else { Err(format!("must be between 0 and 1, got {s}")) }
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("must be between 0 and 1, got {s}"))
+    }
 }
 
 fn parse_gas(s: &str) -> Result<u64, String> {
@@ -144,9 +154,11 @@ fn parse_gas(s: &str) -> Result<u64, String> {
         Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
         _ => (t, 1.0),
     };
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not an amount of gas (e.g. 1000000000, 1e9, 1G)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not an amount of gas (e.g. 1000000000, 1e9, 1G)"))?;
     let gas = v * mult;
-    if !(gas >= 21_000.0 && gas <= 1e12) {
+    if !(21_000.0..=1e12).contains(&gas) {
         return Err(format!("gas must be between 21000 and 1e12, got {s}"));
     }
     Ok(gas as u64)
@@ -178,9 +190,15 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot read mainnet data from {}", dir.display()))?;
     let engine = args.engine.engine;
     let threads = args.engine.threads();
-    out!("verifying {} blocks from {} with engine {engine}, {threads} threads", source.len(), dir.display());
+    out!(
+        "verifying {} blocks from {} with engine {engine}, {threads} threads",
+        source.len(),
+        dir.display()
+    );
     let bar = ProgressBar::new(source.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} blocks {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} blocks {msg}").expect("valid template"),
+    );
     let started = Instant::now();
     let (mut passed, mut failed) = (0usize, 0usize);
     let mut unchecked_roots = 0usize;
@@ -207,10 +225,17 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
                         Some(false) => "receipts root MISMATCH".to_string(),
                         None => {
                             unchecked_roots += 1;
-                            "receipts root not checked (pre-Byzantium receipts hold state roots)".to_string()
+                            "receipts root not checked (pre-Byzantium receipts hold state roots)"
+                                .to_string()
                         }
                     };
-                    let status = if check.passed() { passed += 1; "ok  " } else { failed += 1; "FAIL" };
+                    let status = if check.passed() {
+                        passed += 1;
+                        "ok  "
+                    } else {
+                        failed += 1;
+                        "FAIL"
+                    };
                     let extra = check.mismatches(&block);
                     format!(
                         "{number:>9}  {status}  {:<15} {:>5} txs {:>10} gas  {:>9.2} ms  gas {}, bloom {}, {root}{}",
@@ -219,8 +244,16 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
                         check.gas_used,
                         check.elapsed.as_secs_f64() * 1e3,
                         if check.gas_matches { "ok" } else { "MISMATCH" },
-                        if check.bloom_matches { "ok" } else { "MISMATCH" },
-                        if extra.is_empty() { String::new() } else { format!("  [{extra}]") },
+                        if check.bloom_matches {
+                            "ok"
+                        } else {
+                            "MISMATCH"
+                        },
+                        if extra.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  [{extra}]")
+                        },
                     )
                 }
             },
@@ -233,7 +266,11 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     out!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cmd_run(args: RunArgs) -> Result<ExitCode> {
@@ -259,18 +296,39 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
     let (outcome, metrics, wall) = if latency.is_zero() {
         timed(engine, &vm, &workload.pre_state, threads)?
     } else {
-        timed(engine, &vm, &LatencyStorage::new(&workload.pre_state, latency), threads)?
+        timed(
+            engine,
+            &vm,
+            &LatencyStorage::new(&workload.pre_state, latency),
+            threads,
+        )?
     };
     let gas = outcome.gas_used();
     let gas_per_s = gas as f64 / wall.as_secs_f64();
-    let root = receipts_root(workload.block.spec, &outcome.tx_outcomes).expect("Cancun has receipt roots");
+    let root =
+        receipts_root(workload.block.spec, &outcome.tx_outcomes).expect("Cancun has receipt roots");
     let digest = outcome.state_diff_hash();
     let invalid = outcome.invalid_count();
     let accounts = workload.spec.accounts.unwrap_or(0);
-    out!("workload        {} (hot ratio {}, {accounts} accounts, seed {})", spec.kind, spec.hot_ratio, spec.seed);
-    out!("engine          {engine}, {threads} threads, read latency {} us", args.latency_us);
-    out!("setup           {} transactions in {:.2} s (not timed below)", workload.setup_txs, setup_time.as_secs_f64());
-    out!("transactions    {} ({invalid} invalid)", outcome.tx_outcomes.len());
+    out!(
+        "workload        {} (hot ratio {}, {accounts} accounts, seed {})",
+        spec.kind,
+        spec.hot_ratio,
+        spec.seed
+    );
+    out!(
+        "engine          {engine}, {threads} threads, read latency {} us",
+        args.latency_us
+    );
+    out!(
+        "setup           {} transactions in {:.2} s (not timed below)",
+        workload.setup_txs,
+        setup_time.as_secs_f64()
+    );
+    out!(
+        "transactions    {} ({invalid} invalid)",
+        outcome.tx_outcomes.len()
+    );
     out!("gas             {gas}");
     out!("wall time       {:.3} ms", wall.as_secs_f64() * 1e3);
     out!("throughput      {:.3} Mgas/s", gas_per_s / 1e6);
@@ -316,13 +374,23 @@ fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
     threads: usize,
 ) -> Result<(Outcome, Metrics, Duration)> {
     let started = Instant::now();
-    let (outcome, metrics) = engine.execute(vm, storage, threads).context("execution failed")?;
+    let (outcome, metrics) = engine
+        .execute(vm, storage, threads)
+        .context("execution failed")?;
     Ok((outcome, metrics, started.elapsed()))
 }
 
 fn print_metrics(m: &Metrics) {
-    out!("executions      {} ({} re-executions)", m.executions, m.reexecutions);
-    out!("validations     {} ({} failed)", m.validations, m.validation_failures);
+    out!(
+        "executions      {} ({} re-executions)",
+        m.executions,
+        m.reexecutions
+    );
+    out!(
+        "validations     {} ({} failed)",
+        m.validations,
+        m.validation_failures
+    );
     out!("dependency waits {}", m.dependency_waits);
     out!(
         "time (summed over workers): execution {:.3} ms, validation {:.3} ms, scheduling {:.3} ms, finalize {:.3} ms",
@@ -358,6 +426,10 @@ fn cmd_pack(args: PackArgs) -> Result<ExitCode> {
     let out = args.out.unwrap_or_else(mainnet::builtin_dir);
     let (blocks, bytes) = mainnet::pack(&args.src, &out)
         .with_context(|| format!("cannot pack {} into {}", args.src.display(), out.display()))?;
-    out!("packed {blocks} blocks into {} ({:.1} MB)", out.display(), bytes as f64 / 1e6);
+    out!(
+        "packed {blocks} blocks into {} ({:.1} MB)",
+        out.display(),
+        bytes as f64 / 1e6
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn parex(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parex")).args(args).output().expect("parex runs")
+    Command::new(env!("CARGO_BIN_EXE_parex"))
+        .args(args)
+        .output()
+        .expect("parex runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -18,8 +21,15 @@ fn stderr(o: &Output) -> String {
 /// A failure: non-zero exit, an error message on stderr, and no panic.
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure; stdout: {}", stdout(o));
-    assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure; stdout: {}",
+        stdout(o)
+    );
+    assert!(
+        err.contains(needle),
+        "stderr should mention {needle:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "no panic: {err}");
 }
 
@@ -30,12 +40,20 @@ fn verify_passes_every_builtin_block_and_ends_with_the_count() {
     let out = stdout(&o);
     assert_eq!(out.lines().last(), Some("51 passed, 0 failed"));
     assert_eq!(out.lines().filter(|l| l.contains(" ok ")).count(), 51);
-    assert_eq!(out.lines().filter(|l| l.contains("receipts root not checked")).count(), 11);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("receipts root not checked"))
+            .count(),
+        11
+    );
 }
 
 #[test]
 fn verify_reports_a_missing_directory() {
-    assert_clean_failure(&parex(&["verify", "/nonexistent/parex-data"]), "/nonexistent/parex-data");
+    assert_clean_failure(
+        &parex(&["verify", "/nonexistent/parex-data"]),
+        "/nonexistent/parex-data",
+    );
 }
 
 #[test]
@@ -49,22 +67,65 @@ fn verify_counts_malformed_blocks_as_failures() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(!o.status.success());
     let out = stdout(&o);
-    assert!(out.contains("malformed JSON") && out.contains("block.json"), "{out}");
+    assert!(
+        out.contains("malformed JSON") && out.contains("block.json"),
+        "{out}"
+    );
     assert_eq!(out.lines().last(), Some("0 passed, 1 failed"));
     assert!(!stderr(&o).contains("panicked"));
 }
 
 #[test]
 fn unknown_names_and_nonsensical_parameters_are_rejected() {
-    assert_clean_failure(&parex(&["verify", "--engine", "warp"]), "unknown engine 'warp'");
-    assert_clean_failure(&parex(&["run", "--workload", "nft"]), "unknown workload 'nft'");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--hot-ratio", "1.5"]), "between 0 and 1");
+    assert_clean_failure(
+        &parex(&["verify", "--engine", "warp"]),
+        "unknown engine 'warp'",
+    );
+    assert_clean_failure(
+        &parex(&["run", "--workload", "nft"]),
+        "unknown workload 'nft'",
+    );
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--hot-ratio", "1.5"]),
+        "between 0 and 1",
+    );
     assert_clean_failure(&parex(&["run", "--workload", "raw", "--txs", "0"]), "--txs");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--threads", "0"]), "--threads");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--gas", "lots"]), "not an amount of gas");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--txs", "5", "--gas", "1G"]), "cannot be used with");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--txs", "1000", "--accounts", "50"]), "too few");
-    assert_clean_failure(&parex(&["run", "--workload", "raw", "--txs", "10", "--json", "/nonexistent/dir/x.json"]), "cannot write");
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--threads", "0"]),
+        "--threads",
+    );
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--gas", "lots"]),
+        "not an amount of gas",
+    );
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--txs", "5", "--gas", "1G"]),
+        "cannot be used with",
+    );
+    assert_clean_failure(
+        &parex(&[
+            "run",
+            "--workload",
+            "raw",
+            "--txs",
+            "1000",
+            "--accounts",
+            "50",
+        ]),
+        "too few",
+    );
+    assert_clean_failure(
+        &parex(&[
+            "run",
+            "--workload",
+            "raw",
+            "--txs",
+            "10",
+            "--json",
+            "/nonexistent/dir/x.json",
+        ]),
+        "cannot write",
+    );
 }
 
 #[test]
@@ -72,23 +133,59 @@ fn run_prints_results_and_writes_json_that_identifies_the_result() {
     let dir = std::env::temp_dir();
     let a = dir.join(format!("parex-run-a-{}.json", std::process::id()));
     let b = dir.join(format!("parex-run-b-{}.json", std::process::id()));
-    let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
     for path in [&a, &b] {
-        let o = parex(&["run", "--workload", "mix", "--txs", "300", "--hot-ratio", "0.3", "--seed", "9", "--stats", "--json", path.to_str().unwrap()]);
+        let o = parex(&[
+            "run",
+            "--workload",
+            "mix",
+            "--txs",
+            "300",
+            "--hot-ratio",
+            "0.3",
+            "--seed",
+            "9",
+            "--stats",
+            "--json",
+            path.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let out = stdout(&o);
-        for field in ["transactions", "gas", "wall time", "throughput", "receipts root", "state diff hash", "executions"] {
+        for field in [
+            "transactions",
+            "gas",
+            "wall time",
+            "throughput",
+            "receipts root",
+            "state diff hash",
+            "executions",
+        ] {
             assert!(out.contains(field), "missing {field}: {out}");
         }
     }
     let (ja, jb) = (read(&a), read(&b));
-    for key in ["engine", "workload", "threads", "txs", "gas", "wall_ms", "gas_per_s", "receipts_root", "state_diff_hash"] {
+    for key in [
+        "engine",
+        "workload",
+        "threads",
+        "txs",
+        "gas",
+        "wall_ms",
+        "gas_per_s",
+        "receipts_root",
+        "state_diff_hash",
+    ] {
         assert!(ja.get(key).is_some(), "JSON lacks {key}: {ja}");
     }
     assert_eq!(ja["engine"], "sequential");
     assert_eq!(ja["workload"], "mix");
     assert_eq!(ja["txs"], 300);
-    assert_eq!(ja["state_diff_hash"], jb["state_diff_hash"], "same seed, same result");
+    assert_eq!(
+        ja["state_diff_hash"], jb["state_diff_hash"],
+        "same seed, same result"
+    );
     assert_eq!(ja["receipts_root"], jb["receipts_root"]);
     std::fs::remove_file(&a).ok();
     std::fs::remove_file(&b).ok();

@@ -78,7 +78,10 @@ impl EvmBlockOutcome {
     }
     /// Number of invalid transactions.
     pub fn invalid_count(&self) -> usize {
-        self.tx_outcomes.iter().filter(|o| o.status.is_invalid()).count()
+        self.tx_outcomes
+            .iter()
+            .filter(|o| o.status.is_invalid())
+            .count()
     }
     /// keccak256 over a canonical encoding of the state diff sorted by key: equal digests
     /// mean equal final states, whichever engine or run produced them.
@@ -148,7 +151,10 @@ mod tests {
         };
         let d1 = vec![(StateKey::Account(a), acct(1))];
         let d2 = vec![(StateKey::Account(a), acct(2))];
-        let d3 = vec![(StateKey::Slot(a, 0, U256::from(1)), StateValue::Slot(U256::from(1)))];
+        let d3 = vec![(
+            StateKey::Slot(a, 0, U256::from(1)),
+            StateValue::Slot(U256::from(1)),
+        )];
         assert_ne!(state_diff_hash(&d1), state_diff_hash(&d2));
         assert_ne!(state_diff_hash(&d1), state_diff_hash(&d3));
         assert_eq!(state_diff_hash(&d1), state_diff_hash(&d1.clone()));

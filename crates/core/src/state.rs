@@ -31,7 +31,11 @@ pub struct AccountInfo {
 impl AccountInfo {
     /// An account with no code.
     pub fn with_balance(balance: U256, nonce: u64) -> Self {
-        Self { balance, nonce, code_hash: revm::primitives::KECCAK_EMPTY }
+        Self {
+            balance,
+            nonce,
+            code_hash: revm::primitives::KECCAK_EMPTY,
+        }
     }
     /// EIP-161 emptiness: no code, zero nonce, zero balance.
     pub fn is_empty(&self) -> bool {
@@ -109,7 +113,10 @@ mod tests {
 
     #[test]
     fn deltas_credit_existing_and_create_when_asked() {
-        let d = BalanceDelta { credit: U256::from(5), create_if_absent: false };
+        let d = BalanceDelta {
+            credit: U256::from(5),
+            create_if_absent: false,
+        };
         let existing = AccountValue {
             info: Some(AccountInfo::with_balance(U256::from(1), 3)),
             storage_generation: 2,
@@ -119,12 +126,24 @@ mod tests {
         assert_eq!(after.info.unwrap().nonce, 3);
         assert_eq!(after.storage_generation, 2);
         assert_eq!(d.apply(None).info.unwrap().balance, U256::from(5));
-        let zero = BalanceDelta { credit: U256::ZERO, create_if_absent: false };
+        let zero = BalanceDelta {
+            credit: U256::ZERO,
+            create_if_absent: false,
+        };
         assert_eq!(zero.apply(None).info, None);
-        let touch = BalanceDelta { credit: U256::ZERO, create_if_absent: true };
+        let touch = BalanceDelta {
+            credit: U256::ZERO,
+            create_if_absent: true,
+        };
         assert!(touch.apply(None).info.unwrap().is_empty());
         let mut m = d;
         m.merge(&touch);
-        assert_eq!(m, BalanceDelta { credit: U256::from(5), create_if_absent: true });
+        assert_eq!(
+            m,
+            BalanceDelta {
+                credit: U256::from(5),
+                create_if_absent: true
+            }
+        );
     }
 }

@@ -25,7 +25,9 @@ pub struct InMemoryStorage<K, V> {
 
 impl<K: Eq + Hash, V> Default for InMemoryStorage<K, V> {
     fn default() -> Self {
-        Self { entries: HashMap::default() }
+        Self {
+            entries: HashMap::default(),
+        }
     }
 }
 
@@ -55,7 +57,9 @@ where
     K: Eq + Hash,
 {
     fn from_iter<T: IntoIterator<Item = (K, V)>>(iter: T) -> Self {
-        Self { entries: iter.into_iter().collect() }
+        Self {
+            entries: iter.into_iter().collect(),
+        }
     }
 }
 

@@ -63,6 +63,10 @@ pub enum VmError {
     Internal { tx: TxIndex, message: String },
 }
 
+/// The execution result type of a [`Vm`].
+pub type VmExecution<V> =
+    Execution<<V as Vm>::Key, <V as Vm>::Value, <V as Vm>::Delta, <V as Vm>::Output>;
+
 /// Transaction semantics, as schedulers see them.
 ///
 /// Contract: `execute(i, view)` is a pure function of `i` and the values `view` returns;
@@ -85,7 +89,7 @@ pub trait Vm: Sync {
         &self,
         tx: TxIndex,
         view: &mut R,
-    ) -> Result<Execution<Self::Key, Self::Value, Self::Delta, Self::Output>, VmError>;
+    ) -> Result<VmExecution<Self>, VmError>;
 
     /// Applies a delta to a key's value (`None`: the key does not exist yet).
     fn apply_delta(

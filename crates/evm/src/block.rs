@@ -66,7 +66,10 @@ pub fn tx_env_from_envelope(tx: &TxEnvelope, caller: Address) -> TxEnv {
         chain_id: tx.chain_id(),
         access_list: tx.access_list().cloned().unwrap_or_default(),
         gas_priority_fee: tx.max_priority_fee_per_gas(),
-        blob_hashes: tx.blob_versioned_hashes().map(<[B256]>::to_vec).unwrap_or_default(),
+        blob_hashes: tx
+            .blob_versioned_hashes()
+            .map(<[B256]>::to_vec)
+            .unwrap_or_default(),
         max_fee_per_blob_gas: tx.max_fee_per_blob_gas().unwrap_or(0),
         authorization_list,
     }

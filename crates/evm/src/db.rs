@@ -52,7 +52,10 @@ impl AccountMemo {
 
     fn get(&self, address: &Address) -> Option<AccountValue> {
         if self.list.len() < Self::INDEX_FROM {
-            self.list.iter().find(|(a, _)| a == address).map(|(_, v)| *v)
+            self.list
+                .iter()
+                .find(|(a, _)| a == address)
+                .map(|(_, v)| *v)
         } else {
             self.index.get(address).map(|&i| self.list[i].1)
         }
@@ -61,7 +64,8 @@ impl AccountMemo {
     fn insert(&mut self, address: Address, value: AccountValue) {
         self.list.push((address, value));
         if self.list.len() == Self::INDEX_FROM {
-            self.index.extend(self.list.iter().enumerate().map(|(i, (a, _))| (*a, i)));
+            self.index
+                .extend(self.list.iter().enumerate().map(|(i, (a, _))| (*a, i)));
         } else if self.list.len() > Self::INDEX_FROM {
             self.index.insert(address, self.list.len() - 1);
         }
@@ -75,7 +79,11 @@ impl AccountMemo {
 
 impl ViewDb {
     pub fn new(block_hashes: Arc<HashMap<u64, B256>>) -> Self {
-        Self { view: None, block_hashes, accounts: AccountMemo::default() }
+        Self {
+            view: None,
+            block_hashes,
+            accounts: AccountMemo::default(),
+        }
     }
 
     /// Makes `view` the source of every read, until [`ViewDb::detach`].
@@ -145,7 +153,12 @@ impl Database for ViewDb {
             return Ok(None);
         };
         let code = self.code(info.code_hash)?;
-        Ok(Some(RevmAccountInfo::new(info.balance, info.nonce, info.code_hash, code)))
+        Ok(Some(RevmAccountInfo::new(
+            info.balance,
+            info.nonce,
+            info.code_hash,
+            code,
+        )))
     }
 
     fn code_by_hash(&mut self, code_hash: B256) -> Result<Bytecode, DbError> {
@@ -163,6 +176,9 @@ impl Database for ViewDb {
     }
 
     fn block_hash(&mut self, number: u64) -> Result<B256, DbError> {
-        self.block_hashes.get(&number).copied().ok_or(DbError::MissingBlockHash(number))
+        self.block_hashes
+            .get(&number)
+            .copied()
+            .ok_or(DbError::MissingBlockHash(number))
     }
 }

@@ -20,7 +20,10 @@ pub struct FeeCapturingHandler<EVM, ERROR, FRAME> {
 
 impl<EVM, ERROR, FRAME> Default for FeeCapturingHandler<EVM, ERROR, FRAME> {
     fn default() -> Self {
-        Self { fee: Cell::new(U256::ZERO), _marker: PhantomData }
+        Self {
+            fee: Cell::new(U256::ZERO),
+            _marker: PhantomData,
+        }
     }
 }
 

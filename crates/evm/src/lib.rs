@@ -6,9 +6,9 @@
 //! inside revm: a custom handler captures it, and it leaves as a balance *delta*, so
 //! transactions do not depend on each other through the coinbase.
 
+pub mod block;
 mod db;
 mod handler;
-pub mod block;
 pub mod receipts;
 pub mod spec;
 pub mod vm;

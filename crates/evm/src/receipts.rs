@@ -30,7 +30,10 @@ pub fn receipts_root(spec: SpecId, outcomes: &[TxOutcome]) -> Option<B256> {
                 cumulative_gas_used: o.cumulative_gas_used,
                 logs: o.logs.clone(),
             };
-            let with_bloom = ReceiptWithBloom { logs_bloom: receipt.bloom_slow(), receipt };
+            let with_bloom = ReceiptWithBloom {
+                logs_bloom: receipt.bloom_slow(),
+                receipt,
+            };
             match o.tx_type {
                 1 => ReceiptEnvelope::Eip2930(with_bloom),
                 2 => ReceiptEnvelope::Eip1559(with_bloom),
@@ -40,5 +43,8 @@ pub fn receipts_root(spec: SpecId, outcomes: &[TxOutcome]) -> Option<B256> {
             }
         })
         .collect();
-    Some(alloy_trie::root::ordered_trie_root_with_encoder(&receipts, |r, buf| r.encode_2718(buf)))
+    Some(alloy_trie::root::ordered_trie_root_with_encoder(
+        &receipts,
+        |r, buf| r.encode_2718(buf),
+    ))
 }

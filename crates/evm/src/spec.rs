@@ -21,12 +21,16 @@ pub fn spec_for_block(number: u64, timestamp: u64) -> SpecId {
         (1_150_000, SpecId::HOMESTEAD),
         (0, SpecId::FRONTIER),
     ];
-    if number >= 15_537_394 {
-        if let Some((_, spec)) = BY_TIMESTAMP.iter().find(|(t, _)| timestamp >= *t) {
-            return *spec;
-        }
+    if number >= 15_537_394
+        && let Some((_, spec)) = BY_TIMESTAMP.iter().find(|(t, _)| timestamp >= *t)
+    {
+        return *spec;
     }
-    BY_NUMBER.iter().find(|(n, _)| number >= *n).map(|(_, s)| *s).unwrap_or(SpecId::FRONTIER)
+    BY_NUMBER
+        .iter()
+        .find(|(n, _)| number >= *n)
+        .map(|(_, s)| *s)
+        .unwrap_or(SpecId::FRONTIER)
 }
 
 #[cfg(test)]

@@ -48,7 +48,11 @@ impl<'b> EvmVm<'b> {
     pub fn new(block: &'b EvmBlock) -> Self {
         let mut cfg = CfgEnv::new_with_spec(block.spec);
         cfg.chain_id = block.chain_id;
-        Self { block, cfg, id: NEXT_VM_ID.fetch_add(1, Ordering::Relaxed) }
+        Self {
+            block,
+            cfg,
+            id: NEXT_VM_ID.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     pub fn block(&self) -> &EvmBlock {
@@ -72,7 +76,8 @@ impl<'b> EvmVm<'b> {
     /// Executes the transaction set in `evm`, whose database has the view attached.
     fn run(&self, tx: TxIndex, evm: &mut ReusableEvm) -> Result<EvmExecution, VmError> {
         let tx_type = evm.ctx.tx.tx_type;
-        let mut handler = FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
+        let mut handler =
+            FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
         let result = handler.run(evm).map(|r| (r, handler.fee.get()));
         let (result, fee) = match result {
             Ok(ok) => ok,
@@ -96,20 +101,38 @@ impl<'b> EvmVm<'b> {
                     EVMError::Database(DbError::Read(e)) => VmError::Read(e),
                     EVMError::Database(e) => VmError::BadData(e.to_string()),
                     EVMError::Header(e) => VmError::BadData(e.to_string()),
-                    e => VmError::Internal { tx, message: e.to_string() },
+                    e => VmError::Internal {
+                        tx,
+                        message: e.to_string(),
+                    },
                 });
             }
         };
         let state = evm.ctx.journaled_state.finalize();
         let writes = self.writes_from_state(state, &mut evm.ctx.journaled_state.database, fee)?;
         let (status, gas_used, logs) = match result {
-            ExecutionResult::Success { gas, logs, .. } => (TxStatus::Success, gas.tx_gas_used(), logs),
-            ExecutionResult::Revert { gas, logs, .. } => (TxStatus::Revert, gas.tx_gas_used(), logs),
-            ExecutionResult::Halt { reason, gas, logs } => {
-                (TxStatus::Halt(format!("{reason:?}")), gas.tx_gas_used(), logs)
+            ExecutionResult::Success { gas, logs, .. } => {
+                (TxStatus::Success, gas.tx_gas_used(), logs)
             }
+            ExecutionResult::Revert { gas, logs, .. } => {
+                (TxStatus::Revert, gas.tx_gas_used(), logs)
+            }
+            ExecutionResult::Halt { reason, gas, logs } => (
+                TxStatus::Halt(format!("{reason:?}")),
+                gas.tx_gas_used(),
+                logs,
+            ),
         };
-        Ok(Execution { writes, output: TxOutcome { tx_type, status, gas_used, cumulative_gas_used: 0, logs } })
+        Ok(Execution {
+            writes,
+            output: TxOutcome {
+                tx_type,
+                status,
+                gas_used,
+                cumulative_gas_used: 0,
+                logs,
+            },
+        })
     }
 }
 
@@ -145,7 +168,12 @@ impl Vm for EvmVm<'_> {
         outcome
     }
 
-    fn apply_delta(&self, _key: &StateKey, value: Option<StateValue>, delta: &BalanceDelta) -> Option<StateValue> {
+    fn apply_delta(
+        &self,
+        _key: &StateKey,
+        value: Option<StateValue>,
+        delta: &BalanceDelta,
+    ) -> Option<StateValue> {
         let current = value.and_then(|v| v.as_account().copied());
         let mut after = delta.apply(current);
         if !delta.create_if_absent && after.info.is_some_and(|i| i.is_empty()) {
@@ -201,13 +229,19 @@ impl EvmVm<'_> {
                 credit(&mut after, fee, self.touch_creates());
             }
             if after != before {
-                writes.push((StateKey::Account(address), Write::Put(StateValue::Account(after))));
+                writes.push((
+                    StateKey::Account(address),
+                    Write::Put(StateValue::Account(after)),
+                ));
             }
         }
         if !beneficiary_written {
             writes.push((
                 StateKey::Account(beneficiary),
-                Write::Delta(BalanceDelta { credit: fee, create_if_absent: self.touch_creates() }),
+                Write::Delta(BalanceDelta {
+                    credit: fee,
+                    create_if_absent: self.touch_creates(),
+                }),
             ));
         }
         Ok(writes)
@@ -222,34 +256,59 @@ fn account_after(
     address: Address,
 ) -> AccountValue {
     if account.is_selfdestructed() {
-        return AccountValue { info: None, storage_generation: before.storage_generation + 1 };
+        return AccountValue {
+            info: None,
+            storage_generation: before.storage_generation + 1,
+        };
     }
     let created = account.is_created();
-    let generation =
-        if created { before.storage_generation + 1 } else { before.storage_generation };
+    let generation = if created {
+        before.storage_generation + 1
+    } else {
+        before.storage_generation
+    };
     let info = &account.info;
-    if created {
-        if let Some(code) = &info.code {
-            if !code.is_empty() {
-                writes.push((StateKey::Code(info.code_hash), Write::Put(StateValue::Code(code.clone()))));
-            }
-        }
+    if created
+        && let Some(code) = &info.code
+        && !code.is_empty()
+    {
+        writes.push((
+            StateKey::Code(info.code_hash),
+            Write::Put(StateValue::Code(code.clone())),
+        ));
     }
     for (slot, value) in &account.storage {
         let present = value.present_value();
-        let changed = if created { !present.is_zero() } else { value.is_changed() };
+        let changed = if created {
+            !present.is_zero()
+        } else {
+            value.is_changed()
+        };
         if changed {
-            writes.push((StateKey::Slot(address, generation, *slot), Write::Put(StateValue::Slot(present))));
+            writes.push((
+                StateKey::Slot(address, generation, *slot),
+                Write::Put(StateValue::Slot(present)),
+            ));
         }
     }
-    let info = AccountInfo { balance: info.balance, nonce: info.nonce, code_hash: info.code_hash };
+    let info = AccountInfo {
+        balance: info.balance,
+        nonce: info.nonce,
+        code_hash: info.code_hash,
+    };
     let exists = created || !info.is_empty();
-    AccountValue { info: exists.then_some(info), storage_generation: generation }
+    AccountValue {
+        info: exists.then_some(info),
+        storage_generation: generation,
+    }
 }
 
 /// Adds the beneficiary's fee to an account value the transaction itself wrote.
 fn credit(after: &mut AccountValue, fee: U256, touch_creates: bool) {
-    let delta = BalanceDelta { credit: fee, create_if_absent: touch_creates };
+    let delta = BalanceDelta {
+        credit: fee,
+        create_if_absent: touch_creates,
+    };
     *after = delta.apply(Some(*after));
     if !touch_creates && after.info.is_some_and(|i| i.is_empty()) {
         after.info = None;

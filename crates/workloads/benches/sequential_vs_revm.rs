@@ -24,15 +24,19 @@ fn cache_db(w: &Workload) -> CacheDB<EmptyDB> {
                     Some(StateValue::Code(c)) => c.clone(),
                     _ => Default::default(),
                 };
-                db.insert_account_info(*a, AccountInfo::new(info.balance, info.nonce, info.code_hash, code));
+                db.insert_account_info(
+                    *a,
+                    AccountInfo::new(info.balance, info.nonce, info.code_hash, code),
+                );
             }
         }
     }
     for (key, value) in w.pre_state.iter() {
-        if let (StateKey::Slot(a, g, s), StateValue::Slot(v)) = (key, value) {
-            if generations.get(a) == Some(g) {
-                db.insert_account_storage(*a, *s, *v).expect("account inserted above");
-            }
+        if let (StateKey::Slot(a, g, s), StateValue::Slot(v)) = (key, value)
+            && generations.get(a) == Some(g)
+        {
+            db.insert_account_storage(*a, *s, *v)
+                .expect("account inserted above");
         }
     }
     db
@@ -50,7 +54,9 @@ fn plain_revm_loop(w: &Workload, db: CacheDB<EmptyDB>) -> u64 {
         .build_mainnet();
     let mut gas = 0;
     for tx in &block.txs {
-        let result = evm.transact_commit(tx.env.clone()).expect("valid transaction");
+        let result = evm
+            .transact_commit(tx.env.clone())
+            .expect("valid transaction");
         gas += result.tx_gas_used();
     }
     gas
@@ -62,13 +68,27 @@ fn bench(c: &mut Criterion) {
     for kind in [WorkloadKind::Raw, WorkloadKind::Erc20] {
         let w = synthetic::generate(&WorkloadSpec::new(kind, Size::Gas(1_000_000_000))).unwrap();
         let vm = EvmVm::new(&w.block);
-        let (outcome, _) = EngineKind::Sequential.execute(&vm, &w.pre_state, 1).unwrap();
-        assert_eq!(plain_revm_loop(&w, cache_db(&w)), outcome.gas_used(), "same gas both ways");
+        let (outcome, _) = EngineKind::Sequential
+            .execute(&vm, &w.pre_state, 1)
+            .unwrap();
+        assert_eq!(
+            plain_revm_loop(&w, cache_db(&w)),
+            outcome.gas_used(),
+            "same gas both ways"
+        );
         group.bench_function(format!("{kind}/plain_revm"), |b| {
-            b.iter_batched(|| cache_db(&w), |db| plain_revm_loop(&w, db), BatchSize::LargeInput)
+            b.iter_batched(
+                || cache_db(&w),
+                |db| plain_revm_loop(&w, db),
+                BatchSize::LargeInput,
+            )
         });
         group.bench_function(format!("{kind}/sequential"), |b| {
-            b.iter(|| EngineKind::Sequential.execute(&vm, &w.pre_state, 1).unwrap())
+            b.iter(|| {
+                EngineKind::Sequential
+                    .execute(&vm, &w.pre_state, 1)
+                    .unwrap()
+            })
         });
     }
     group.finish();

@@ -47,7 +47,10 @@ pub fn token_init(name: &str, symbol: &str, supply: alloy_primitives::U256) -> B
 }
 
 pub fn factory_init(fee_to_setter: Address) -> Bytes {
-    let args = UniswapV2Factory::constructorCall { feeToSetter: fee_to_setter }.abi_encode();
+    let args = UniswapV2Factory::constructorCall {
+        feeToSetter: fee_to_setter,
+    }
+    .abi_encode();
     with_args(include_str!("../contracts/UniswapV2Factory.bin"), args)
 }
 

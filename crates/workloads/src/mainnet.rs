@@ -34,17 +34,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: malformed JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
-    #[error("{0}: not a mainnet data directory (expected blocks/<n>/block.json, <n>/block.json, block.json, or a compact copy with codes.json.zst)")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{0}: not a mainnet data directory (expected blocks/<n>/block.json, <n>/block.json, block.json, or a compact copy with codes.json.zst)"
+    )]
     NotADataDir(PathBuf),
     #[error("block {block}: {message}")]
     Block { block: u64, message: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.to_path_buf(), source }
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What the header says the block's execution must produce.
@@ -95,7 +106,10 @@ impl MainnetBlock {
 #[derive(Clone, Debug)]
 pub enum Source {
     /// The plain layout; each entry is one block directory.
-    Plain { block_dirs: Vec<(u64, PathBuf)>, block_hashes: Option<PathBuf> },
+    Plain {
+        block_dirs: Vec<(u64, PathBuf)>,
+        block_hashes: Option<PathBuf>,
+    },
     /// The compact copy.
     Compact { dir: PathBuf, numbers: Vec<u64> },
 }
@@ -114,19 +128,26 @@ impl Source {
             for entry in fs::read_dir(dir).map_err(io_err(dir))? {
                 let name = entry.map_err(io_err(dir))?.file_name();
                 let name = name.to_string_lossy();
-                if let Some(n) = name.strip_suffix(".block.json.zst") {
-                    if let Ok(n) = n.parse() {
-                        numbers.push(n);
-                    }
+                if let Some(n) = name.strip_suffix(".block.json.zst")
+                    && let Ok(n) = n.parse()
+                {
+                    numbers.push(n);
                 }
             }
             numbers.sort_unstable();
-            return Ok(Source::Compact { dir: dir.to_path_buf(), numbers });
+            return Ok(Source::Compact {
+                dir: dir.to_path_buf(),
+                numbers,
+            });
         }
         let block_dirs = if dir.join("block.json").is_file() {
             vec![(block_number_of_dir(dir), dir.to_path_buf())]
         } else {
-            let parent = if dir.join("blocks").is_dir() { dir.join("blocks") } else { dir.to_path_buf() };
+            let parent = if dir.join("blocks").is_dir() {
+                dir.join("blocks")
+            } else {
+                dir.to_path_buf()
+            };
             let mut dirs = Vec::new();
             for entry in fs::read_dir(&parent).map_err(io_err(&parent))? {
                 let path = entry.map_err(io_err(&parent))?.path();
@@ -147,7 +168,10 @@ impl Source {
             .take(4)
             .map(|d| d.join("block_hashes.json"))
             .find(|p| p.is_file());
-        Ok(Source::Plain { block_dirs, block_hashes })
+        Ok(Source::Plain {
+            block_dirs,
+            block_hashes,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -170,11 +194,23 @@ impl Source {
                 return self
                     .numbers()
                     .into_iter()
-                    .map(|n| (n, Err(DataError::Block { block: n, message: msg.clone() })))
+                    .map(|n| {
+                        (
+                            n,
+                            Err(DataError::Block {
+                                block: n,
+                                message: msg.clone(),
+                            }),
+                        )
+                    })
                     .collect();
             }
         };
-        self.numbers().into_iter().enumerate().map(|(i, n)| (n, self.load_one(i, &shared))).collect()
+        self.numbers()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, self.load_one(i, &shared)))
+            .collect()
     }
 
     /// Block numbers, in order (a plain block directory not named by its number is 0).
@@ -192,15 +228,24 @@ impl Source {
                     Some(p) => parse_block_hashes(&read(p)?, p)?,
                     None => HashMap::new(),
                 };
-                Ok(SharedTables { hashes: Arc::new(hashes), codes: HashMap::new() })
+                Ok(SharedTables {
+                    hashes: Arc::new(hashes),
+                    codes: HashMap::new(),
+                })
             }
             Source::Compact { dir, .. } => {
                 let p = dir.join("block_hashes.json.zst");
                 let hashes = parse_block_hashes(&read_zst(&p)?, &p)?;
                 let p = dir.join("codes.json.zst");
                 let raw: HashMap<B256, Bytes> = parse_json(&read_zst(&p)?, &p)?;
-                let codes = raw.into_iter().map(|(h, c)| (h, Bytecode::new_raw(c))).collect();
-                Ok(SharedTables { hashes: Arc::new(hashes), codes })
+                let codes = raw
+                    .into_iter()
+                    .map(|(h, c)| (h, Bytecode::new_raw(c)))
+                    .collect();
+                Ok(SharedTables {
+                    hashes: Arc::new(hashes),
+                    codes,
+                })
             }
         }
     }
@@ -231,7 +276,10 @@ struct SharedTables {
 }
 
 fn block_number_of_dir(dir: &Path) -> u64 {
-    dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -244,17 +292,24 @@ fn read_zst(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], path: &Path) -> Result<T, DataError> {
-    serde_json::from_slice(bytes).map_err(|source| DataError::Json { path: path.to_path_buf(), source })
+    serde_json::from_slice(bytes).map_err(|source| DataError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse_block_hashes(bytes: &[u8], path: &Path) -> Result<HashMap<u64, B256>, DataError> {
     let raw: HashMap<String, B256> = parse_json(bytes, path)?;
     raw.into_iter()
         .map(|(k, v)| {
-            k.parse::<u64>().map(|k| (k, v)).map_err(|_| DataError::Json {
-                path: path.to_path_buf(),
-                source: serde::de::Error::custom(format!("block number {k:?} is not a decimal number")),
-            })
+            k.parse::<u64>()
+                .map(|k| (k, v))
+                .map_err(|_| DataError::Json {
+                    path: path.to_path_buf(),
+                    source: serde::de::Error::custom(format!(
+                        "block number {k:?} is not a decimal number"
+                    )),
+                })
         })
         .collect()
 }
@@ -280,7 +335,10 @@ fn build_block(
 ) -> Result<MainnetBlock, DataError> {
     let header = &block.header.inner;
     let number = header.number;
-    let bad = |message: String| DataError::Block { block: number, message };
+    let bad = |message: String| DataError::Block {
+        block: number,
+        message,
+    };
     let spec = spec_for_block(number, header.timestamp);
 
     let mut env = BlockEnv {
@@ -294,7 +352,9 @@ fn build_block(
         ..BlockEnv::default()
     };
     if spec.is_enabled_in(SpecId::CANCUN) {
-        let excess = header.excess_blob_gas.ok_or_else(|| bad("Cancun block without excessBlobGas".into()))?;
+        let excess = header
+            .excess_blob_gas
+            .ok_or_else(|| bad("Cancun block without excessBlobGas".into()))?;
         let fraction = if spec.is_enabled_in(SpecId::PRAGUE) {
             BLOB_BASE_FEE_UPDATE_FRACTION_PRAGUE
         } else {
@@ -306,14 +366,21 @@ fn build_block(
     let txs = match block.transactions {
         BlockTransactions::Full(txs) => txs,
         BlockTransactions::Hashes(h) if h.is_empty() => Vec::new(),
-        _ => return Err(bad("block.json must hold full transactions (eth_getBlockByNumber(n, true))".into())),
+        _ => {
+            return Err(bad(
+                "block.json must hold full transactions (eth_getBlockByNumber(n, true))".into(),
+            ));
+        }
     };
     let mut evm_txs = Vec::with_capacity(txs.len());
     let mut signed = Vec::with_capacity(txs.len());
     for tx in txs {
         let from = tx.inner.signer();
         let envelope = tx.inner.into_inner();
-        evm_txs.push(EvmTx { env: tx_env_from_envelope(&envelope, from), hash: Some(*envelope.tx_hash()) });
+        evm_txs.push(EvmTx {
+            env: tx_env_from_envelope(&envelope, from),
+            hash: Some(*envelope.tx_hash()),
+        });
         signed.push((envelope, from));
     }
 
@@ -322,23 +389,34 @@ fn build_block(
         let code_hash = match (&account.code, account.code_hash) {
             (Some(code), _) if !code.is_empty() => {
                 let hash = keccak256(code);
-                pre_state.insert(StateKey::Code(hash), StateValue::Code(Bytecode::new_raw(code.clone())));
+                pre_state.insert(
+                    StateKey::Code(hash),
+                    StateValue::Code(Bytecode::new_raw(code.clone())),
+                );
                 hash
             }
             (_, Some(hash)) if hash != revm::primitives::KECCAK_EMPTY => {
-                let code = shared
-                    .codes
-                    .get(&hash)
-                    .ok_or_else(|| bad(format!("account {address}: code {hash} missing from codes.json.zst")))?;
+                let code = shared.codes.get(&hash).ok_or_else(|| {
+                    bad(format!(
+                        "account {address}: code {hash} missing from codes.json.zst"
+                    ))
+                })?;
                 pre_state.insert(StateKey::Code(hash), StateValue::Code(code.clone()));
                 hash
             }
             _ => revm::primitives::KECCAK_EMPTY,
         };
-        let info = AccountInfo { balance: account.balance, nonce: account.nonce, code_hash };
+        let info = AccountInfo {
+            balance: account.balance,
+            nonce: account.nonce,
+            code_hash,
+        };
         pre_state.insert(
             StateKey::Account(address),
-            StateValue::Account(AccountValue { info: Some(info), storage_generation: 0 }),
+            StateValue::Account(AccountValue {
+                info: Some(info),
+                storage_generation: 0,
+            }),
         );
         for (slot, value) in account.storage {
             pre_state.insert(StateKey::Slot(address, 0, slot), StateValue::Slot(value));
@@ -368,7 +446,11 @@ fn build_block(
 /// Writes the compact copy of the plain data set at `src` into `out` (see the module
 /// documentation), returning the number of blocks and the bytes written.
 pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
-    let Source::Plain { block_dirs, block_hashes } = Source::open(src)? else {
+    let Source::Plain {
+        block_dirs,
+        block_hashes,
+    } = Source::open(src)?
+    else {
         return Err(DataError::NotADataDir(src.to_path_buf()));
     };
     fs::create_dir_all(out).map_err(io_err(out))?;
@@ -385,12 +467,12 @@ pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
         let pp = dir.join("pre_state.json");
         let mut pre: BTreeMap<Address, PreAccount> = parse_json(&read(&pp)?, &pp)?;
         for account in pre.values_mut() {
-            if let Some(code) = account.code.take() {
-                if !code.is_empty() {
-                    let hash = keccak256(&code);
-                    codes.insert(hash, code);
-                    account.code_hash = Some(hash);
-                }
+            if let Some(code) = account.code.take()
+                && !code.is_empty()
+            {
+                let hash = keccak256(&code);
+                codes.insert(hash, code);
+                account.code_hash = Some(hash);
             }
         }
         write_zst(format!("{n}.block.json.zst"), &read(&bp)?)?;
@@ -402,7 +484,10 @@ pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
         None => b"{}".to_vec(),
     };
     write_zst("block_hashes.json.zst".into(), &hashes)?;
-    write_zst("codes.json.zst".into(), &serde_json::to_vec(&codes).expect("serializable"))?;
+    write_zst(
+        "codes.json.zst".into(),
+        &serde_json::to_vec(&codes).expect("serializable"),
+    )?;
     Ok((block_dirs.len(), written))
 }
 

@@ -44,8 +44,13 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
-    pub const ALL: &'static [WorkloadKind] =
-        &[WorkloadKind::Raw, WorkloadKind::Erc20, WorkloadKind::Swap, WorkloadKind::Mix, WorkloadKind::Chain];
+    pub const ALL: &'static [WorkloadKind] = &[
+        WorkloadKind::Raw,
+        WorkloadKind::Erc20,
+        WorkloadKind::Swap,
+        WorkloadKind::Mix,
+        WorkloadKind::Chain,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -100,7 +105,13 @@ pub struct WorkloadSpec {
 
 impl WorkloadSpec {
     pub fn new(kind: WorkloadKind, size: Size) -> Self {
-        Self { kind, size, accounts: None, hot_ratio: 0.0, seed: 1 }
+        Self {
+            kind,
+            size,
+            accounts: None,
+            hot_ratio: 0.0,
+            seed: 1,
+        }
     }
 }
 
@@ -111,7 +122,9 @@ pub enum WorkloadError {
     HotRatio(f64),
     #[error("the workload must have at least one transaction")]
     Empty,
-    #[error("--accounts {accounts} is too few: this block needs more than the {cold} cold (never reused) accounts it has; raise --accounts or leave it out")]
+    #[error(
+        "--accounts {accounts} is too few: this block needs more than the {cold} cold (never reused) accounts it has; raise --accounts or leave it out"
+    )]
     TooFewAccounts { accounts: usize, cold: usize },
     #[error("--accounts must be at least 2 for this workload, got {0}")]
     AccountsTooSmall(usize),
@@ -179,10 +192,26 @@ fn calibrate(spec: &WorkloadSpec, gas: u64) -> Result<usize, WorkloadError> {
 
 /// What a transaction of the block does, before nonces and setup are known.
 enum Intent {
-    Raw { from: usize, to: usize, value: U256 },
-    Erc20 { from: usize, to: usize, amount: U256 },
-    Swap { trader: usize, pool: usize, a_to_b: bool, amount: U256 },
-    Chain { from: usize, value: U256 },
+    Raw {
+        from: usize,
+        to: usize,
+        value: U256,
+    },
+    Erc20 {
+        from: usize,
+        to: usize,
+        amount: U256,
+    },
+    Swap {
+        trader: usize,
+        pool: usize,
+        a_to_b: bool,
+        amount: U256,
+    },
+    Chain {
+        from: usize,
+        value: U256,
+    },
 }
 
 /// Picks members of a population, 10% of which is hot.
@@ -196,14 +225,22 @@ struct Picker {
 impl Picker {
     fn new(total: usize, ratio: f64) -> Self {
         let hot = (total / 10).max(1);
-        Self { hot, next_cold: hot, total, ratio }
+        Self {
+            hot,
+            next_cold: hot,
+            total,
+            ratio,
+        }
     }
     fn pick(&mut self, rng: &mut SmallRng) -> Result<usize, WorkloadError> {
         if self.ratio > 0.0 && rng.random_bool(self.ratio) {
             return Ok(rng.random_range(0..self.hot));
         }
         if self.next_cold >= self.total {
-            return Err(WorkloadError::TooFewAccounts { accounts: self.total, cold: self.total - self.hot });
+            return Err(WorkloadError::TooFewAccounts {
+                accounts: self.total,
+                cold: self.total - self.hot,
+            });
         }
         self.next_cold += 1;
         Ok(self.next_cold - 1)
@@ -241,7 +278,10 @@ fn plan(spec: &WorkloadSpec, txs: usize, accounts: usize) -> Result<Vec<Intent>,
         return Ok((0..txs)
             .map(|i| {
                 balance -= per_tx_cost;
-                Intent::Chain { from: i, value: balance }
+                Intent::Chain {
+                    from: i,
+                    value: balance,
+                }
             })
             .collect());
     }
@@ -324,7 +364,10 @@ fn block_env(gas_limit: u64) -> BlockEnv {
         prevrandao: Some(B256::repeat_byte(0x11)),
         ..BlockEnv::default()
     };
-    env.set_blob_excess_gas_and_price(0, revm::primitives::eip4844::BLOB_BASE_FEE_UPDATE_FRACTION_CANCUN);
+    env.set_blob_excess_gas_and_price(
+        0,
+        revm::primitives::eip4844::BLOB_BASE_FEE_UPDATE_FRACTION_CANCUN,
+    );
     env
 }
 
@@ -335,7 +378,10 @@ fn evm_block(txs: Vec<TxEnv>) -> EvmBlock {
         spec: SpecId::CANCUN,
         chain_id: MAINNET_CHAIN_ID,
         env: block_env(gas_limit),
-        txs: txs.into_iter().map(|env| EvmTx { env, hash: None }).collect(),
+        txs: txs
+            .into_iter()
+            .map(|env| EvmTx { env, hash: None })
+            .collect(),
         block_hashes: Arc::new(HashMap::new()),
     }
 }
@@ -355,7 +401,13 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
     let uses_erc20 = intents.iter().any(|i| matches!(i, Intent::Erc20 { .. }));
     let used_pools: BTreeSet<usize> = intents
         .iter()
-        .filter_map(|i| if let Intent::Swap { pool, .. } = i { Some(*pool) } else { None })
+        .filter_map(|i| {
+            if let Intent::Swap { pool, .. } = i {
+                Some(*pool)
+            } else {
+                None
+            }
+        })
         .collect();
     let token_count = used_pools
         .iter()
@@ -364,10 +416,18 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
         .unwrap_or(0)
         .max(usize::from(uses_erc20));
 
-    let mut setup = TxList { nonces: HashMap::new(), txs: Vec::new() };
+    let mut setup = TxList {
+        nonces: HashMap::new(),
+        txs: Vec::new(),
+    };
     let supply = U256::MAX >> 8;
     let tokens: Vec<Address> = (0..token_count)
-        .map(|t| setup.create(d, contracts::token_init(&format!("Parex Token {t}"), &format!("PX{t}"), supply)))
+        .map(|t| {
+            setup.create(
+                d,
+                contracts::token_init(&format!("Parex Token {t}"), &format!("PX{t}"), supply),
+            )
+        })
         .collect();
     let mut router = None;
     let mut pools = Vec::new();
@@ -377,9 +437,22 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
         let factory = setup.create(d, contracts::factory_init(d));
         let r = setup.create(d, contracts::router_init(factory, weth));
         router = Some(r);
-        let pool_token_count = used_pools.iter().map(|&k| pool_tokens(k).1 + 1).max().unwrap_or(0);
+        let pool_token_count = used_pools
+            .iter()
+            .map(|&k| pool_tokens(k).1 + 1)
+            .max()
+            .unwrap_or(0);
         for &t in &tokens[..pool_token_count] {
-            setup.call(d, t, ParexToken::approveCall { spender: r, value: U256::MAX }.abi_encode(), 100_000);
+            setup.call(
+                d,
+                t,
+                ParexToken::approveCall {
+                    spender: r,
+                    value: U256::MAX,
+                }
+                .abi_encode(),
+                100_000,
+            );
         }
         for &k in &used_pools {
             let (a, b) = pool_tokens(k);
@@ -399,44 +472,83 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
             pools.push((contracts::pair_address(factory, ta, tb), ta, tb));
         }
     }
-    let pool_of = |k: usize| pools[used_pools.iter().position(|&p| p == k).expect("planned pool")];
+    let pool_of = |k: usize| {
+        pools[used_pools
+            .iter()
+            .position(|&p| p == k)
+            .expect("planned pool")]
+    };
     // Token balances (and router approvals for swaps), once per holder and token.
     let mut funded: BTreeSet<(usize, Address)> = BTreeSet::new();
     let mut approved: BTreeSet<(usize, Address)> = BTreeSet::new();
     for intent in &intents {
         let (holder, token, approve) = match *intent {
             Intent::Erc20 { from, .. } => (from, tokens[0], false),
-            Intent::Swap { trader, pool, a_to_b, .. } => {
+            Intent::Swap {
+                trader,
+                pool,
+                a_to_b,
+                ..
+            } => {
                 let (_, ta, tb) = pool_of(pool);
                 (trader, if a_to_b { ta } else { tb }, true)
             }
             _ => continue,
         };
         if funded.insert((holder, token)) {
-            let call = ParexToken::transferCall { to: addr(holder), value: U256::from(SENDER_TOKENS) };
+            let call = ParexToken::transferCall {
+                to: addr(holder),
+                value: U256::from(SENDER_TOKENS),
+            };
             setup.call(d, token, call.abi_encode(), 100_000);
         }
         if approve && approved.insert((holder, token)) {
-            let call = ParexToken::approveCall { spender: router.expect("swaps have a router"), value: U256::MAX };
+            let call = ParexToken::approveCall {
+                spender: router.expect("swaps have a router"),
+                value: U256::MAX,
+            };
             setup.call(addr(holder), token, call.abi_encode(), 100_000);
         }
     }
 
     // The workload block, continuing each sender's nonces after setup.
-    let mut block = TxList { nonces: setup.nonces.clone(), txs: Vec::with_capacity(txs) };
+    let mut block = TxList {
+        nonces: setup.nonces.clone(),
+        txs: Vec::with_capacity(txs),
+    };
     for intent in &intents {
         match *intent {
             Intent::Raw { from, to, value } => {
-                block.push(addr(from), TxKind::Call(addr(to)), value, Bytes::new(), 21_000);
+                block.push(
+                    addr(from),
+                    TxKind::Call(addr(to)),
+                    value,
+                    Bytes::new(),
+                    21_000,
+                );
             }
             Intent::Chain { from, value } => {
-                block.push(addr(from), TxKind::Call(addr(from + 1)), value, Bytes::new(), 21_000);
+                block.push(
+                    addr(from),
+                    TxKind::Call(addr(from + 1)),
+                    value,
+                    Bytes::new(),
+                    21_000,
+                );
             }
             Intent::Erc20 { from, to, amount } => {
-                let call = ParexToken::transferCall { to: addr(to), value: amount };
+                let call = ParexToken::transferCall {
+                    to: addr(to),
+                    value: amount,
+                };
                 block.call(addr(from), tokens[0], call.abi_encode(), 100_000);
             }
-            Intent::Swap { trader, pool, a_to_b, amount } => {
+            Intent::Swap {
+                trader,
+                pool,
+                a_to_b,
+                amount,
+            } => {
                 let (_, ta, tb) = pool_of(pool);
                 let path = if a_to_b { vec![ta, tb] } else { vec![tb, ta] };
                 let call = UniswapV2Router02::swapExactTokensForTokensCall {
@@ -446,7 +558,12 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
                     to: addr(trader),
                     deadline,
                 };
-                block.call(addr(trader), router.expect("swaps have a router"), call.abi_encode(), 300_000);
+                block.call(
+                    addr(trader),
+                    router.expect("swaps have a router"),
+                    call.abi_encode(),
+                    300_000,
+                );
             }
         }
     }
@@ -455,10 +572,20 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
     let mut genesis = InMemoryStorage::new();
     let fund = |g: &mut InMemoryStorage<StateKey, StateValue>, a: Address| {
         let info = AccountInfo::with_balance(U256::from(GENESIS_ETH), 0);
-        g.insert(StateKey::Account(a), StateValue::Account(AccountValue { info: Some(info), storage_generation: 0 }));
+        g.insert(
+            StateKey::Account(a),
+            StateValue::Account(AccountValue {
+                info: Some(info),
+                storage_generation: 0,
+            }),
+        );
     };
     fund(&mut genesis, d);
-    let funded_accounts = if spec.kind == WorkloadKind::Chain { 1 } else { accounts };
+    let funded_accounts = if spec.kind == WorkloadKind::Chain {
+        1
+    } else {
+        accounts
+    };
     for i in 0..funded_accounts {
         fund(&mut genesis, addr(i));
     }
@@ -466,7 +593,11 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
     let setup_txs = setup.txs.len();
     let pre_state = run_setup(genesis, setup.txs)?;
     Ok(Workload {
-        spec: WorkloadSpec { size: Size::Txs(txs), accounts: Some(accounts), ..spec.clone() },
+        spec: WorkloadSpec {
+            size: Size::Txs(txs),
+            accounts: Some(accounts),
+            ..spec.clone()
+        },
         block: evm_block(block.txs),
         pre_state,
         setup_txs,
@@ -489,8 +620,16 @@ fn run_setup(
     let (outcome, _) = EngineKind::Sequential
         .execute(&vm, &genesis, 1)
         .map_err(|e| WorkloadError::Setup(e.to_string()))?;
-    if let Some((index, o)) = outcome.tx_outcomes.iter().enumerate().find(|(_, o)| !o.status.is_success()) {
-        return Err(WorkloadError::SetupFailed { index, status: o.status.clone() });
+    if let Some((index, o)) = outcome
+        .tx_outcomes
+        .iter()
+        .enumerate()
+        .find(|(_, o)| !o.status.is_success())
+    {
+        return Err(WorkloadError::SetupFailed {
+            index,
+            status: o.status.clone(),
+        });
     }
     let mut state = genesis;
     for (key, value) in outcome.state_diff {

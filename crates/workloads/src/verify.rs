@@ -34,7 +34,10 @@ impl BlockCheck {
     pub fn mismatches(&self, block: &MainnetBlock) -> String {
         let mut parts = Vec::new();
         if !self.gas_matches {
-            parts.push(format!("gas used {} != header {}", self.gas_used, block.expected.gas_used));
+            parts.push(format!(
+                "gas used {} != header {}",
+                self.gas_used, block.expected.gas_used
+            ));
         }
         if !self.bloom_matches {
             parts.push("logs bloom differs".to_string());
@@ -44,15 +47,27 @@ impl BlockCheck {
         }
         let invalid = self.outcome.invalid_count();
         if invalid > 0 {
-            let first = self.outcome.tx_outcomes.iter().position(|o| o.status.is_invalid()).unwrap_or(0);
-            parts.push(format!("{invalid} invalid transactions (first: #{first} {:?})", self.outcome.tx_outcomes[first].status));
+            let first = self
+                .outcome
+                .tx_outcomes
+                .iter()
+                .position(|o| o.status.is_invalid())
+                .unwrap_or(0);
+            parts.push(format!(
+                "{invalid} invalid transactions (first: #{first} {:?})",
+                self.outcome.tx_outcomes[first].status
+            ));
         }
         parts.join("; ")
     }
 }
 
 /// Executes `block` with `engine` on its own pre-state and checks it against the header.
-pub fn check_block(block: &MainnetBlock, engine: EngineKind, threads: usize) -> Result<BlockCheck, EngineError> {
+pub fn check_block(
+    block: &MainnetBlock,
+    engine: EngineKind,
+    threads: usize,
+) -> Result<BlockCheck, EngineError> {
     let vm = EvmVm::new(&block.block);
     let started = Instant::now();
     let (outcome, metrics) = engine.execute(&vm, &block.pre_state, threads)?;

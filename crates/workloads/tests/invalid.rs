@@ -31,34 +31,50 @@ fn bad_nonce_insufficient_funds_and_oversized_gas_are_invalid() {
     let rich = Address::repeat_byte(0x11);
     let poor = Address::repeat_byte(0x22);
     let mut state = InMemoryStorage::new();
-    let account = |balance: u64| StateValue::Account(AccountValue {
-        info: Some(AccountInfo::with_balance(U256::from(balance) * U256::from(10u64.pow(18)), 0)),
-        storage_generation: 0,
-    });
+    let account = |balance: u64| {
+        StateValue::Account(AccountValue {
+            info: Some(AccountInfo::with_balance(
+                U256::from(balance) * U256::from(10u64.pow(18)),
+                0,
+            )),
+            storage_generation: 0,
+        })
+    };
     state.insert(StateKey::Account(rich), account(10));
     state.insert(StateKey::Account(poor), account(0));
     let mut block: EvmBlock = w.block.clone();
     block.env.gas_limit = 1_000_000;
     block.txs = vec![
-        transfer(rich, 5, 21_000, U256::from(1)),             // nonce too high
-        transfer(poor, 0, 21_000, U256::from(1)),             // cannot pay for gas
-        transfer(rich, 0, 2_000_000, U256::from(1)),          // gas limit above the block's
-        transfer(rich, 0, 21_000, U256::from(1)),             // valid
+        transfer(rich, 5, 21_000, U256::from(1)), // nonce too high
+        transfer(poor, 0, 21_000, U256::from(1)), // cannot pay for gas
+        transfer(rich, 0, 2_000_000, U256::from(1)), // gas limit above the block's
+        transfer(rich, 0, 21_000, U256::from(1)), // valid
         transfer(rich, 1, 21_000, U256::from(100) * U256::from(10u64.pow(18))), // value too high
     ];
     let vm = EvmVm::new(&block);
     let (outcome, _) = EngineKind::Sequential.execute(&vm, &state, 1).unwrap();
-    let statuses: Vec<_> = outcome.tx_outcomes.iter().map(|o| o.status.clone()).collect();
+    let statuses: Vec<_> = outcome
+        .tx_outcomes
+        .iter()
+        .map(|o| o.status.clone())
+        .collect();
     for i in [0, 1, 2, 4] {
         assert!(statuses[i].is_invalid(), "tx {i}: {:?}", statuses[i]);
         assert_eq!(outcome.tx_outcomes[i].gas_used, 0);
     }
-    let TxStatus::Invalid(reason) = &statuses[0] else { unreachable!() };
+    let TxStatus::Invalid(reason) = &statuses[0] else {
+        unreachable!()
+    };
     assert!(reason.contains("nonce"), "{reason}");
     assert_eq!(statuses[3], TxStatus::Success);
     assert_eq!(outcome.gas_used(), 21_000);
     assert_eq!(outcome.invalid_count(), 4);
     // Only the valid transfer changed state: sender, recipient, fee credit.
     assert_eq!(outcome.state_diff.len(), 3);
-    assert!(!outcome.state_diff.iter().any(|(k, _)| *k == StateKey::Account(poor)));
+    assert!(
+        !outcome
+            .state_diff
+            .iter()
+            .any(|(k, _)| *k == StateKey::Account(poor))
+    );
 }

@@ -8,7 +8,11 @@ use parex_workloads::verify::check_block;
 
 fn load(dir: &std::path::Path) -> Vec<MainnetBlock> {
     let source = Source::open(dir).expect("data directory opens");
-    source.load_all().into_iter().map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}"))).collect()
+    source
+        .load_all()
+        .into_iter()
+        .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
+        .collect()
 }
 
 /// The plain data set beside the repository (present in development and CI, absent in
@@ -21,12 +25,21 @@ fn shared_dir() -> Option<PathBuf> {
 #[test]
 fn builtin_copy_passes_every_block_with_sequential() {
     let blocks = load(&builtin_dir());
-    assert_eq!(blocks.len(), 51, "the built-in copy holds the 51 blocks of the data set");
+    assert_eq!(
+        blocks.len(),
+        51,
+        "the built-in copy holds the 51 blocks of the data set"
+    );
     let mut unchecked_roots = 0;
     let mut txs = 0;
     for block in &blocks {
         let check = check_block(block, EngineKind::Sequential, 1).expect("executes");
-        assert!(check.passed(), "block {}: {}", block.number, check.mismatches(block));
+        assert!(
+            check.passed(),
+            "block {}: {}",
+            block.number,
+            check.mismatches(block)
+        );
         assert_eq!(check.outcome.invalid_count(), 0, "block {}", block.number);
         txs += check.txs;
         if check.receipts_root_matches.is_none() {
@@ -34,7 +47,10 @@ fn builtin_copy_passes_every_block_with_sequential() {
         }
     }
     assert_eq!(txs, 14_130);
-    assert_eq!(unchecked_roots, 11, "exactly the pre-Byzantium blocks skip the receipts root");
+    assert_eq!(
+        unchecked_roots, 11,
+        "exactly the pre-Byzantium blocks skip the receipts root"
+    );
 }
 
 #[test]
@@ -48,10 +64,17 @@ fn plain_layout_gives_the_same_results_as_the_compact_copy() {
     assert_eq!(plain.len(), compact.len());
     for (p, c) in plain.iter().zip(&compact) {
         assert_eq!(p.number, c.number);
-        let (pc, cc) = (check_block(p, EngineKind::Sequential, 1).unwrap(), check_block(c, EngineKind::Sequential, 1).unwrap());
+        let (pc, cc) = (
+            check_block(p, EngineKind::Sequential, 1).unwrap(),
+            check_block(c, EngineKind::Sequential, 1).unwrap(),
+        );
         assert!(pc.passed(), "block {}: {}", p.number, pc.mismatches(p));
         assert_eq!(pc.state_diff_hash, cc.state_diff_hash, "block {}", p.number);
-        assert_eq!(pc.outcome.tx_outcomes, cc.outcome.tx_outcomes, "block {}", p.number);
+        assert_eq!(
+            pc.outcome.tx_outcomes, cc.outcome.tx_outcomes,
+            "block {}",
+            p.number
+        );
     }
 }
 
@@ -61,13 +84,20 @@ fn a_single_block_directory_can_be_verified() {
     let blocks = load(&dir.join("blocks/5526571"));
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].number, 5_526_571);
-    assert!(check_block(&blocks[0], EngineKind::Sequential, 1).unwrap().passed());
+    assert!(
+        check_block(&blocks[0], EngineKind::Sequential, 1)
+            .unwrap()
+            .passed()
+    );
 }
 
 #[test]
 fn senders_recover_from_signatures_across_forks() {
     let blocks = load(&builtin_dir());
-    for block in blocks.iter().filter(|b| [46_147, 2_675_000, 12_244_000, 19_426_586].contains(&b.number)) {
+    for block in blocks
+        .iter()
+        .filter(|b| [46_147, 2_675_000, 12_244_000, 19_426_586].contains(&b.number))
+    {
         block.recover_senders().unwrap_or_else(|e| panic!("{e}"));
     }
 }
@@ -78,7 +108,10 @@ fn a_wrong_sender_or_header_is_detected() {
     let block = blocks.iter_mut().find(|b| b.number == 12_244_000).unwrap();
     block.signed[3].1 = alloy_primitives::Address::repeat_byte(7);
     let err = block.recover_senders().unwrap_err().to_string();
-    assert!(err.contains("transaction 3") && err.contains("differs"), "{err}");
+    assert!(
+        err.contains("transaction 3") && err.contains("differs"),
+        "{err}"
+    );
 
     block.expected.receipts_root = alloy_primitives::B256::repeat_byte(1);
     let check = check_block(block, EngineKind::Sequential, 1).unwrap();
