@@ -31,9 +31,10 @@ where
     fn entry(&mut self, key: &K) -> Result<&mut Entry<V>, ReadError> {
         Ok(match self.cache.entry(key.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Entry { value: self.storage.read(key)?, written: false })
-            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Entry {
+                value: self.storage.read(key)?,
+                written: false,
+            }),
         })
     }
 }
@@ -46,9 +47,6 @@ where
 {
     #[inline]
     fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
-        if let Some(e) = self.cache.get(key) {
-            return Ok(e.value.clone());
-        }
         Ok(self.entry(key)?.value.clone())
     }
 }
@@ -61,10 +59,14 @@ where
 {
     let started = Instant::now();
     let n = vm.tx_count();
-    let mut cache = HashMap::with_capacity_and_hasher(n * 4, Default::default());
+    // Room for about two keys per transaction; more grows the table once or twice.
+    let mut cache = HashMap::with_capacity_and_hasher(2 * n + 16, Default::default());
     let mut outputs = Vec::with_capacity(n);
     for tx in 0..n {
-        let mut view = CacheView { cache: &mut cache, storage };
+        let mut view = CacheView {
+            cache: &mut cache,
+            storage,
+        };
         let execution = vm.execute(tx, &mut view)?;
         for (key, write) in execution.writes {
             let entry = view.entry(&key).map_err(parex_core::VmError::from)?;
@@ -81,7 +83,13 @@ where
     vm.finalize_outputs(&mut outputs)?;
     let state_diff: Vec<(V::Key, V::Value)> = cache
         .into_iter()
-        .filter_map(|(k, e)| if e.written { e.value.map(|v| (k, v)) } else { None })
+        .filter_map(|(k, e)| {
+            if e.written {
+                e.value.map(|v| (k, v))
+            } else {
+                None
+            }
+        })
         .collect();
     let metrics = Metrics {
         executions: n as u64,
@@ -89,5 +97,11 @@ where
         finalize_time: finalize_started.elapsed(),
         ..Metrics::default()
     };
-    Ok((BlockOutcome { tx_outcomes: outputs, state_diff }, metrics))
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
 }
