@@ -4,7 +4,10 @@
 //! Every engine returns the same [`BlockOutcome`] as [`sequential`] for the same block:
 //! that is the contract the tests enforce.
 
+pub mod block_stm;
 pub mod metrics;
+pub mod mv_memory;
+pub mod scheduler;
 pub mod sequential;
 
 use parex_core::{BlockOutcome, Storage, Vm, VmError};
@@ -12,8 +15,7 @@ use parex_core::{BlockOutcome, Storage, Vm, VmError};
 pub use metrics::Metrics;
 
 /// The outcome type of an engine run over `V`.
-pub type VmOutcome<V> =
-    BlockOutcome<<V as Vm>::Output, <V as Vm>::Key, <V as Vm>::Value>;
+pub type VmOutcome<V> = BlockOutcome<<V as Vm>::Output, <V as Vm>::Key, <V as Vm>::Value>;
 
 /// An engine failed to execute a block.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +30,16 @@ pub enum EngineError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EngineKind {
     Sequential,
+    BlockStm,
 }
 
 impl EngineKind {
-    pub const ALL: &'static [EngineKind] = &[EngineKind::Sequential];
+    pub const ALL: &'static [EngineKind] = &[EngineKind::Sequential, EngineKind::BlockStm];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Sequential => "sequential",
+            EngineKind::BlockStm => "block-stm",
         }
     }
 
@@ -59,6 +63,7 @@ impl EngineKind {
         }
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage),
+            EngineKind::BlockStm => block_stm::execute(vm, storage, threads),
         }
     }
 }

@@ -1,0 +1,457 @@
+//! `block-stm`: optimistic parallel execution with multi-version memory, validation and
+//! re-execution (Block-STM, Gelashvili et al. 2022, as in Aptos' block executor).
+//!
+//! Workers take tasks from the collaborative [`Scheduler`]: *execute* transaction `i`
+//! (incarnation `k`) against the [`MvMemory`] as of position `i`, recording its read
+//! set (the origin of every value it read) and publishing its writes under `(i, k)`;
+//! *validate* `i` by re-reading its read set and comparing origins. A failed validation
+//! aborts the incarnation: its writes become estimates and `i` runs again. A read that
+//! meets an estimate of `j < i` suspends `i` on `j` (no spinning) until `j` finishes.
+//!
+//! Invariants: (1) a transaction's recorded read set and writes belong to the same,
+//! latest incarnation; (2) when the scheduler reports done, every transaction's latest
+//! incarnation has been executed and validated after every write below it was final,
+//! so its reads are exactly the serial ones and no estimate is left; (3) hence the
+//! outputs are the serial outputs and the final value of a key is its last write with
+//! the later deltas applied, or the pre-block value with all its deltas applied.
+//!
+//! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
+//! inconsistent reads, so it is recorded as that incarnation's output with no writes
+//! and validated like any other; once done, the lowest transaction whose final output is
+//! an error is exactly where serial execution fails, and that error is returned.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crossbeam::utils::{Backoff, CachePadded};
+use parex_core::{
+    BlockOutcome, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError, Write,
+};
+use smallvec::SmallVec;
+
+use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
+use crate::scheduler::{Scheduler, Task};
+use crate::{EngineError, Metrics, VmOutcome};
+
+/// One read of an execution: the key and where its value came from.
+struct ReadRecord<K, V> {
+    key: K,
+    origin: Origin<V>,
+}
+
+/// A read set; small ones (most) are kept inline, sparing an allocation per execution.
+type ReadSet<V> = SmallVec<[ReadRecord<<V as Vm>::Key, <V as Vm>::Value>; 4]>;
+/// An incarnation's writes, as the VM returns them.
+type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
+/// The keys an incarnation wrote.
+type KeySet<V> = SmallVec<[<V as Vm>::Key; 4]>;
+
+/// What the latest recorded incarnation of a transaction read, wrote and produced.
+struct TxSlot<V: Vm> {
+    reads: ReadSet<V>,
+    written: KeySet<V>,
+    output: Option<Result<V::Output, VmError>>,
+}
+
+struct BlockStm<'a, V: Vm, S> {
+    vm: &'a V,
+    storage: &'a S,
+    memory: MvMemory<V::Key, V::Value, V::Delta>,
+    scheduler: Scheduler,
+    slots: Box<[CachePadded<Mutex<TxSlot<V>>>]>,
+    storage_reads: AtomicU64,
+}
+
+/// A worker's reusable buffers and its share of the metrics.
+struct Worker<V: Vm> {
+    reads: ReadSet<V>,
+    keys: KeySet<V>,
+    metrics: Metrics,
+    dependency_retries: u64,
+    clock: PhaseClock,
+}
+
+/// Phase times of one worker, from the CPU's timestamp counter where there is one (a
+/// few nanoseconds per reading: tasks take microseconds), scaled to wall time at the end.
+struct PhaseClock {
+    started: Instant,
+    started_ticks: u64,
+    last: u64,
+    execution: u64,
+    validation: u64,
+    scheduling: u64,
+}
+
+impl PhaseClock {
+    #[inline]
+    fn ticks() -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: RDTSC has no preconditions on x86-64.
+            #[allow(unused_unsafe)]
+            unsafe {
+                std::arch::x86_64::_rdtsc()
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+            EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+        }
+    }
+
+    fn new() -> Self {
+        let ticks = Self::ticks();
+        Self {
+            started: Instant::now(),
+            started_ticks: ticks,
+            last: ticks,
+            execution: 0,
+            validation: 0,
+            scheduling: 0,
+        }
+    }
+
+    /// Ticks since the previous lap.
+    #[inline]
+    fn lap(&mut self) -> u64 {
+        let now = Self::ticks();
+        let elapsed = now.wrapping_sub(self.last);
+        self.last = now;
+        elapsed
+    }
+
+    fn write_to(&self, metrics: &mut Metrics) {
+        let ticks = Self::ticks().wrapping_sub(self.started_ticks).max(1);
+        let ns_per_tick = self.started.elapsed().as_nanos() as f64 / ticks as f64;
+        let duration = |t: u64| Duration::from_nanos((t as f64 * ns_per_tick) as u64);
+        metrics.execution_time = duration(self.execution);
+        metrics.validation_time = duration(self.validation);
+        metrics.scheduling_time = duration(self.scheduling);
+    }
+}
+
+/// Executes the block with Block-STM on `threads` workers.
+pub fn execute<V, S>(
+    vm: &V,
+    storage: &S,
+    threads: usize,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let engine = BlockStm {
+        vm,
+        storage,
+        memory: MvMemory::new(n),
+        scheduler: Scheduler::new(n),
+        slots: (0..n)
+            .map(|_| {
+                CachePadded::new(Mutex::new(TxSlot {
+                    reads: SmallVec::new(),
+                    written: SmallVec::new(),
+                    output: None,
+                }))
+            })
+            .collect(),
+        storage_reads: AtomicU64::new(0),
+    };
+    let workers: Vec<Metrics> = std::thread::scope(|scope| {
+        let engine = &engine;
+        let handles: Vec<_> = (1..threads.max(1))
+            .map(|_| scope.spawn(move || engine.work()))
+            .collect();
+        let mut all = vec![engine.work()];
+        for handle in handles {
+            all.push(
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        all
+    });
+    let finalize_started = Instant::now();
+    let mut metrics = Metrics::default();
+    let mut dependency_retries = 0;
+    for w in workers {
+        metrics.executions += w.executions;
+        metrics.validations += w.validations;
+        metrics.validation_failures += w.validation_failures;
+        metrics.dependency_waits += w.dependency_waits;
+        metrics.execution_time += w.execution_time;
+        metrics.validation_time += w.validation_time;
+        metrics.scheduling_time += w.scheduling_time;
+        dependency_retries += w.extra.first().map_or(0, |e| e.1);
+    }
+    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
+    let storage_reads = engine.storage_reads.load(Relaxed);
+
+    let BlockStm { memory, slots, .. } = engine;
+    let mut outputs = Vec::with_capacity(n);
+    for slot in slots.into_vec() {
+        let slot = CachePadded::into_inner(slot)
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        match slot
+            .output
+            .expect("every transaction is executed before the scheduler is done")
+        {
+            Ok(output) => outputs.push(output),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = memory
+        .into_final_values(
+            threads,
+            |k| storage.read(k),
+            |k, v, d| vm.apply_delta(k, v, d),
+        )
+        .map_err(|e| VmError::Read(ReadError::Storage(e)))?;
+    metrics.finalize_time = finalize_started.elapsed();
+    metrics.extra = vec![
+        ("dependency_retries", dependency_retries),
+        ("storage_reads", storage_reads),
+    ];
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// Stops the other workers if this one unwinds, so that the block fails instead of hanging.
+struct HaltOnPanic<'a>(&'a Scheduler);
+
+impl Drop for HaltOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.halt();
+        }
+    }
+}
+
+impl<V, S> BlockStm<'_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    /// One worker's loop: run tasks until the scheduler is done. Returns its metrics.
+    fn work(&self) -> Metrics {
+        let _halt = HaltOnPanic(&self.scheduler);
+        let mut w = Worker::<V> {
+            reads: SmallVec::new(),
+            keys: SmallVec::new(),
+            metrics: Metrics::default(),
+            dependency_retries: 0,
+            clock: PhaseClock::new(),
+        };
+        let backoff = Backoff::new();
+        let mut task = None;
+        loop {
+            task = match task {
+                Some(Task::Execute(tx, incarnation)) => self.try_execute(tx, incarnation, &mut w),
+                Some(Task::Validate(tx, incarnation)) => self.validate(tx, incarnation, &mut w),
+                None => {
+                    if self.scheduler.done() {
+                        break;
+                    }
+                    let next = self.scheduler.next_task();
+                    if next.is_some() {
+                        backoff.reset();
+                    } else {
+                        backoff.snooze();
+                    }
+                    w.clock.scheduling += w.clock.lap();
+                    next
+                }
+            };
+        }
+        w.clock.write_to(&mut w.metrics);
+        w.metrics.extra = vec![("dependency_retries", w.dependency_retries)];
+        w.metrics
+    }
+
+    fn load(&self, key: &V::Key) -> Result<Option<V::Value>, StorageError> {
+        self.storage_reads.fetch_add(1, Relaxed);
+        self.storage.read(key)
+    }
+
+    /// Executes `tx`'s `incarnation`, records it, and reports it to the scheduler.
+    fn try_execute(
+        &self,
+        tx: TxIndex,
+        incarnation: Incarnation,
+        w: &mut Worker<V>,
+    ) -> Option<Task> {
+        loop {
+            w.reads.clear();
+            let mut view = View {
+                engine: self,
+                tx,
+                reads: &mut w.reads,
+                blocked: None,
+            };
+            let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+            let blocked = view.blocked;
+            w.metrics.executions += 1;
+            if let Some(blocking_tx) = blocked {
+                // Whatever the VM made of the blocked read, this execution is void.
+                w.clock.execution += w.clock.lap();
+                if self.scheduler.add_dependency(tx, blocking_tx) {
+                    w.metrics.dependency_waits += 1;
+                    return None;
+                }
+                w.dependency_retries += 1;
+                continue;
+            }
+            let (writes, output) = match result {
+                Ok(Ok(execution)) => (execution.writes, Ok(execution.output)),
+                Ok(Err(error)) => (Vec::new(), Err(error)),
+                Err(panic) => (
+                    Vec::new(),
+                    Err(VmError::Internal {
+                        tx,
+                        message: panic_message(&panic),
+                    }),
+                ),
+            };
+            let wrote_new_path = self.record(tx, incarnation, writes, output, w);
+            // Reporting to the scheduler counts as part of the task (one clock reading).
+            let next = self
+                .scheduler
+                .finish_execution(tx, incarnation, wrote_new_path);
+            w.clock.execution += w.clock.lap();
+            return next;
+        }
+    }
+
+    /// Publishes an incarnation's writes (removing those of the previous incarnation it
+    /// did not repeat) and stores its read set and output. Returns whether it wrote a key
+    /// the previous incarnation did not.
+    fn record(
+        &self,
+        tx: TxIndex,
+        incarnation: Incarnation,
+        writes: Writes<V>,
+        output: Result<V::Output, VmError>,
+        w: &mut Worker<V>,
+    ) -> bool {
+        let mut slot = self.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut *slot;
+        w.keys.clear();
+        for (key, write) in writes {
+            w.keys.push(key.clone());
+            let entry = match write {
+                Write::Put(value) => Entry::Write(incarnation, value),
+                Write::Delta(delta) => Entry::Delta(delta),
+            };
+            self.memory.write(key, tx, entry);
+        }
+        let previous = &slot.written;
+        let wrote_new_path = if previous.is_empty() {
+            !w.keys.is_empty()
+        } else if previous.len() * w.keys.len() <= 256 {
+            for key in previous {
+                if !w.keys.contains(key) {
+                    self.memory.remove(key, tx);
+                }
+            }
+            w.keys.iter().any(|k| !previous.contains(k))
+        } else {
+            let new: HashSet<&V::Key> = w.keys.iter().collect();
+            for key in previous {
+                if !new.contains(key) {
+                    self.memory.remove(key, tx);
+                }
+            }
+            let previous: HashSet<&V::Key> = previous.iter().collect();
+            w.keys.iter().any(|k| !previous.contains(k))
+        };
+        std::mem::swap(&mut slot.written, &mut w.keys);
+        std::mem::swap(&mut slot.reads, &mut w.reads);
+        slot.output = Some(output);
+        wrote_new_path
+    }
+
+    /// Validates `tx`'s `incarnation`; on failure aborts it (its writes become estimates).
+    fn validate(&self, tx: TxIndex, incarnation: Incarnation, w: &mut Worker<V>) -> Option<Task> {
+        w.metrics.validations += 1;
+        let slot = self.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
+        let valid = slot.reads.iter().all(|r| {
+            self.memory.validate(&r.key, tx, &r.origin, |k, v, d| {
+                self.vm.apply_delta(k, v, d)
+            })
+        });
+        let aborted = !valid && self.scheduler.try_validation_abort(tx, incarnation);
+        if !valid {
+            w.metrics.validation_failures += 1;
+        }
+        if aborted {
+            for key in &slot.written {
+                self.memory.mark_estimate(key, tx);
+            }
+        }
+        drop(slot);
+        let next = self.scheduler.finish_validation(tx, aborted);
+        w.clock.validation += w.clock.lap();
+        next
+    }
+}
+
+/// The state as transaction `tx` sees it, recording what it reads.
+struct View<'a, 'e, V: Vm, S> {
+    engine: &'a BlockStm<'e, V, S>,
+    tx: TxIndex,
+    reads: &'a mut ReadSet<V>,
+    /// Set once a read meets an estimate: the execution is void from then on.
+    blocked: Option<TxIndex>,
+}
+
+impl<V, S> ReadView<V::Key, V::Value> for View<'_, '_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    fn read(&mut self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
+        if let Some(blocking_tx) = self.blocked {
+            return Err(ReadError::Blocked { blocking_tx });
+        }
+        let engine = self.engine;
+        match engine.memory.read(
+            key,
+            self.tx,
+            |k| engine.load(k),
+            |k, v, d| engine.vm.apply_delta(k, v, d),
+        ) {
+            Read::Value(value, origin) => {
+                self.reads.push(ReadRecord {
+                    key: key.clone(),
+                    origin,
+                });
+                value.map_err(ReadError::Storage)
+            }
+            Read::Blocked(blocking_tx) => {
+                self.blocked = Some(blocking_tx);
+                Err(ReadError::Blocked { blocking_tx })
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string payload");
+    format!("panicked during execution: {text}")
+}

@@ -1,0 +1,264 @@
+//! The collaborative scheduler of Block-STM (Gelashvili et al., 2022, algorithms 4-5).
+//!
+//! Two shared indices hand out tasks in block order: `execution_idx` (the next
+//! transaction to execute) and `validation_idx` (the next to validate); a worker takes
+//! a validation task whenever validation lags behind execution. Aborts and resumed
+//! dependencies move the indices back down; `decrease_cnt` counts such moves so that
+//! [`Scheduler::check_done`] can tell a stable "everything executed and validated"
+//! state from a transient one, and `num_active_tasks` counts tasks in flight.
+//!
+//! Each transaction has a status `(incarnation, ReadyToExecute | Executing | Executed |
+//! Aborting)`, packed in one atomic word, and a list of transactions waiting for its
+//! current incarnation to finish (they read one of its estimates).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+
+use crossbeam::utils::CachePadded;
+use parex_core::TxIndex;
+
+use crate::mv_memory::Incarnation;
+
+/// A unit of work handed to a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Execute(TxIndex, Incarnation),
+    Validate(TxIndex, Incarnation),
+}
+
+const READY_TO_EXECUTE: u64 = 0;
+const EXECUTING: u64 = 1;
+const EXECUTED: u64 = 2;
+const ABORTING: u64 = 3;
+
+#[inline]
+fn pack(incarnation: Incarnation, status: u64) -> u64 {
+    (u64::from(incarnation) << 2) | status
+}
+
+#[inline]
+fn unpack(word: u64) -> (Incarnation, u64) {
+    ((word >> 2) as Incarnation, word & 3)
+}
+
+struct TxState {
+    status: AtomicU64,
+    /// Transactions suspended until this one's current incarnation finishes executing.
+    dependents: Mutex<Vec<TxIndex>>,
+}
+
+pub struct Scheduler {
+    n: usize,
+    execution_idx: CachePadded<AtomicUsize>,
+    validation_idx: CachePadded<AtomicUsize>,
+    decrease_cnt: CachePadded<AtomicUsize>,
+    num_active_tasks: CachePadded<AtomicUsize>,
+    done_marker: CachePadded<AtomicBool>,
+    txs: Box<[CachePadded<TxState>]>,
+}
+
+impl Scheduler {
+    pub fn new(n: usize) -> Self {
+        Self {
+            n,
+            execution_idx: CachePadded::new(AtomicUsize::new(0)),
+            validation_idx: CachePadded::new(AtomicUsize::new(0)),
+            decrease_cnt: CachePadded::new(AtomicUsize::new(0)),
+            num_active_tasks: CachePadded::new(AtomicUsize::new(0)),
+            done_marker: CachePadded::new(AtomicBool::new(n == 0)),
+            txs: (0..n)
+                .map(|_| {
+                    CachePadded::new(TxState {
+                        status: AtomicU64::new(pack(0, READY_TO_EXECUTE)),
+                        dependents: Mutex::new(Vec::new()),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    #[inline]
+    pub fn done(&self) -> bool {
+        self.done_marker.load(SeqCst)
+    }
+
+    /// Stops every worker (used when one fails).
+    pub fn halt(&self) {
+        self.done_marker.store(true, SeqCst);
+    }
+
+    // The paper counts every call; counting only actual decreases is enough for
+    // `check_done` (an index that did not move changed nothing) and spares the shared
+    // counter's cache line most of the time.
+    fn decrease_execution_idx(&self, target: TxIndex) {
+        if self.execution_idx.load(SeqCst) > target
+            && self.execution_idx.fetch_min(target, SeqCst) > target
+        {
+            self.decrease_cnt.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn decrease_validation_idx(&self, target: TxIndex) {
+        if self.validation_idx.load(SeqCst) > target
+            && self.validation_idx.fetch_min(target, SeqCst) > target
+        {
+            self.decrease_cnt.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn check_done(&self) {
+        let observed = self.decrease_cnt.load(SeqCst);
+        if self
+            .execution_idx
+            .load(SeqCst)
+            .min(self.validation_idx.load(SeqCst))
+            >= self.n
+            && self.num_active_tasks.load(SeqCst) == 0
+            && observed == self.decrease_cnt.load(SeqCst)
+        {
+            self.done_marker.store(true, SeqCst);
+        }
+    }
+
+    /// Claims `tx` for execution if it is ready; otherwise gives up the active task.
+    fn try_incarnate(&self, tx: TxIndex) -> Option<Task> {
+        if tx < self.n {
+            let status = &self.txs[tx].status;
+            let word = status.load(SeqCst);
+            let (incarnation, s) = unpack(word);
+            if s == READY_TO_EXECUTE
+                && status
+                    .compare_exchange(word, pack(incarnation, EXECUTING), SeqCst, SeqCst)
+                    .is_ok()
+            {
+                return Some(Task::Execute(tx, incarnation));
+            }
+        }
+        self.num_active_tasks.fetch_sub(1, SeqCst);
+        None
+    }
+
+    fn next_version_to_execute(&self) -> Option<Task> {
+        if self.execution_idx.load(SeqCst) >= self.n {
+            self.check_done();
+            return None;
+        }
+        self.num_active_tasks.fetch_add(1, SeqCst);
+        let tx = self.execution_idx.fetch_add(1, SeqCst);
+        self.try_incarnate(tx)
+    }
+
+    fn next_version_to_validate(&self) -> Option<Task> {
+        if self.validation_idx.load(SeqCst) >= self.n {
+            self.check_done();
+            return None;
+        }
+        self.num_active_tasks.fetch_add(1, SeqCst);
+        let tx = self.validation_idx.fetch_add(1, SeqCst);
+        if tx < self.n {
+            let (incarnation, s) = unpack(self.txs[tx].status.load(SeqCst));
+            if s == EXECUTED {
+                return Some(Task::Validate(tx, incarnation));
+            }
+        }
+        self.num_active_tasks.fetch_sub(1, SeqCst);
+        None
+    }
+
+    /// The next task, validation first when it lags behind execution.
+    pub fn next_task(&self) -> Option<Task> {
+        if self.validation_idx.load(SeqCst) < self.execution_idx.load(SeqCst) {
+            self.next_version_to_validate()
+        } else {
+            self.next_version_to_execute()
+        }
+    }
+
+    /// Suspends `tx` (executing) until `blocking_tx` finishes its current execution.
+    /// Returns false if it already has, in which case `tx` should simply retry.
+    pub fn add_dependency(&self, tx: TxIndex, blocking_tx: TxIndex) -> bool {
+        let blocking = &self.txs[blocking_tx];
+        let mut dependents = blocking
+            .dependents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if unpack(blocking.status.load(SeqCst)).1 == EXECUTED {
+            return false;
+        }
+        let (incarnation, s) = unpack(self.txs[tx].status.load(SeqCst));
+        debug_assert_eq!(s, EXECUTING);
+        self.txs[tx]
+            .status
+            .store(pack(incarnation, ABORTING), SeqCst);
+        dependents.push(tx);
+        drop(dependents);
+        self.num_active_tasks.fetch_sub(1, SeqCst);
+        true
+    }
+
+    /// Moves an aborting transaction to the next incarnation, ready to execute.
+    fn set_ready_status(&self, tx: TxIndex) {
+        let status = &self.txs[tx].status;
+        let (incarnation, s) = unpack(status.load(SeqCst));
+        debug_assert_eq!(s, ABORTING);
+        status.store(pack(incarnation + 1, READY_TO_EXECUTE), SeqCst);
+    }
+
+    /// Marks `tx`'s incarnation executed, resumes its dependents, and returns a
+    /// validation task for it when validation has already gone past it and its writes
+    /// went to no new key (otherwise validation restarts from `tx`).
+    pub fn finish_execution(
+        &self,
+        tx: TxIndex,
+        incarnation: Incarnation,
+        wrote_new_path: bool,
+    ) -> Option<Task> {
+        let state = &self.txs[tx];
+        state.status.store(pack(incarnation, EXECUTED), SeqCst);
+        let dependents =
+            std::mem::take(&mut *state.dependents.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(&min) = dependents.iter().min() {
+            for &dep in &dependents {
+                self.set_ready_status(dep);
+            }
+            self.decrease_execution_idx(min);
+        }
+        if self.validation_idx.load(SeqCst) > tx {
+            if wrote_new_path {
+                self.decrease_validation_idx(tx);
+            } else {
+                return Some(Task::Validate(tx, incarnation));
+            }
+        }
+        self.num_active_tasks.fetch_sub(1, SeqCst);
+        None
+    }
+
+    /// Claims the abort of `tx`'s `incarnation` after a failed validation; false if that
+    /// incarnation is no longer the executed one (someone else aborted it already).
+    pub fn try_validation_abort(&self, tx: TxIndex, incarnation: Incarnation) -> bool {
+        self.txs[tx]
+            .status
+            .compare_exchange(
+                pack(incarnation, EXECUTED),
+                pack(incarnation, ABORTING),
+                SeqCst,
+                SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Ends a validation task; after an abort, schedules the re-execution (returned
+    /// directly when execution has already passed `tx`) and revalidation above `tx`.
+    pub fn finish_validation(&self, tx: TxIndex, aborted: bool) -> Option<Task> {
+        if aborted {
+            self.set_ready_status(tx);
+            self.decrease_validation_idx(tx + 1);
+            if self.execution_idx.load(SeqCst) > tx {
+                return self.try_incarnate(tx);
+            }
+        }
+        self.num_active_tasks.fetch_sub(1, SeqCst);
+        None
+    }
+}
