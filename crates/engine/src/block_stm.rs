@@ -15,6 +15,12 @@
 //! outputs are the serial outputs and the final value of a key is its last write with
 //! the later deltas applied, or the pre-block value with all its deltas applied.
 //!
+//! Adapting to dependent blocks: each worker watches its own share of failed validations
+//! and dependency waits; once most of its executions are wasted (a chain of dependent
+//! transactions, where speculation only adds work), the block is handed to the
+//! `sequential` engine, after at most a few dozen executions per worker. This is the
+//! engine's only fallback; it is counted in the metrics (`sequential_fallback`).
+//!
 //! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
 //! inconsistent reads, so it is recorded as that incarnation's output with no writes
 //! and validated like any other; once done, the lowest transaction whose final output is
@@ -23,14 +29,13 @@
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crossbeam::utils::{Backoff, CachePadded};
+use crossbeam::utils::Backoff;
 use parex_core::{
     BlockOutcome, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError, Write,
 };
-use smallvec::SmallVec;
 
 use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
 use crate::scheduler::{Scheduler, Task};
@@ -42,12 +47,13 @@ struct ReadRecord<K, V> {
     origin: Origin<V>,
 }
 
-/// A read set; small ones (most) are kept inline, sparing an allocation per execution.
-type ReadSet<V> = SmallVec<[ReadRecord<<V as Vm>::Key, <V as Vm>::Value>; 4]>;
+/// A read set. Slots hold plain vectors, so that a block's slots are small and cheap to
+/// create (they are made for every transaction up front); workers swap their buffers in.
+type ReadSet<V> = Vec<ReadRecord<<V as Vm>::Key, <V as Vm>::Value>>;
 /// An incarnation's writes, as the VM returns them.
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
 /// The keys an incarnation wrote.
-type KeySet<V> = SmallVec<[<V as Vm>::Key; 4]>;
+type KeySet<V> = Vec<<V as Vm>::Key>;
 
 /// What the latest recorded incarnation of a transaction read, wrote and produced.
 struct TxSlot<V: Vm> {
@@ -61,9 +67,16 @@ struct BlockStm<'a, V: Vm, S> {
     storage: &'a S,
     memory: MvMemory<V::Key, V::Value, V::Delta>,
     scheduler: Scheduler,
-    slots: Box<[CachePadded<Mutex<TxSlot<V>>>]>,
+    slots: Box<[Mutex<TxSlot<V>>]>,
     storage_reads: AtomicU64,
+    /// Set when a worker finds speculation mostly wasted (see the module documentation).
+    gave_up: AtomicBool,
 }
+
+/// A worker judges speculation after this many executions of its own...
+const JUDGE_AFTER: u64 = 48;
+/// ...and gives up when at least this share of them failed validation or had to wait.
+const GIVE_UP_WASTE: f64 = 0.3;
 
 /// A worker's reusable buffers and its share of the metrics.
 struct Worker<V: Vm> {
@@ -152,14 +165,15 @@ where
         scheduler: Scheduler::new(n),
         slots: (0..n)
             .map(|_| {
-                CachePadded::new(Mutex::new(TxSlot {
-                    reads: SmallVec::new(),
-                    written: SmallVec::new(),
+                Mutex::new(TxSlot {
+                    reads: Vec::new(),
+                    written: Vec::new(),
                     output: None,
-                }))
+                })
             })
             .collect(),
         storage_reads: AtomicU64::new(0),
+        gave_up: AtomicBool::new(false),
     };
     let workers: Vec<Metrics> = std::thread::scope(|scope| {
         let engine = &engine;
@@ -191,13 +205,25 @@ where
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
     let storage_reads = engine.storage_reads.load(Relaxed);
+    if engine.gave_up.load(Relaxed) {
+        let speculative = metrics.executions;
+        let (outcome, serial) = crate::sequential::execute(vm, storage)?;
+        metrics.executions += serial.executions;
+        metrics.reexecutions = speculative;
+        metrics.execution_time += serial.execution_time;
+        metrics.finalize_time = serial.finalize_time;
+        metrics.extra = vec![
+            ("sequential_fallback", 1),
+            ("dependency_retries", dependency_retries),
+            ("storage_reads", storage_reads),
+        ];
+        return Ok((outcome, metrics));
+    }
 
     let BlockStm { memory, slots, .. } = engine;
     let mut outputs = Vec::with_capacity(n);
     for slot in slots.into_vec() {
-        let slot = CachePadded::into_inner(slot)
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
+        let slot = slot.into_inner().unwrap_or_else(|e| e.into_inner());
         match slot
             .output
             .expect("every transaction is executed before the scheduler is done")
@@ -216,6 +242,7 @@ where
         .map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     metrics.finalize_time = finalize_started.elapsed();
     metrics.extra = vec![
+        ("sequential_fallback", 0),
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
     ];
@@ -248,8 +275,8 @@ where
     fn work(&self) -> Metrics {
         let _halt = HaltOnPanic(&self.scheduler);
         let mut w = Worker::<V> {
-            reads: SmallVec::new(),
-            keys: SmallVec::new(),
+            reads: Vec::new(),
+            keys: Vec::new(),
             metrics: Metrics::default(),
             dependency_retries: 0,
             clock: PhaseClock::new(),
@@ -262,6 +289,11 @@ where
                 Some(Task::Validate(tx, incarnation)) => self.validate(tx, incarnation, &mut w),
                 None => {
                     if self.scheduler.done() {
+                        break;
+                    }
+                    if self.speculation_wasted(&w.metrics) {
+                        self.gave_up.store(true, Relaxed);
+                        self.scheduler.halt();
                         break;
                     }
                     let next = self.scheduler.next_task();
@@ -280,6 +312,15 @@ where
         w.metrics
     }
 
+    /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
+    /// of them (only its own counters: no shared traffic).
+    fn speculation_wasted(&self, m: &Metrics) -> bool {
+        m.executions >= JUDGE_AFTER
+            && m.executions % JUDGE_AFTER < 4
+            && (m.validation_failures + m.dependency_waits) as f64
+                >= GIVE_UP_WASTE * m.executions as f64
+    }
+
     fn load(&self, key: &V::Key) -> Result<Option<V::Value>, StorageError> {
         self.storage_reads.fetch_add(1, Relaxed);
         self.storage.read(key)
@@ -294,6 +335,7 @@ where
     ) -> Option<Task> {
         loop {
             w.reads.clear();
+            w.reads.reserve(8);
             let mut view = View {
                 engine: self,
                 tx,

@@ -26,6 +26,12 @@ pub enum DbError {
 
 impl DBErrorMarker for DbError {}
 
+/// The code of every account without code: analyzed once, shared (a reference count).
+fn empty_code() -> Bytecode {
+    static EMPTY: std::sync::LazyLock<Bytecode> = std::sync::LazyLock::new(Bytecode::default);
+    EMPTY.clone()
+}
+
 /// The engine's read view, with its lifetime erased (see [`ViewDb::attach`]).
 type ErasedView = NonNull<dyn ReadView<StateKey, StateValue> + 'static>;
 
@@ -133,13 +139,13 @@ impl ViewDb {
 
     fn code(&mut self, code_hash: B256) -> Result<Bytecode, DbError> {
         if code_hash == KECCAK_EMPTY || code_hash.is_zero() {
-            return Ok(Bytecode::default());
+            return Ok(empty_code());
         }
         let key = StateKey::Code(code_hash);
         match self.view()?.read(&key)? {
             Some(StateValue::Code(code)) => Ok(code),
             // Code that no one has: the account's code is unknown to the data set.
-            None => Ok(Bytecode::default()),
+            None => Ok(empty_code()),
             Some(_) => Err(DbError::WrongKind(key)),
         }
     }
