@@ -71,6 +71,7 @@ struct BlockStm<'a, V: Vm, S> {
     storage_reads: AtomicU64,
     /// Set when a worker finds speculation mostly wasted (see the module documentation).
     gave_up: AtomicBool,
+    adaptive: bool,
 }
 
 /// A worker judges speculation after this many executions of its own...
@@ -147,11 +148,39 @@ impl PhaseClock {
     }
 }
 
-/// Executes the block with Block-STM on `threads` workers.
+/// How the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Hand blocks on which speculation is mostly wasted to `sequential` (see the module
+    /// documentation). Tests turn it off to exercise conflict handling on any block.
+    pub adaptive: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { adaptive: true }
+    }
+}
+
+/// Executes the block with Block-STM on `threads` workers (adaptive).
 pub fn execute<V, S>(
     vm: &V,
     storage: &S,
     threads: usize,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    execute_with(vm, storage, threads, Options::default())
+}
+
+/// Executes the block with Block-STM on `threads` workers.
+pub fn execute_with<V, S>(
+    vm: &V,
+    storage: &S,
+    threads: usize,
+    options: Options,
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
@@ -174,6 +203,7 @@ where
             .collect(),
         storage_reads: AtomicU64::new(0),
         gave_up: AtomicBool::new(false),
+        adaptive: options.adaptive,
     };
     let workers: Vec<Metrics> = std::thread::scope(|scope| {
         let engine = &engine;
@@ -315,7 +345,8 @@ where
     /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
     /// of them (only its own counters: no shared traffic).
     fn speculation_wasted(&self, m: &Metrics) -> bool {
-        m.executions >= JUDGE_AFTER
+        self.adaptive
+            && m.executions >= JUDGE_AFTER
             && m.executions % JUDGE_AFTER < 4
             && (m.validation_failures + m.dependency_waits) as f64
                 >= GIVE_UP_WASTE * m.executions as f64

@@ -147,10 +147,13 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
         .map_err(|e| e.to_string());
     for threads in [1, 2, 4, 8] {
         for _ in 0..repeat {
-            let got = block_stm::execute(vm, &storage, threads)
-                .map(|(o, _)| o)
-                .map_err(|e| e.to_string());
-            assert_eq!(got, expected, "threads {threads}");
+            for adaptive in [false, true] {
+                let options = block_stm::Options { adaptive };
+                let got = block_stm::execute_with(vm, &storage, threads, options)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "threads {threads}, adaptive {adaptive}");
+            }
         }
     }
 }
@@ -283,8 +286,53 @@ fn metrics_are_filled() {
         txs,
         fail_modulo: 0,
     };
-    let (_, m) = block_stm::execute(&vm, &storage_for(3), 4).unwrap();
+    let options = block_stm::Options { adaptive: false };
+    let (_, m) = block_stm::execute_with(&vm, &storage_for(3), 4, options).unwrap();
     assert!(m.executions >= 200);
     assert_eq!(m.reexecutions, m.executions - 200);
     assert!(m.validations >= 200);
+}
+
+/// A fully dependent chain is handed to `sequential` (and says so); a conflict-free block
+/// is not.
+#[test]
+fn dependent_blocks_fall_back_and_independent_ones_do_not() {
+    let fallback = |m: &parex_engine::Metrics| {
+        m.extra
+            .iter()
+            .find(|(name, _)| *name == "sequential_fallback")
+            .map(|e| e.1)
+    };
+    let chain = MockVm {
+        txs: (0..2000u32)
+            .map(|_| MockTx {
+                reads: vec![0],
+                extra_read: 0,
+                writes: vec![0],
+                deltas: vec![],
+                work: 200,
+            })
+            .collect(),
+        fail_modulo: 0,
+    };
+    let storage = storage_for(1);
+    let expected = sequential::execute(&chain, &storage).unwrap().0;
+    let (outcome, m) = block_stm::execute(&chain, &storage, 2).unwrap();
+    assert_eq!(outcome, expected);
+    assert_eq!(fallback(&m), Some(1), "{m:?}");
+    let independent = MockVm {
+        txs: (0..2000u32)
+            .map(|i| MockTx {
+                reads: vec![i],
+                extra_read: 0,
+                writes: vec![i],
+                deltas: vec![],
+                work: 200,
+            })
+            .collect(),
+        fail_modulo: 0,
+    };
+    let storage = storage_for(2000);
+    let (_, m) = block_stm::execute(&independent, &storage, 2).unwrap();
+    assert_eq!(fallback(&m), Some(0), "{m:?}");
 }
