@@ -15,6 +15,12 @@ pub trait Storage: Send + Sync {
     type Value;
     /// The value of `key` before the block, or `None` if it does not exist.
     fn read(&self, key: &Self::Key) -> Result<Option<Self::Value>, StorageError>;
+
+    /// About how long one read blocks (zero for memory). Engines use it to keep enough
+    /// reads in flight: with slow reads, more workers than cores.
+    fn read_latency(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Storage held in a hash map.
@@ -104,6 +110,9 @@ impl<S: Storage> Storage for LatencyStorage<S> {
         }
         self.inner.read(key)
     }
+    fn read_latency(&self) -> Duration {
+        self.latency + self.inner.read_latency()
+    }
 }
 
 /// Waits for `duration` the way a blocking disk read does: the thread sleeps and its core
@@ -118,6 +127,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
         (**self).read(key)
     }
+    fn read_latency(&self) -> Duration {
+        (**self).read_latency()
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -125,6 +137,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     type Value = S::Value;
     fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
         (**self).read(key)
+    }
+    fn read_latency(&self) -> Duration {
+        (**self).read_latency()
     }
 }
 
@@ -142,5 +157,7 @@ mod tests {
         assert_eq!(slow.read(&1).unwrap(), Some(10));
         assert_eq!(slow.read(&2).unwrap(), None);
         assert!(start.elapsed() >= Duration::from_micros(600));
+        assert_eq!(slow.read_latency(), Duration::from_micros(300));
+        assert_eq!((&slow).read_latency(), Duration::from_micros(300));
     }
 }

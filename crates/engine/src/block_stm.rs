@@ -21,6 +21,9 @@
 //! `sequential` engine, after at most a few dozen executions per worker. This is the
 //! engine's only fallback; it is counted in the metrics (`sequential_fallback`).
 //!
+//! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
+//! many more workers than threads, so that reads overlap while the cores stay busy.
+//!
 //! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
 //! inconsistent reads, so it is recorded as that incarnation's output with no writes
 //! and validated like any other; once done, the lowest transaction whose final output is
@@ -73,6 +76,11 @@ struct BlockStm<'a, V: Vm, S> {
     gave_up: AtomicBool,
     adaptive: bool,
 }
+
+/// With storage reads slower than this, workers mostly wait on storage, and the engine
+/// runs `WORKERS_PER_THREAD_IF_SLOW` of them per requested thread so that reads overlap.
+const SLOW_READ: Duration = Duration::from_micros(5);
+const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
 
 /// A worker judges speculation after this many executions of its own...
 const JUDGE_AFTER: u64 = 48;
@@ -205,9 +213,14 @@ where
         gave_up: AtomicBool::new(false),
         adaptive: options.adaptive,
     };
-    let workers: Vec<Metrics> = std::thread::scope(|scope| {
+    let workers = if storage.read_latency() >= SLOW_READ {
+        (threads.max(1) * WORKERS_PER_THREAD_IF_SLOW).min(512)
+    } else {
+        threads.max(1)
+    };
+    let worker_metrics: Vec<Metrics> = std::thread::scope(|scope| {
         let engine = &engine;
-        let handles: Vec<_> = (1..threads.max(1))
+        let handles: Vec<_> = (1..workers)
             .map(|_| scope.spawn(move || engine.work()))
             .collect();
         let mut all = vec![engine.work()];
@@ -223,7 +236,7 @@ where
     let finalize_started = Instant::now();
     let mut metrics = Metrics::default();
     let mut dependency_retries = 0;
-    for w in workers {
+    for w in worker_metrics {
         metrics.executions += w.executions;
         metrics.validations += w.validations;
         metrics.validation_failures += w.validation_failures;
@@ -244,6 +257,7 @@ where
         metrics.finalize_time = serial.finalize_time;
         metrics.extra = vec![
             ("sequential_fallback", 1),
+            ("workers", workers as u64),
             ("dependency_retries", dependency_retries),
             ("storage_reads", storage_reads),
         ];
@@ -273,6 +287,7 @@ where
     metrics.finalize_time = finalize_started.elapsed();
     metrics.extra = vec![
         ("sequential_fallback", 0),
+        ("workers", workers as u64),
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
     ];
