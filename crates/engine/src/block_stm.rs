@@ -217,7 +217,8 @@ where
         (threads.max(1) * WORKERS_PER_THREAD_IF_SLOW).min(512)
     } else {
         threads.max(1)
-    };
+    }
+    .min(n.max(1));
     let worker_metrics: Vec<Metrics> = std::thread::scope(|scope| {
         let engine = &engine;
         let handles: Vec<_> = (1..workers)
