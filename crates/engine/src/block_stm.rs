@@ -198,7 +198,7 @@ where
     let engine = BlockStm {
         vm,
         storage,
-        memory: MvMemory::new(n),
+        memory: MvMemory::new(2 * n),
         scheduler: Scheduler::new(n),
         slots: (0..n)
             .map(|_| {
@@ -219,21 +219,7 @@ where
         threads.max(1)
     }
     .min(n.max(1));
-    let worker_metrics: Vec<Metrics> = std::thread::scope(|scope| {
-        let engine = &engine;
-        let handles: Vec<_> = (1..workers)
-            .map(|_| scope.spawn(move || engine.work()))
-            .collect();
-        let mut all = vec![engine.work()];
-        for handle in handles {
-            all.push(
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            );
-        }
-        all
-    });
+    let worker_metrics = run_workers(&engine, workers);
     let finalize_started = Instant::now();
     let mut metrics = Metrics::default();
     let mut dependency_retries = 0;
@@ -280,7 +266,8 @@ where
     vm.finalize_outputs(&mut outputs)?;
     let state_diff = memory
         .into_final_values(
-            threads,
+            // Spreading small blocks over threads costs more than it saves.
+            if n < 2048 { 1 } else { threads },
             |k| storage.read(k),
             |k, v, d| vm.apply_delta(k, v, d),
         )
@@ -299,6 +286,55 @@ where
         },
         metrics,
     ))
+}
+
+/// The fallback rule: judged once per `JUDGE_AFTER` executions of a worker, true when at
+/// least `GIVE_UP_WASTE` of them failed validation or waited on a dependency.
+fn mostly_wasted(executions: u64, wasted: u64) -> bool {
+    executions >= JUDGE_AFTER
+        && executions % JUDGE_AFTER < 4
+        && wasted as f64 >= GIVE_UP_WASTE * executions as f64
+}
+
+/// Runs `workers` workers (the calling thread is one of them) and returns their metrics.
+/// Workers that fit in rayon's pool run there, sparing a thread spawn per block; more
+/// (slow storage) get threads of their own.
+fn run_workers<V, S>(engine: &BlockStm<'_, V, S>, workers: usize) -> Vec<Metrics>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    if workers == 1 {
+        return vec![engine.work()];
+    }
+    if workers <= rayon::current_num_threads() {
+        let all = Mutex::new(Vec::with_capacity(workers));
+        rayon::scope(|scope| {
+            for _ in 1..workers {
+                scope.spawn(|_| {
+                    let m = engine.work();
+                    all.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+                });
+            }
+            let m = engine.work();
+            all.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+        });
+        return all.into_inner().unwrap_or_else(|e| e.into_inner());
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..workers)
+            .map(|_| scope.spawn(|| engine.work()))
+            .collect();
+        let mut all = vec![engine.work()];
+        for handle in handles {
+            all.push(
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        all
+    })
 }
 
 /// Stops the other workers if this one unwinds, so that the block fails instead of hanging.
@@ -361,11 +397,7 @@ where
     /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
     /// of them (only its own counters: no shared traffic).
     fn speculation_wasted(&self, m: &Metrics) -> bool {
-        self.adaptive
-            && m.executions >= JUDGE_AFTER
-            && m.executions % JUDGE_AFTER < 4
-            && (m.validation_failures + m.dependency_waits) as f64
-                >= GIVE_UP_WASTE * m.executions as f64
+        self.adaptive && mostly_wasted(m.executions, m.validation_failures + m.dependency_waits)
     }
 
     fn load(&self, key: &V::Key) -> Result<Option<V::Value>, StorageError> {
@@ -543,4 +575,23 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("non-string payload");
     format!("panicked during execution: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_rule() {
+        // Too early to judge, however bad.
+        assert!(!mostly_wasted(JUDGE_AFTER - 1, JUDGE_AFTER - 1));
+        // A chain: about half the executions fail.
+        assert!(mostly_wasted(JUDGE_AFTER, JUDGE_AFTER / 2));
+        assert!(mostly_wasted(2 * JUDGE_AFTER + 1, JUDGE_AFTER));
+        // Ordinary contention is tolerated.
+        assert!(!mostly_wasted(JUDGE_AFTER, JUDGE_AFTER / 10));
+        assert!(!mostly_wasted(10 * JUDGE_AFTER, JUDGE_AFTER));
+        // Judged only near multiples of JUDGE_AFTER (cheap to check on every task).
+        assert!(!mostly_wasted(JUDGE_AFTER + 10, JUDGE_AFTER));
+    }
 }

@@ -84,7 +84,8 @@ pub struct MvMemory<K, V, D> {
     hasher: DefaultHashBuilder,
 }
 
-const SHARDS: usize = 256;
+/// Most shards a memory has; small blocks get fewer (creating shards is not free).
+const MAX_SHARDS: usize = 256;
 
 /// Where the walk down from a read position stopped.
 enum Bottom {
@@ -135,9 +136,10 @@ where
 {
     /// An empty memory, sized for about `keys` keys.
     pub fn new(keys: usize) -> Self {
-        let per_shard = keys.div_ceil(SHARDS);
+        let shards = (keys / 16).next_power_of_two().clamp(1, MAX_SHARDS);
+        let per_shard = keys.div_ceil(shards);
         Self {
-            shards: (0..SHARDS)
+            shards: (0..shards)
                 .map(|_| CachePadded::new(Mutex::new(HashTable::with_capacity(per_shard))))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
@@ -148,7 +150,7 @@ where
     fn shard(&self, hash: u64) -> MutexGuard<'_, HashTable<KeyState<K, V, D>>> {
         // The table takes bucket positions from the low bits of the hash and tags from
         // the top 7: pick the shard with bits in between, so as to skew neither.
-        let shard = &self.shards[(hash >> 40) as usize % SHARDS];
+        let shard = &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)];
         shard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -341,7 +343,7 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError> + Sync,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V> + Sync,
     ) -> Result<Vec<(K, V)>, StorageError> {
-        let threads = threads.clamp(1, SHARDS);
+        let threads = threads.clamp(1, self.shards.len());
         let mut groups: Vec<Vec<Shard<K, V, D>>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, shard) in self.shards.into_vec().into_iter().enumerate() {
             groups[i % threads].push(shard);
