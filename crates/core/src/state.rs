@@ -10,7 +10,7 @@ use alloy_primitives::{Address, B256, U256};
 use revm::bytecode::Bytecode;
 
 /// A key of the Ethereum state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StateKey {
     /// Balance, nonce, code hash and storage generation of an account.
     Account(Address),
@@ -18,6 +18,33 @@ pub enum StateKey {
     Slot(Address, u32, U256),
     /// Contract code by its keccak hash (immutable once written).
     Code(B256),
+}
+
+/// Keys are hashed on every state access of every engine: feed the hasher one contiguous
+/// buffer (one pass) instead of field by field. Equal keys give equal buffers.
+impl std::hash::Hash for StateKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut buf = [0u8; 57];
+        let len = match self {
+            StateKey::Account(a) => {
+                buf[..20].copy_from_slice(a.as_slice());
+                20
+            }
+            StateKey::Slot(a, generation, slot) => {
+                buf[..20].copy_from_slice(a.as_slice());
+                buf[20..24].copy_from_slice(&generation.to_le_bytes());
+                buf[24..56].copy_from_slice(&slot.to_le_bytes::<32>());
+                56
+            }
+            StateKey::Code(h) => {
+                buf[..32].copy_from_slice(h.as_slice());
+                buf[32] = 0xc0;
+                33
+            }
+        };
+        state.write(&buf[..len]);
+    }
 }
 
 /// Balance, nonce and code hash of an existing account.
