@@ -158,6 +158,10 @@ mod tests {
         assert_eq!(slow.read(&2).unwrap(), None);
         assert!(start.elapsed() >= Duration::from_micros(600));
         assert_eq!(slow.read_latency(), Duration::from_micros(300));
-        assert_eq!((&slow).read_latency(), Duration::from_micros(300));
+        let by_ref = &slow;
+        assert_eq!(
+            <&_ as Storage>::read_latency(&by_ref),
+            Duration::from_micros(300)
+        );
     }
 }

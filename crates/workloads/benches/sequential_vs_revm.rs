@@ -91,9 +91,9 @@ impl DatabaseRef for StorageRef<'_> {
     }
 }
 
-fn plain_revm_loop<DB: revm::Database>(w: &Workload, db: DB) -> u64
+fn plain_revm_loop<DB>(w: &Workload, db: DB) -> u64
 where
-    DB: revm::DatabaseCommit,
+    DB: revm::Database + revm::DatabaseCommit,
     DB::Error: std::fmt::Debug,
 {
     let block = &w.block;
