@@ -51,6 +51,9 @@ where
     }
 }
 
+/// Transactions executed before the cache is sized for the whole block.
+const SIZING_SAMPLE: usize = 64;
+
 /// Executes the block serially.
 pub fn execute<V, S>(vm: &V, storage: &S) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
@@ -59,8 +62,7 @@ where
 {
     let started = Instant::now();
     let n = vm.tx_count();
-    // Room for about two keys per transaction; more grows the table once or twice.
-    let mut cache = HashMap::with_capacity_and_hasher(2 * n + 16, Default::default());
+    let mut cache = HashMap::with_capacity_and_hasher(n.min(SIZING_SAMPLE) * 4, Default::default());
     let mut outputs = Vec::with_capacity(n);
     for tx in 0..n {
         let mut view = CacheView {
@@ -77,6 +79,13 @@ where
             };
         }
         outputs.push(execution.output);
+        if tx + 1 == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
+            // Size the cache for the whole block from the keys per transaction seen so
+            // far, once: growing it step by step (or guessing high) costs more.
+            let per_tx = cache.len() as f64 / SIZING_SAMPLE as f64;
+            let expected = (per_tx * 1.1 * n as f64) as usize;
+            cache.reserve(expected.saturating_sub(cache.len()));
+        }
     }
     let execution_time = started.elapsed();
     let finalize_started = Instant::now();
