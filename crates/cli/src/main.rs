@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use parex_core::{LatencyStorage, StateKey, StateValue, Storage};
@@ -52,7 +53,7 @@ enum Command {
 #[derive(Args)]
 struct EngineArgs {
     /// Engine to execute with.
-    #[arg(long, default_value = "sequential", value_parser = parse_engine)]
+    #[arg(long, default_value = "sequential", value_parser = engine_names())]
     engine: EngineKind,
     /// Worker threads (default: the available cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
@@ -85,8 +86,9 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Workload: raw, erc20, swap, mix or chain.
-    #[arg(long, value_parser = parse_workload)]
+    /// Workload: raw (value transfers), erc20 (ERC20 transfers), swap (Uniswap V2 swaps),
+    /// mix (60% raw, 20% erc20, 20% swap) or chain (fully dependent transfers).
+    #[arg(long, value_parser = workload_names())]
     workload: WorkloadKind,
     /// Block size in transactions [default: 10000 when --gas is not given].
     #[arg(long, conflicts_with = "gas", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -124,18 +126,17 @@ struct PackArgs {
     out: Option<PathBuf>,
 }
 
-fn parse_engine(s: &str) -> Result<EngineKind, String> {
-    EngineKind::parse(s).ok_or_else(|| {
-        let names: Vec<_> = EngineKind::ALL.iter().map(|k| k.name()).collect();
-        format!("unknown engine '{s}' (available: {})", names.join(", "))
-    })
+/// The engines by name, so that `--help` and errors list exactly the ones that exist.
+fn engine_names() -> impl clap::builder::TypedValueParser<Value = EngineKind> {
+    let names = EngineKind::ALL.iter().map(|k| k.name());
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|name| EngineKind::parse(&name).expect("a listed name"))
 }
 
-fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
-    WorkloadKind::parse(s).ok_or_else(|| {
-        let names: Vec<_> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
-        format!("unknown workload '{s}' (available: {})", names.join(", "))
-    })
+fn workload_names() -> impl clap::builder::TypedValueParser<Value = WorkloadKind> {
+    let names = WorkloadKind::ALL.iter().map(|k| k.name());
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|name| WorkloadKind::parse(&name).expect("a listed name"))
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {

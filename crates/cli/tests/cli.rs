@@ -79,11 +79,11 @@ fn verify_counts_malformed_blocks_as_failures() {
 fn unknown_names_and_nonsensical_parameters_are_rejected() {
     assert_clean_failure(
         &parex(&["verify", "--engine", "warp"]),
-        "unknown engine 'warp'",
+        "possible values: sequential, block-stm",
     );
     assert_clean_failure(
         &parex(&["run", "--workload", "nft"]),
-        "unknown workload 'nft'",
+        "invalid value 'nft' for '--workload",
     );
     assert_clean_failure(
         &parex(&["run", "--workload", "raw", "--hot-ratio", "1.5"]),
