@@ -43,6 +43,11 @@ pub struct ViewDb {
     /// The account values served to revm in this execution, so that writes can be
     /// computed relative to them.
     accounts: AccountMemo,
+    /// Code found so far in this block, by hash. Code is content-addressed — the bytes of
+    /// a hash never change — so a hit needs no read through the view: the account read that
+    /// named the hash is what the engine tracks and validates. Misses go through the view
+    /// (code another transaction is still writing must be seen, and validated, there).
+    codes: alloy_primitives::map::B256Map<Bytecode>,
 }
 
 /// The accounts one execution has read: a short list (most transactions touch a handful),
@@ -89,6 +94,7 @@ impl ViewDb {
             view: None,
             block_hashes,
             accounts: AccountMemo::default(),
+            codes: Default::default(),
         }
     }
 
@@ -141,9 +147,15 @@ impl ViewDb {
         if code_hash == KECCAK_EMPTY || code_hash.is_zero() {
             return Ok(empty_code());
         }
+        if let Some(code) = self.codes.get(&code_hash) {
+            return Ok(code.clone());
+        }
         let key = StateKey::Code(code_hash);
         match self.view()?.read(&key)? {
-            Some(StateValue::Code(code)) => Ok(code),
+            Some(StateValue::Code(code)) => {
+                self.codes.insert(code_hash, code.clone());
+                Ok(code)
+            }
             // Code that no one has: the account's code is unknown to the data set.
             None => Ok(empty_code()),
             Some(_) => Err(DbError::WrongKind(key)),
