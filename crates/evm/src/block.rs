@@ -30,20 +30,6 @@ pub struct EvmBlock {
     pub block_hashes: Arc<HashMap<u64, B256>>,
 }
 
-impl EvmBlock {
-    /// Total gas limit of all transactions (an upper bound on the gas the block uses).
-    pub fn tx_gas_limit_sum(&self) -> u64 {
-        self.txs.iter().map(|t| t.env.gas_limit).sum()
-    }
-}
-
-/// A transaction that cannot be expressed for revm.
-#[derive(Debug, thiserror::Error)]
-pub enum TxConversionError {
-    #[error("transaction {index}: {reason}")]
-    Unsupported { index: usize, reason: String },
-}
-
 /// Converts a signed transaction and its sender into revm's transaction environment.
 pub fn tx_env_from_envelope(tx: &TxEnvelope, caller: Address) -> TxEnv {
     let gas_price = match tx.gas_price() {

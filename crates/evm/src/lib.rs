@@ -13,7 +13,7 @@ pub mod receipts;
 pub mod spec;
 pub mod vm;
 
-pub use block::{EvmBlock, EvmTx, TxConversionError};
+pub use block::{EvmBlock, EvmTx};
 pub use receipts::{logs_bloom, receipts_root};
 pub use spec::spec_for_block;
 pub use vm::EvmVm;
