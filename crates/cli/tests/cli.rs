@@ -199,3 +199,43 @@ fn every_subcommand_has_help() {
         assert!(stdout(&o).contains("Usage: parex"), "{sub}");
     }
 }
+
+#[test]
+fn pack_refuses_bad_blocks_and_leaves_nothing_half_written() {
+    let dir = std::env::temp_dir().join(format!("parex-pack-{}", std::process::id()));
+    let block = dir.join("src/blocks/7");
+    std::fs::create_dir_all(&block).unwrap();
+    std::fs::write(block.join("block.json"), "{ truncated").unwrap();
+    std::fs::write(block.join("pre_state.json"), "{}").unwrap();
+    let out = dir.join("out");
+    let o = parex(&[
+        "pack",
+        dir.join("src").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "malformed JSON");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("src")],
+        "nothing written beside the source"
+    );
+
+    // A good data set packs, and the copy verifies like the original.
+    let Some(shared) = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/mainnet/blocks/12244000")
+        .canonicalize()
+        .ok()
+    else {
+        std::fs::remove_dir_all(&dir).ok();
+        return;
+    };
+    let o = parex(&["pack", shared.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = parex(&["verify", out.to_str().unwrap()]);
+    assert_eq!(stdout(&o).lines().last(), Some("1 passed, 0 failed"));
+    std::fs::remove_dir_all(&dir).ok();
+}

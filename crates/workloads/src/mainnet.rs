@@ -33,15 +33,17 @@ use serde::{Deserialize, Serialize};
 /// What went wrong loading mainnet data; every variant names the file or block.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    // The cause is part of the message (named `cause`, not `source`, so that it is not
+    // printed twice when the error chain is shown).
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: malformed JSON: {source}")]
+    #[error("{path}: malformed JSON: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error(
         "{0}: not a mainnet data directory (expected blocks/<n>/block.json, <n>/block.json, block.json, or a compact copy with codes.json.zst)"
@@ -52,9 +54,9 @@ pub enum DataError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
+    move |cause| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -120,7 +122,7 @@ impl Source {
         if !dir.is_dir() {
             return Err(DataError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
             });
         }
         if dir.join("codes.json.zst").is_file() {
@@ -292,9 +294,9 @@ fn read_zst(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], path: &Path) -> Result<T, DataError> {
-    serde_json::from_slice(bytes).map_err(|source| DataError::Json {
+    serde_json::from_slice(bytes).map_err(|cause| DataError::Json {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
@@ -306,7 +308,7 @@ fn parse_block_hashes(bytes: &[u8], path: &Path) -> Result<HashMap<u64, B256>, D
                 .map(|k| (k, v))
                 .map_err(|_| DataError::Json {
                     path: path.to_path_buf(),
-                    source: serde::de::Error::custom(format!(
+                    cause: serde::de::Error::custom(format!(
                         "block number {k:?} is not a decimal number"
                     )),
                 })
@@ -444,7 +446,8 @@ fn build_block(
 }
 
 /// Writes the compact copy of the plain data set at `src` into `out` (see the module
-/// documentation), returning the number of blocks and the bytes written.
+/// documentation), returning the number of blocks and the bytes written. The copy is built
+/// beside `out` and moved into place only when complete: a failure leaves `out` untouched.
 pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
     let Source::Plain {
         block_dirs,
@@ -453,6 +456,28 @@ pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
     else {
         return Err(DataError::NotADataDir(src.to_path_buf()));
     };
+    let name = out
+        .file_name()
+        .map_or("mainnet".into(), |n| n.to_string_lossy().into_owned());
+    let staging = out.with_file_name(format!(".{name}.packing-{}", std::process::id()));
+    let result = pack_into(&block_dirs, block_hashes.as_deref(), &staging).and_then(|packed| {
+        if out.exists() {
+            fs::remove_dir_all(out).map_err(io_err(out))?;
+        }
+        fs::rename(&staging, out).map_err(io_err(out))?;
+        Ok(packed)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+fn pack_into(
+    block_dirs: &[(u64, PathBuf)],
+    block_hashes: Option<&Path>,
+    out: &Path,
+) -> Result<(usize, u64), DataError> {
     fs::create_dir_all(out).map_err(io_err(out))?;
     let mut written = 0u64;
     let mut write_zst = |name: String, bytes: &[u8]| -> Result<(), DataError> {
@@ -462,7 +487,7 @@ pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
         fs::write(&path, packed).map_err(io_err(&path))
     };
     let mut codes: BTreeMap<B256, Bytes> = BTreeMap::new();
-    for (n, dir) in &block_dirs {
+    for (n, dir) in block_dirs {
         let bp = dir.join("block.json");
         let pp = dir.join("pre_state.json");
         let mut pre: BTreeMap<Address, PreAccount> = parse_json(&read(&pp)?, &pp)?;
@@ -475,11 +500,14 @@ pub fn pack(src: &Path, out: &Path) -> Result<(usize, u64), DataError> {
                 account.code_hash = Some(hash);
             }
         }
-        write_zst(format!("{n}.block.json.zst"), &read(&bp)?)?;
+        // Stored verbatim, but only once it parses as a block.
+        let block_json = read(&bp)?;
+        parse_json::<Block<Transaction>>(&block_json, &bp)?;
+        write_zst(format!("{n}.block.json.zst"), &block_json)?;
         let pre_bytes = serde_json::to_vec(&pre).expect("serializing a pre-state cannot fail");
         write_zst(format!("{n}.pre_state.json.zst"), &pre_bytes)?;
     }
-    let hashes = match &block_hashes {
+    let hashes = match block_hashes {
         Some(p) => read(p)?,
         None => b"{}".to_vec(),
     };
