@@ -105,9 +105,9 @@ impl StateValue {
 }
 
 /// A commutative credit to an account's balance (the block beneficiary's fee, a value
-/// transfer's recipient). `create_if_absent` decides what a zero credit does to an
-/// account that does not exist: before Spurious Dragon a touch creates it, after it
-/// an empty account is not created.
+/// transfer's recipient). It is also a *touch* of the account: `create_if_absent` selects
+/// the rules before Spurious Dragon (a touch creates a missing account, even with a zero
+/// credit) or after it (EIP-161: an account a touch leaves empty does not exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BalanceDelta {
     pub credit: U256,
@@ -115,15 +115,15 @@ pub struct BalanceDelta {
 }
 
 impl BalanceDelta {
-    /// Applies the credit to an account value.
+    /// Applies the credit (and touch) to an account value.
     pub fn apply(&self, value: Option<AccountValue>) -> AccountValue {
         let mut value = value.unwrap_or_default();
         match &mut value.info {
             Some(info) => info.balance = info.balance.saturating_add(self.credit),
-            None if !self.credit.is_zero() || self.create_if_absent => {
-                value.info = Some(AccountInfo::with_balance(self.credit, 0));
-            }
-            None => {}
+            None => value.info = Some(AccountInfo::with_balance(self.credit, 0)),
+        }
+        if !self.create_if_absent && value.info.is_some_and(|info| info.is_empty()) {
+            value.info = None;
         }
         value
     }

@@ -26,6 +26,15 @@ pub enum DbError {
 
 impl DBErrorMarker for DbError {}
 
+impl From<DbError> for parex_core::VmError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Read(read) => parex_core::VmError::Read(read),
+            other => parex_core::VmError::BadData(other.to_string()),
+        }
+    }
+}
+
 /// The code of every account without code: analyzed once, shared (a reference count).
 fn empty_code() -> Bytecode {
     static EMPTY: std::sync::LazyLock<Bytecode> = std::sync::LazyLock::new(Bytecode::default);

@@ -98,8 +98,7 @@ impl<'b> EvmVm<'b> {
             Err(e) => {
                 let _ = evm.ctx.journaled_state.finalize();
                 return Err(match e {
-                    EVMError::Database(DbError::Read(e)) => VmError::Read(e),
-                    EVMError::Database(e) => VmError::BadData(e.to_string()),
+                    EVMError::Database(e) => e.into(),
                     EVMError::Header(e) => VmError::BadData(e.to_string()),
                     e => VmError::Internal {
                         tx,
@@ -175,11 +174,7 @@ impl Vm for EvmVm<'_> {
         delta: &BalanceDelta,
     ) -> Option<StateValue> {
         let current = value.and_then(|v| v.as_account().copied());
-        let mut after = delta.apply(current);
-        if !delta.create_if_absent && after.info.is_some_and(|i| i.is_empty()) {
-            after.info = None; // EIP-161: a touched empty account is removed.
-        }
-        Some(StateValue::Account(after))
+        Some(StateValue::Account(delta.apply(current)))
     }
 
     fn merge_deltas(&self, earlier: &mut BalanceDelta, later: &BalanceDelta) {
@@ -215,18 +210,19 @@ impl EvmVm<'_> {
         let mut writes = Vec::with_capacity(state.len() * 2);
         let beneficiary = self.block.env.beneficiary;
         let mut beneficiary_written = false;
+        let fee_delta = BalanceDelta {
+            credit: fee,
+            create_if_absent: self.touch_creates(),
+        };
         for (address, account) in state {
             if !account.is_touched() {
                 continue;
             }
-            let before = db.account(address).map_err(|e| match e {
-                DbError::Read(r) => VmError::Read(r),
-                other => VmError::BadData(other.to_string()),
-            })?;
+            let before = db.account(address)?;
             let mut after = account_after(&account, before, &mut writes, address);
             if address == beneficiary {
                 beneficiary_written = true;
-                credit(&mut after, fee, self.touch_creates());
+                after = fee_delta.apply(Some(after));
             }
             if after != before {
                 writes.push((
@@ -236,13 +232,7 @@ impl EvmVm<'_> {
             }
         }
         if !beneficiary_written {
-            writes.push((
-                StateKey::Account(beneficiary),
-                Write::Delta(BalanceDelta {
-                    credit: fee,
-                    create_if_absent: self.touch_creates(),
-                }),
-            ));
+            writes.push((StateKey::Account(beneficiary), Write::Delta(fee_delta)));
         }
         Ok(writes)
     }
@@ -300,17 +290,5 @@ fn account_after(
     AccountValue {
         info: exists.then_some(info),
         storage_generation: generation,
-    }
-}
-
-/// Adds the beneficiary's fee to an account value the transaction itself wrote.
-fn credit(after: &mut AccountValue, fee: U256, touch_creates: bool) {
-    let delta = BalanceDelta {
-        credit: fee,
-        create_if_absent: touch_creates,
-    };
-    *after = delta.apply(Some(*after));
-    if !touch_creates && after.info.is_some_and(|i| i.is_empty()) {
-        after.info = None;
     }
 }
