@@ -42,7 +42,8 @@ use parex_core::{
 
 use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
 use crate::scheduler::{Scheduler, Task};
-use crate::{EngineError, Metrics, VmOutcome};
+use crate::trace::{Recorder, SpanKind, Tracer};
+use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
 /// One read of an execution: the key and where its value came from.
 struct ReadRecord<K, V> {
@@ -75,6 +76,7 @@ struct BlockStm<'a, V: Vm, S> {
     /// Set when a worker finds speculation mostly wasted (see the module documentation).
     gave_up: AtomicBool,
     adaptive: bool,
+    tracer: Tracer,
 }
 
 /// With storage reads slower than this, workers mostly wait on storage, and the engine
@@ -94,6 +96,7 @@ struct Worker<V: Vm> {
     metrics: Metrics,
     dependency_retries: u64,
     clock: PhaseClock,
+    trace: Recorder,
 }
 
 /// Phase times of one worker, from the CPU's timestamp counter where there is one (a
@@ -170,30 +173,31 @@ impl Default for Options {
     }
 }
 
-/// Executes the block with Block-STM on `threads` workers (adaptive).
+/// Executes the block with Block-STM on `run.threads` workers (adaptive).
 pub fn execute<V, S>(
     vm: &V,
     storage: &S,
-    threads: usize,
+    run: &RunOptions,
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    execute_with(vm, storage, threads, Options::default())
+    execute_with(vm, storage, run, Options::default())
 }
 
-/// Executes the block with Block-STM on `threads` workers.
+/// Executes the block with Block-STM on `run.threads` workers.
 pub fn execute_with<V, S>(
     vm: &V,
     storage: &S,
-    threads: usize,
+    run: &RunOptions,
     options: Options,
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    let threads = run.threads.max(1);
     let n = vm.tx_count();
     let engine = BlockStm {
         vm,
@@ -212,6 +216,7 @@ where
         storage_reads: AtomicU64::new(0),
         gave_up: AtomicBool::new(false),
         adaptive: options.adaptive,
+        tracer: Tracer::new(run.trace),
     };
     let workers = if storage.read_latency() >= SLOW_READ {
         (threads.max(1) * WORKERS_PER_THREAD_IF_SLOW).min(512)
@@ -219,8 +224,10 @@ where
         threads.max(1)
     }
     .min(n.max(1));
-    let worker_metrics = run_workers(&engine, workers);
+    let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
     let finalize_started = Instant::now();
+    let mut finalize_trace = engine.tracer.recorder(0);
+    let finalize_span = finalize_trace.start();
     let mut metrics = Metrics::default();
     let mut dependency_retries = 0;
     for w in worker_metrics {
@@ -237,11 +244,14 @@ where
     let storage_reads = engine.storage_reads.load(Relaxed);
     if engine.gave_up.load(Relaxed) {
         let speculative = metrics.executions;
-        let (outcome, serial) = crate::sequential::execute(vm, storage)?;
+        let (outcome, serial) = crate::sequential::execute(vm, storage, &RunOptions::threads(1))?;
         metrics.executions += serial.executions;
         metrics.reexecutions = speculative;
         metrics.execution_time += serial.execution_time;
         metrics.finalize_time = serial.finalize_time;
+        finalize_trace.record(SpanKind::Execute, None, finalize_span);
+        engine.tracer.submit(finalize_trace);
+        metrics.trace = engine.tracer.finish();
         metrics.extra = vec![
             ("sequential_fallback", 1),
             ("workers", workers as u64),
@@ -251,7 +261,12 @@ where
         return Ok((outcome, metrics));
     }
 
-    let BlockStm { memory, slots, .. } = engine;
+    let BlockStm {
+        memory,
+        slots,
+        tracer,
+        ..
+    } = engine;
     let mut outputs = Vec::with_capacity(n);
     for slot in slots.into_vec() {
         let slot = slot.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -273,6 +288,9 @@ where
         )
         .map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     metrics.finalize_time = finalize_started.elapsed();
+    finalize_trace.record(SpanKind::Finalize, None, finalize_span);
+    tracer.submit(finalize_trace);
+    metrics.trace = tracer.finish();
     metrics.extra = vec![
         ("sequential_fallback", 0),
         ("workers", workers as u64),
@@ -296,47 +314,6 @@ fn mostly_wasted(executions: u64, wasted: u64) -> bool {
         && wasted as f64 >= GIVE_UP_WASTE * executions as f64
 }
 
-/// Runs `workers` workers (the calling thread is one of them) and returns their metrics.
-/// Workers that fit in rayon's pool run there, sparing a thread spawn per block; more
-/// (slow storage) get threads of their own.
-fn run_workers<V, S>(engine: &BlockStm<'_, V, S>, workers: usize) -> Vec<Metrics>
-where
-    V: Vm,
-    S: Storage<Key = V::Key, Value = V::Value>,
-{
-    if workers == 1 {
-        return vec![engine.work()];
-    }
-    if workers <= rayon::current_num_threads() {
-        let all = Mutex::new(Vec::with_capacity(workers));
-        rayon::scope(|scope| {
-            for _ in 1..workers {
-                scope.spawn(|_| {
-                    let m = engine.work();
-                    all.lock().unwrap_or_else(|e| e.into_inner()).push(m);
-                });
-            }
-            let m = engine.work();
-            all.lock().unwrap_or_else(|e| e.into_inner()).push(m);
-        });
-        return all.into_inner().unwrap_or_else(|e| e.into_inner());
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..workers)
-            .map(|_| scope.spawn(|| engine.work()))
-            .collect();
-        let mut all = vec![engine.work()];
-        for handle in handles {
-            all.push(
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            );
-        }
-        all
-    })
-}
-
 /// Stops the other workers if this one unwinds, so that the block fails instead of hanging.
 struct HaltOnPanic<'a>(&'a Scheduler);
 
@@ -354,7 +331,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     /// One worker's loop: run tasks until the scheduler is done. Returns its metrics.
-    fn work(&self) -> Metrics {
+    fn work(&self, id: usize) -> Metrics {
         let _halt = HaltOnPanic(&self.scheduler);
         let mut w = Worker::<V> {
             reads: Vec::new(),
@@ -362,6 +339,7 @@ where
             metrics: Metrics::default(),
             dependency_retries: 0,
             clock: PhaseClock::new(),
+            trace: self.tracer.recorder(id),
         };
         let backoff = Backoff::new();
         let mut task = None;
@@ -378,11 +356,13 @@ where
                         self.scheduler.halt();
                         break;
                     }
+                    let span = w.trace.start();
                     let next = self.scheduler.next_task();
                     if next.is_some() {
                         backoff.reset();
                     } else {
                         backoff.snooze();
+                        w.trace.record(SpanKind::Wait, None, span);
                     }
                     w.clock.scheduling += w.clock.lap();
                     next
@@ -390,6 +370,8 @@ where
             };
         }
         w.clock.write_to(&mut w.metrics);
+        self.tracer
+            .submit(std::mem::replace(&mut w.trace, Recorder::off()));
         w.metrics.extra = vec![("dependency_retries", w.dependency_retries)];
         w.metrics
     }
@@ -413,6 +395,7 @@ where
         w: &mut Worker<V>,
     ) -> Option<Task> {
         loop {
+            let span = w.trace.start();
             w.reads.clear();
             w.reads.reserve(8);
             let mut view = View {
@@ -427,6 +410,7 @@ where
             if let Some(blocking_tx) = blocked {
                 // Whatever the VM made of the blocked read, this execution is void.
                 w.clock.execution += w.clock.lap();
+                w.trace.record(SpanKind::Blocked, Some(tx), span);
                 if self.scheduler.add_dependency(tx, blocking_tx) {
                     w.metrics.dependency_waits += 1;
                     return None;
@@ -441,7 +425,7 @@ where
                     Vec::new(),
                     Err(VmError::Internal {
                         tx,
-                        message: panic_message(&panic),
+                        message: crate::panic_message(&panic),
                     }),
                 ),
             };
@@ -451,6 +435,12 @@ where
                 .scheduler
                 .finish_execution(tx, incarnation, wrote_new_path);
             w.clock.execution += w.clock.lap();
+            let kind = if incarnation == 0 {
+                SpanKind::Execute
+            } else {
+                SpanKind::Reexecute
+            };
+            w.trace.record(kind, Some(tx), span);
             return next;
         }
     }
@@ -505,6 +495,7 @@ where
 
     /// Validates `tx`'s `incarnation`; on failure aborts it (its writes become estimates).
     fn validate(&self, tx: TxIndex, incarnation: Incarnation, w: &mut Worker<V>) -> Option<Task> {
+        let span = w.trace.start();
         w.metrics.validations += 1;
         let slot = self.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
         let valid = slot.reads.iter().all(|r| {
@@ -524,6 +515,7 @@ where
         drop(slot);
         let next = self.scheduler.finish_validation(tx, aborted);
         w.clock.validation += w.clock.lap();
+        w.trace.record(SpanKind::Validate, Some(tx), span);
         next
     }
 }
@@ -566,15 +558,6 @@ where
             }
         }
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-string payload");
-    format!("panicked during execution: {text}")
 }
 
 #[cfg(test)]

@@ -7,8 +7,11 @@
 pub mod block_stm;
 pub mod metrics;
 pub mod mv_memory;
+pub mod preexec;
 pub mod scheduler;
 pub mod sequential;
+pub mod trace;
+pub mod workers;
 
 use parex_core::{BlockOutcome, Storage, Vm, VmError};
 
@@ -24,6 +27,25 @@ pub enum EngineError {
     Vm(#[from] VmError),
     #[error("invalid engine configuration: {0}")]
     Config(String),
+}
+
+/// How an engine runs a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Worker threads (at least 1; engines may run more workers when storage is slow).
+    pub threads: usize,
+    /// Record every worker's timeline into [`Metrics::trace`].
+    pub trace: bool,
+}
+
+impl RunOptions {
+    /// `threads` threads, no tracing.
+    pub fn threads(threads: usize) -> Self {
+        Self {
+            threads,
+            trace: false,
+        }
+    }
 }
 
 /// The engines parex has, by command-line name.
@@ -58,12 +80,26 @@ impl EngineKind {
         V: Vm,
         S: Storage<Key = V::Key, Value = V::Value>,
     {
-        if threads == 0 {
+        self.run(vm, storage, &RunOptions::threads(threads))
+    }
+
+    /// Executes `vm`'s block on `storage` with this engine and `options`.
+    pub fn run<V, S>(
+        self,
+        vm: &V,
+        storage: &S,
+        options: &RunOptions,
+    ) -> Result<(VmOutcome<V>, Metrics), EngineError>
+    where
+        V: Vm,
+        S: Storage<Key = V::Key, Value = V::Value>,
+    {
+        if options.threads == 0 {
             return Err(EngineError::Config("threads must be at least 1".into()));
         }
         match self {
-            EngineKind::Sequential => sequential::execute(vm, storage),
-            EngineKind::BlockStm => block_stm::execute(vm, storage, threads),
+            EngineKind::Sequential => sequential::execute(vm, storage, options),
+            EngineKind::BlockStm => block_stm::execute(vm, storage, options),
         }
     }
 }
@@ -72,4 +108,14 @@ impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The message of a caught panic, for an error naming it.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string payload");
+    format!("panicked during execution: {text}")
 }

@@ -22,4 +22,13 @@ pub struct Metrics {
     pub finalize_time: Duration,
     /// Engine-specific counters, by name.
     pub extra: Vec<(&'static str, u64)>,
+    /// Every worker's timeline, when the run was traced ([`crate::RunOptions::trace`]).
+    pub trace: Option<crate::trace::Trace>,
+}
+
+impl Metrics {
+    /// The engine-specific counter `name`, if the engine reported it.
+    pub fn extra(&self, name: &str) -> Option<u64> {
+        self.extra.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
 }

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, Vm, Write};
 
-use crate::{EngineError, Metrics, VmOutcome};
+use crate::trace::{SpanKind, Tracer};
+use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
 struct Entry<V> {
     value: Option<V>,
@@ -54,12 +55,18 @@ where
 /// Transactions executed before the cache is sized for the whole block.
 const SIZING_SAMPLE: usize = 64;
 
-/// Executes the block serially.
-pub fn execute<V, S>(vm: &V, storage: &S) -> Result<(VmOutcome<V>, Metrics), EngineError>
+/// Executes the block serially (`options.threads` is ignored).
+pub fn execute<V, S>(
+    vm: &V,
+    storage: &S,
+    options: &RunOptions,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    let tracer = Tracer::new(options.trace);
+    let mut recorder = tracer.recorder(0);
     let started = Instant::now();
     let n = vm.tx_count();
     let mut cache = HashMap::with_capacity_and_hasher(n.min(SIZING_SAMPLE) * 4, Default::default());
@@ -69,6 +76,7 @@ where
             cache: &mut cache,
             storage,
         };
+        let span = recorder.start();
         let execution = vm.execute(tx, &mut view)?;
         for (key, write) in execution.writes {
             let entry = view.entry(&key).map_err(parex_core::VmError::from)?;
@@ -79,6 +87,7 @@ where
             };
         }
         outputs.push(execution.output);
+        recorder.record(SpanKind::Execute, Some(tx), span);
         if tx + 1 == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
             // Size the cache for the whole block from the keys per transaction seen so
             // far, once: growing it step by step (or guessing high) costs more.
@@ -89,6 +98,7 @@ where
     }
     let execution_time = started.elapsed();
     let finalize_started = Instant::now();
+    let span = recorder.start();
     vm.finalize_outputs(&mut outputs)?;
     let state_diff: Vec<(V::Key, V::Value)> = cache
         .into_iter()
@@ -100,7 +110,10 @@ where
             }
         })
         .collect();
+    recorder.record(SpanKind::Finalize, None, span);
+    tracer.submit(recorder);
     let metrics = Metrics {
+        trace: tracer.finish(),
         executions: n as u64,
         execution_time,
         finalize_time: finalize_started.elapsed(),

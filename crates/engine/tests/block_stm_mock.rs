@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
-use parex_engine::{EngineKind, block_stm, sequential};
+use parex_engine::{EngineKind, RunOptions, block_stm, sequential};
 use proptest::prelude::*;
 
 type Key = u32;
@@ -142,16 +142,17 @@ fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
 /// Runs block-stm with 1, 2, 4, 8 threads, `repeat` times each, against sequential.
 fn check(vm: &MockVm, keys: u32, repeat: usize) {
     let storage = storage_for(keys);
-    let expected = sequential::execute(vm, &storage)
+    let expected = sequential::execute(vm, &storage, &RunOptions::threads(1))
         .map(|(o, _)| o)
         .map_err(|e| e.to_string());
     for threads in [1, 2, 4, 8] {
         for _ in 0..repeat {
             for adaptive in [false, true] {
                 let options = block_stm::Options { adaptive };
-                let got = block_stm::execute_with(vm, &storage, threads, options)
-                    .map(|(o, _)| o)
-                    .map_err(|e| e.to_string());
+                let got =
+                    block_stm::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+                        .map(|(o, _)| o)
+                        .map_err(|e| e.to_string());
                 assert_eq!(got, expected, "threads {threads}, adaptive {adaptive}");
             }
         }
@@ -287,7 +288,8 @@ fn metrics_are_filled() {
         fail_modulo: 0,
     };
     let options = block_stm::Options { adaptive: false };
-    let (_, m) = block_stm::execute_with(&vm, &storage_for(3), 4, options).unwrap();
+    let (_, m) =
+        block_stm::execute_with(&vm, &storage_for(3), &RunOptions::threads(4), options).unwrap();
     assert!(m.executions >= 200);
     assert_eq!(m.reexecutions, m.executions - 200);
     assert!(m.validations >= 200);
@@ -322,9 +324,11 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
         .build()
         .unwrap();
     let storage = storage_for(1);
-    let expected = sequential::execute(&chain, &storage).unwrap().0;
+    let expected = sequential::execute(&chain, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
     let (outcome, m) = pool
-        .install(|| block_stm::execute(&chain, &storage, 2))
+        .install(|| block_stm::execute(&chain, &storage, &RunOptions::threads(2)))
         .unwrap();
     assert_eq!(outcome, expected);
     assert!(matches!(fallback(&m), Some(0 | 1)), "{m:?}");
@@ -341,6 +345,6 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
         fail_modulo: 0,
     };
     let storage = storage_for(2000);
-    let (_, m) = block_stm::execute(&independent, &storage, 2).unwrap();
+    let (_, m) = block_stm::execute(&independent, &storage, &RunOptions::threads(2)).unwrap();
     assert_eq!(fallback(&m), Some(0), "{m:?}");
 }
