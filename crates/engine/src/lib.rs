@@ -4,6 +4,7 @@
 //! Every engine returns the same [`BlockOutcome`] as [`sequential`] for the same block:
 //! that is the contract the tests enforce.
 
+pub mod analyze;
 pub mod block_stm;
 pub mod metrics;
 pub mod mv_memory;
