@@ -29,6 +29,9 @@ macro_rules! out {
     }};
 }
 
+mod analyze;
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "parex",
@@ -48,6 +51,12 @@ enum Command {
     Run(RunArgs),
     /// Write the compact copy of a plain mainnet data directory (what `verify` reads by default).
     Pack(PackArgs),
+    /// Measure the dependency structure of a block: critical path, ideal speedup bound,
+    /// dependency distances, hottest keys.
+    Analyze(analyze::AnalyzeArgs),
+    /// Compare every engine on a matrix of workloads, sizes, thread counts and read
+    /// latencies, plus the built-in mainnet blocks; every result is checked against sequential.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -171,6 +180,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd_verify(args),
         Command::Run(args) => cmd_run(args),
         Command::Pack(args) => cmd_pack(args),
+        Command::Analyze(args) => analyze::cmd_analyze(args),
+        Command::Bench(args) => bench::cmd_bench(args),
     };
     match result {
         Ok(code) => code,

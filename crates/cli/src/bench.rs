@@ -1,0 +1,735 @@
+//! `parex bench`: every engine on a matrix of workloads, sizes, thread counts and read
+//! latencies (plus the built-in mainnet blocks), side by side in one process.
+//!
+//! Per *group* (one block at one read latency): every run — `sequential` once and each
+//! other engine at each thread count — is executed once as warm-up, then `repeat` times
+//! interleaved (each repeat runs every engine once, so drift hits all of them alike).
+//! Every run's outcome must equal `sequential`'s warm-up outcome (per-transaction outcomes
+//! and state diff) or the engine's cell is dropped and the command fails at the end,
+//! naming the cell and the engine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use parex_core::outcome::EvmBlockOutcome;
+use parex_core::{InMemoryStorage, LatencyStorage, StateKey, StateValue, Storage};
+use parex_engine::EngineKind;
+use parex_evm::{EvmBlock, EvmVm};
+use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::analyze::analyze_block;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Engines to compare, comma-separated [default: all]. `sequential` always runs: it is
+    /// the reference every result is checked against and the base of every speedup.
+    #[arg(long, value_delimiter = ',', value_parser = crate::engine_names())]
+    engines: Vec<EngineKind>,
+    /// Workloads, comma-separated, each NAME or NAME@HOT_RATIO (raw, erc20, swap, mix,
+    /// chain; e.g. mix@0.3) [default: raw,erc20,swap,mix,mix@0.3,chain; with --quick
+    /// raw,erc20,swap,mix@0.3,chain].
+    #[arg(long, value_delimiter = ',', value_parser = parse_workload)]
+    workloads: Vec<(WorkloadKind, f64)>,
+    /// Worker thread counts, comma-separated [default: 1 and the available cores; with
+    /// --quick the available cores]. `sequential` ignores threads: its one measurement per
+    /// repeat is reported at every thread count.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Vec<u64>,
+    /// Block sizes in total gas, comma-separated (e.g. 1G,100M).
+    #[arg(long, value_delimiter = ',', value_parser = crate::parse_gas)]
+    gas: Vec<u64>,
+    /// Block sizes in transactions, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    txs: Vec<u64>,
+    /// Read latencies of pre-block state in microseconds, comma-separated.
+    ///
+    /// With none of --gas, --txs, --latency-us the plan is: 1G gas and 1000 txs at 0 us, and
+    /// 1000 txs at 100 us (--quick: 2000 txs at 0 us, 200 txs at 100 us). With any of them,
+    /// every size runs at every latency (sizes default to that plan's sizes, latencies to 0).
+    /// Mainnet blocks always run at 0 us.
+    #[arg(long, value_delimiter = ',')]
+    latency_us: Vec<u64>,
+    /// Timed runs per engine and cell, after one warm-up run [default: 5; --quick: 3].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    repeat: Option<u64>,
+    /// A small matrix that finishes in about a minute on 2 cores.
+    #[arg(long)]
+    quick: bool,
+    /// Skip the built-in mainnet blocks.
+    #[arg(long)]
+    no_mainnet: bool,
+    /// Seed of the workload generators.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write every cell and the mainnet summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_workload(s: &str) -> Result<(WorkloadKind, f64), String> {
+    let (name, ratio) = match s.split_once('@') {
+        Some((n, r)) => (n, crate::parse_ratio(r)?),
+        None => (s, 0.0),
+    };
+    let kind = WorkloadKind::parse(name).ok_or_else(|| {
+        let names: Vec<_> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
+        format!(
+            "unknown workload '{name}' (expected NAME or NAME@HOT_RATIO with NAME one of {})",
+            names.join(", ")
+        )
+    })?;
+    Ok((kind, ratio))
+}
+
+/// What to measure.
+struct Plan {
+    /// `sequential` first.
+    engines: Vec<EngineKind>,
+    threads: Vec<usize>,
+    workloads: Vec<(WorkloadKind, f64)>,
+    /// (size, read latency in µs)
+    sizes: Vec<(Size, u64)>,
+    repeat: usize,
+    mainnet: bool,
+    seed: u64,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Plan {
+        let mut engines = vec![EngineKind::Sequential];
+        let chosen = if args.engines.is_empty() {
+            EngineKind::ALL.to_vec()
+        } else {
+            args.engines.clone()
+        };
+        for e in chosen {
+            if !engines.contains(&e) {
+                engines.push(e);
+            }
+        }
+        let mut threads: Vec<usize> = if !args.threads.is_empty() {
+            args.threads.iter().map(|&t| t as usize).collect()
+        } else if args.quick {
+            vec![cores()]
+        } else {
+            vec![1, cores()]
+        };
+        dedup_in_order(&mut threads);
+        let mut workloads = if !args.workloads.is_empty() {
+            args.workloads.clone()
+        } else {
+            use WorkloadKind::*;
+            let mut w = vec![(Raw, 0.0), (Erc20, 0.0), (Swap, 0.0)];
+            if !args.quick {
+                w.push((Mix, 0.0));
+            }
+            w.extend([(Mix, 0.3), (Chain, 0.0)]);
+            w
+        };
+        dedup_in_order(&mut workloads);
+        let default_plan: Vec<(Size, u64)> = if args.quick {
+            vec![(Size::Txs(2000), 0), (Size::Txs(200), 100)]
+        } else {
+            vec![
+                (Size::Gas(1_000_000_000), 0),
+                (Size::Txs(1000), 0),
+                (Size::Txs(1000), 100),
+            ]
+        };
+        let sizes = if args.gas.is_empty() && args.txs.is_empty() && args.latency_us.is_empty() {
+            default_plan
+        } else {
+            let mut sizes: Vec<Size> = args.gas.iter().map(|&g| Size::Gas(g)).collect();
+            sizes.extend(args.txs.iter().map(|&t| Size::Txs(t as usize)));
+            if sizes.is_empty() {
+                sizes = default_plan.iter().map(|(s, _)| *s).collect();
+            }
+            dedup_in_order(&mut sizes);
+            let mut latencies = args.latency_us.clone();
+            if latencies.is_empty() {
+                latencies.push(0);
+            }
+            dedup_in_order(&mut latencies);
+            sizes
+                .iter()
+                .flat_map(|s| latencies.iter().map(move |l| (*s, *l)))
+                .collect()
+        };
+        let repeat = args
+            .repeat
+            .map_or(if args.quick { 3 } else { 5 }, |r| r as usize);
+        Plan {
+            engines,
+            threads,
+            workloads,
+            sizes,
+            repeat,
+            mainnet: !args.no_mainnet,
+            seed: args.seed,
+        }
+    }
+
+    /// The runs of one group: `sequential` once, then each other engine at each thread count.
+    fn runs(&self) -> Vec<(EngineKind, usize)> {
+        let mut runs = vec![(EngineKind::Sequential, 1)];
+        for &e in &self.engines[1..] {
+            for &t in &self.threads {
+                runs.push((e, t));
+            }
+        }
+        runs
+    }
+}
+
+fn dedup_in_order<T: PartialEq + Clone>(v: &mut Vec<T>) {
+    let mut seen: Vec<T> = Vec::with_capacity(v.len());
+    v.retain(|x| {
+        if seen.contains(x) {
+            false
+        } else {
+            seen.push(x.clone());
+            true
+        }
+    });
+}
+
+/// One engine at one thread count on one block, as `--json` writes it.
+#[derive(Clone, Debug, Serialize)]
+struct Cell {
+    workload: String,
+    hot_ratio: f64,
+    engine: String,
+    threads: usize,
+    latency_us: u64,
+    txs: usize,
+    gas: u64,
+    median_ms: f64,
+    min_ms: f64,
+    gas_per_s: f64,
+    txs_per_s: f64,
+    speedup_vs_sequential: f64,
+    reexecutions_per_tx: f64,
+    peak_rss_mb: Option<f64>,
+    block: Option<u64>,
+    ideal_speedup: Option<f64>,
+    bound_at_threads: Option<f64>,
+}
+
+/// A block to measure, with what the cells need to say about it.
+struct Group<'a> {
+    label: String,
+    workload: &'static str,
+    hot_ratio: f64,
+    block_number: Option<u64>,
+    latency_us: u64,
+    block: &'a EvmBlock,
+    pre_state: &'a InMemoryStorage<StateKey, StateValue>,
+    /// For mainnet blocks: the analysis bound (ideal, and per thread count).
+    bounds: Option<(f64, Vec<(usize, f64)>)>,
+}
+
+/// What the repeats of one run measured.
+#[derive(Default)]
+struct RunStats {
+    times: Vec<Duration>,
+    reexecutions: u64,
+    peak_rss_mb: Option<f64>,
+    rss_measurable: bool,
+    failed: bool,
+}
+
+struct Bench {
+    plan: Plan,
+    bar: ProgressBar,
+    cells: Vec<Cell>,
+    failures: Vec<String>,
+}
+
+impl Bench {
+    fn group<S: Storage<Key = StateKey, Value = StateValue>>(
+        &mut self,
+        group: &Group<'_>,
+        storage: &S,
+    ) {
+        let runs = self.plan.runs();
+        let vm = EvmVm::new(group.block);
+        self.bar.set_message(group.label.clone());
+        // Warm-up, and sequential's outcome as the reference.
+        let reference = match EngineKind::Sequential.execute(&vm, storage, 1) {
+            Ok((outcome, _)) => outcome,
+            Err(e) => {
+                self.failures
+                    .push(format!("cell {}: sequential failed: {e}", group.label));
+                self.bar.inc(((self.plan.repeat + 1) * runs.len()) as u64);
+                return;
+            }
+        };
+        self.bar.inc(1);
+        let mut stats: Vec<RunStats> = runs.iter().map(|_| RunStats::default()).collect();
+        for (i, &(engine, threads)) in runs.iter().enumerate().skip(1) {
+            if let Err(e) = self.check(&vm, storage, engine, threads, &reference) {
+                self.fail(group, engine, threads, &e);
+                stats[i].failed = true;
+            }
+            self.bar.inc(1);
+        }
+        for _ in 0..self.plan.repeat {
+            for (i, &(engine, threads)) in runs.iter().enumerate() {
+                self.bar.inc(1);
+                let s = &mut stats[i];
+                if s.failed {
+                    continue;
+                }
+                let rss_reset = reset_peak_rss();
+                let started = Instant::now();
+                let result = engine.execute(&vm, storage, threads);
+                let elapsed = started.elapsed();
+                let peak = if rss_reset { peak_rss_mb() } else { None };
+                match result
+                    .map_err(|e| e.to_string())
+                    .and_then(|(outcome, metrics)| {
+                        same_result(&outcome, &reference).map(|()| metrics)
+                    }) {
+                    Ok(metrics) => {
+                        s.times.push(elapsed);
+                        s.reexecutions += metrics.reexecutions;
+                        s.rss_measurable = rss_reset && peak.is_some();
+                        s.peak_rss_mb = max_opt(s.peak_rss_mb, peak);
+                    }
+                    Err(e) => {
+                        s.failed = true;
+                        self.fail(group, engine, threads, &e);
+                    }
+                }
+            }
+        }
+        let txs = reference.tx_outcomes.len();
+        let gas = reference.gas_used();
+        let seq_median = median(&stats[0].times);
+        for (i, &(engine, threads)) in runs.iter().enumerate() {
+            let s = &stats[i];
+            if s.failed || s.times.is_empty() {
+                continue;
+            }
+            let median = median(&s.times);
+            let min = s.times.iter().min().copied().unwrap_or_default();
+            let thread_counts = if engine == EngineKind::Sequential {
+                self.plan.threads.clone()
+            } else {
+                vec![threads]
+            };
+            for t in thread_counts {
+                self.cells.push(Cell {
+                    workload: group.workload.to_string(),
+                    hot_ratio: group.hot_ratio,
+                    engine: engine.name().to_string(),
+                    threads: t,
+                    latency_us: group.latency_us,
+                    txs,
+                    gas,
+                    median_ms: median * 1e3,
+                    min_ms: min.as_secs_f64() * 1e3,
+                    gas_per_s: per_second(gas as f64, median),
+                    txs_per_s: per_second(txs as f64, median),
+                    speedup_vs_sequential: if engine == EngineKind::Sequential {
+                        1.0
+                    } else if median > 0.0 {
+                        seq_median / median
+                    } else {
+                        1.0
+                    },
+                    reexecutions_per_tx: if txs == 0 {
+                        0.0
+                    } else {
+                        s.reexecutions as f64 / s.times.len() as f64 / txs as f64
+                    },
+                    peak_rss_mb: if s.rss_measurable {
+                        s.peak_rss_mb
+                    } else {
+                        None
+                    },
+                    block: group.block_number,
+                    ideal_speedup: group.bounds.as_ref().map(|(ideal, _)| *ideal),
+                    bound_at_threads: group
+                        .bounds
+                        .as_ref()
+                        .and_then(|(_, at)| at.iter().find(|(n, _)| *n == t).map(|(_, b)| *b)),
+                });
+            }
+        }
+    }
+
+    /// Runs `engine` once (warm-up) and compares its result with the reference.
+    fn check<S: Storage<Key = StateKey, Value = StateValue>>(
+        &self,
+        vm: &EvmVm<'_>,
+        storage: &S,
+        engine: EngineKind,
+        threads: usize,
+        reference: &EvmBlockOutcome,
+    ) -> Result<(), String> {
+        let (outcome, _) = engine
+            .execute(vm, storage, threads)
+            .map_err(|e| e.to_string())?;
+        same_result(&outcome, reference)
+    }
+
+    fn fail(&mut self, group: &Group<'_>, engine: EngineKind, threads: usize, why: &str) {
+        let line = format!(
+            "cell {}, {threads} threads: engine {engine}: {why}",
+            group.label
+        );
+        self.bar.suspend(|| eprintln!("WRONG RESULT: {line}"));
+        self.failures.push(line);
+    }
+}
+
+/// `Ok` when `outcome` equals the reference; otherwise where they first differ.
+fn same_result(outcome: &EvmBlockOutcome, reference: &EvmBlockOutcome) -> Result<(), String> {
+    if outcome == reference {
+        return Ok(());
+    }
+    if outcome.tx_outcomes.len() != reference.tx_outcomes.len() {
+        return Err(format!(
+            "result differs from sequential: {} transaction outcomes instead of {}",
+            outcome.tx_outcomes.len(),
+            reference.tx_outcomes.len()
+        ));
+    }
+    if let Some(i) =
+        (0..outcome.tx_outcomes.len()).find(|&i| outcome.tx_outcomes[i] != reference.tx_outcomes[i])
+    {
+        return Err(format!(
+            "result differs from sequential: first at transaction {i} ({:?} instead of {:?})",
+            outcome.tx_outcomes[i].status, reference.tx_outcomes[i].status
+        ));
+    }
+    Err(format!(
+        "result differs from sequential: state diff hash {} instead of {} ({} keys instead of {})",
+        outcome.state_diff_hash(),
+        reference.state_diff_hash(),
+        outcome.state_diff.len(),
+        reference.state_diff.len()
+    ))
+}
+
+/// Median in seconds.
+fn median(times: &[Duration]) -> f64 {
+    if times.is_empty() {
+        return 0.0;
+    }
+    let mut s: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn per_second(amount: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 { amount / seconds } else { 0.0 }
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Resets the process's peak resident set size (Linux: `/proc/self/clear_refs`).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident set size since the last reset, in MB (Linux: `VmHWM`).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn size_name(size: Size) -> String {
+    match size {
+        Size::Txs(t) => format!("{t} txs"),
+        Size::Gas(g) if g % 1_000_000_000 == 0 => format!("{}G gas", g / 1_000_000_000),
+        Size::Gas(g) if g % 1_000_000 == 0 => format!("{}M gas", g / 1_000_000),
+        Size::Gas(g) => format!("{g} gas"),
+    }
+}
+
+/// Geometric mean speedup and worst block of one engine at one thread count.
+#[derive(Serialize)]
+struct MainnetSummary {
+    engine: String,
+    threads: usize,
+    geomean_speedup: f64,
+    worst_speedup: f64,
+    worst_block: u64,
+    /// Blocks summarized (blocks without transactions are left out).
+    blocks: usize,
+    /// Geometric mean of the analysis bound at this thread count.
+    geomean_bound: Option<f64>,
+}
+
+fn geomean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for v in values {
+        sum += v.ln();
+        n += 1;
+    }
+    (n > 0).then(|| (sum / n as f64).exp())
+}
+
+fn mainnet_summary(plan: &Plan, cells: &[Cell]) -> Vec<MainnetSummary> {
+    let mut out = Vec::new();
+    for &engine in &plan.engines[1..] {
+        for &threads in &plan.threads {
+            let blocks: Vec<&Cell> = cells
+                .iter()
+                .filter(|c| {
+                    c.workload == "mainnet"
+                        && c.engine == engine.name()
+                        && c.threads == threads
+                        && c.txs > 0
+                })
+                .collect();
+            let Some(geo) = geomean(blocks.iter().map(|c| c.speedup_vs_sequential)) else {
+                continue;
+            };
+            let worst = blocks
+                .iter()
+                .min_by(|a, b| a.speedup_vs_sequential.total_cmp(&b.speedup_vs_sequential))
+                .expect("not empty");
+            out.push(MainnetSummary {
+                engine: engine.name().to_string(),
+                threads,
+                geomean_speedup: geo,
+                worst_speedup: worst.speedup_vs_sequential,
+                worst_block: worst.block.unwrap_or(0),
+                blocks: blocks.len(),
+                geomean_bound: geomean(blocks.iter().filter_map(|c| c.bound_at_threads)),
+            });
+        }
+    }
+    out
+}
+
+fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
+    let synthetic: Vec<&Cell> = cells.iter().filter(|c| c.workload != "mainnet").collect();
+    if !synthetic.is_empty() {
+        out!(
+            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | re-exec/tx | peak RSS MB |"
+        );
+        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for c in synthetic {
+            out!(
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {:.3} | {} |",
+                c.workload,
+                c.hot_ratio,
+                c.txs,
+                c.gas as f64 / 1e6,
+                c.latency_us,
+                c.threads,
+                c.engine,
+                c.median_ms,
+                c.min_ms,
+                c.gas_per_s / 1e6,
+                c.txs_per_s / 1e3,
+                c.speedup_vs_sequential,
+                c.reexecutions_per_tx,
+                c.peak_rss_mb.map_or("-".to_string(), |m| format!("{m:.0}")),
+            );
+        }
+    }
+    if !summary.is_empty() {
+        out!("");
+        out!(
+            "| mainnet | threads | blocks | geomean speedup | worst speedup | worst block | geomean analysis bound |"
+        );
+        out!("|---|---|---|---|---|---|---|");
+        for s in summary {
+            out!(
+                "| {} | {} | {} | {:.2}x | {:.2}x | {} | {} |",
+                s.engine,
+                s.threads,
+                s.blocks,
+                s.geomean_speedup,
+                s.worst_speedup,
+                s.worst_block,
+                s.geomean_bound
+                    .map_or("-".to_string(), |b| format!("{b:.2}x")),
+            );
+        }
+    }
+}
+
+pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(path) = &args.json
+        && let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.is_dir()
+    {
+        bail!(
+            "cannot write {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        );
+    }
+    let plan = Plan::from_args(&args);
+    let runs_per_group = (plan.repeat + 1) * plan.runs().len();
+    let synthetic_groups = plan.workloads.len() * plan.sizes.len();
+    let mainnet_source = if plan.mainnet {
+        let dir = mainnet::builtin_dir();
+        Some(
+            mainnet::Source::open(&dir)
+                .with_context(|| format!("cannot read mainnet data from {}", dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let groups = synthetic_groups + mainnet_source.as_ref().map_or(0, |s| s.len());
+    eprintln!(
+        "bench: engines {}; threads {:?}; {} synthetic cells{}; {} timed runs per engine after a warm-up",
+        plan.engines
+            .iter()
+            .map(|e| e.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.threads,
+        synthetic_groups,
+        mainnet_source
+            .as_ref()
+            .map_or(String::new(), |s| format!(" + {} mainnet blocks", s.len())),
+        plan.repeat,
+    );
+    let bar = ProgressBar::new((groups * runs_per_group) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} runs, {elapsed} {msg}")
+            .expect("valid template"),
+    );
+    let mut bench = Bench {
+        bar,
+        cells: Vec::new(),
+        failures: Vec::new(),
+        plan,
+    };
+    let workloads = bench.plan.workloads.clone();
+    let sizes = bench.plan.sizes.clone();
+    for (kind, hot_ratio) in workloads {
+        for &(size, latency_us) in &sizes {
+            let spec = WorkloadSpec {
+                kind,
+                size,
+                accounts: None,
+                hot_ratio,
+                seed: bench.plan.seed,
+            };
+            let label = format!(
+                "{kind} (hot ratio {hot_ratio}, {}, {latency_us} us)",
+                size_name(size)
+            );
+            bench.bar.set_message(format!("generating {label}"));
+            let workload = synthetic::generate(&spec)
+                .with_context(|| format!("cannot build the workload {label}"))?;
+            let group = Group {
+                label,
+                workload: kind.name(),
+                hot_ratio,
+                block_number: None,
+                latency_us,
+                block: &workload.block,
+                pre_state: &workload.pre_state,
+                bounds: None,
+            };
+            run_group(&mut bench, &group);
+        }
+    }
+    if let Some(source) = &mainnet_source {
+        for (number, loaded) in source.load_all() {
+            let block = loaded.with_context(|| format!("cannot load mainnet block {number}"))?;
+            let report =
+                analyze_block(format!("block {number}"), &block.block, &block.pre_state, 0)?;
+            let g = &report.analysis.graph;
+            let bounds = (
+                g.ideal_speedup(),
+                bench
+                    .plan
+                    .threads
+                    .iter()
+                    .map(|&t| (t, g.speedup_bound(t)))
+                    .collect(),
+            );
+            let group = Group {
+                label: format!("mainnet block {number}"),
+                workload: "mainnet",
+                hot_ratio: 0.0,
+                block_number: Some(number),
+                latency_us: 0,
+                block: &block.block,
+                pre_state: &block.pre_state,
+                bounds: Some(bounds),
+            };
+            run_group(&mut bench, &group);
+        }
+    }
+    bench.bar.finish_and_clear();
+    let summary = mainnet_summary(&bench.plan, &bench.cells);
+    print_tables(&bench.cells, &summary);
+    if let Some(path) = &args.json {
+        let value = json!({
+            "parex_version": env!("CARGO_PKG_VERSION"),
+            "machine": {
+                "cores": cores(),
+                "os": std::env::consts::OS,
+                "arch": std::env::consts::ARCH,
+            },
+            "repeat": bench.plan.repeat,
+            "engines": bench.plan.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
+            "threads": bench.plan.threads,
+            "cells": bench.cells,
+            "mainnet_summary": summary,
+            "failures": bench.failures,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !bench.failures.is_empty() {
+        bail!(
+            "{} engine results differ from sequential or failed (their cells are left out):\n  {}",
+            bench.failures.len(),
+            bench.failures.join("\n  ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_group(bench: &mut Bench, group: &Group<'_>) {
+    if group.latency_us == 0 {
+        bench.group(group, group.pre_state);
+    } else {
+        let storage = LatencyStorage::new(group.pre_state, Duration::from_micros(group.latency_us));
+        bench.group(group, &storage);
+    }
+}
