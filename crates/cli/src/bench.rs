@@ -733,3 +733,64 @@ fn run_group(bench: &mut Bench, group: &Group<'_>) {
         bench.group(group, &storage);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parex_core::{AccountInfo, AccountValue, TxOutcome, TxStatus};
+
+    fn outcome(gas: u64, balance: u64) -> EvmBlockOutcome {
+        let a = alloy_primitives::Address::repeat_byte(1);
+        EvmBlockOutcome {
+            tx_outcomes: vec![TxOutcome {
+                tx_type: 2,
+                status: TxStatus::Success,
+                gas_used: gas,
+                cumulative_gas_used: gas,
+                logs: Vec::new(),
+            }],
+            state_diff: vec![(
+                StateKey::Account(a),
+                StateValue::Account(AccountValue {
+                    info: Some(AccountInfo::with_balance(
+                        alloy_primitives::U256::from(balance),
+                        1,
+                    )),
+                    storage_generation: 0,
+                }),
+            )],
+        }
+    }
+
+    #[test]
+    fn a_different_result_is_caught_and_located() {
+        let reference = outcome(21000, 5);
+        assert_eq!(same_result(&outcome(21000, 5), &reference), Ok(()));
+        let e = same_result(&outcome(22000, 5), &reference).unwrap_err();
+        assert!(e.contains("transaction 0"), "{e}");
+        let e = same_result(&outcome(21000, 6), &reference).unwrap_err();
+        assert!(e.contains("state diff hash"), "{e}");
+    }
+
+    #[test]
+    fn workloads_parse_with_optional_hot_ratio() {
+        assert_eq!(parse_workload("mix@0.3"), Ok((WorkloadKind::Mix, 0.3)));
+        assert_eq!(parse_workload("erc20"), Ok((WorkloadKind::Erc20, 0.0)));
+        assert!(parse_workload("mix@x").is_err());
+        assert!(parse_workload("nft").unwrap_err().contains("raw, erc20"));
+    }
+
+    #[test]
+    fn medians_and_geometric_means() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(median(&ms(&[3, 1, 2])), 0.002);
+        assert_eq!(median(&ms(&[4, 1, 2, 3])), 0.0025);
+        assert_eq!(median(&[]), 0.0);
+        assert!((geomean([2.0, 8.0].into_iter()).unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(geomean(std::iter::empty()), None);
+    }
+}
