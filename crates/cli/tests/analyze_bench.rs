@@ -116,7 +116,7 @@ fn analyze_a_mainnet_block() {
     let at2 = j["speedup_bound_at"]["2"].as_f64().unwrap();
     let at32 = j["speedup_bound_at"]["32"].as_f64().unwrap();
     assert!(
-        1.0 <= at2 && at2 <= 2.0 && at2 <= at32 && at32 <= ideal + 1e-9,
+        (1.0..=2.0).contains(&at2) && at2 <= at32 && at32 <= ideal + 1e-9,
         "{j}"
     );
     let hot = &j["hot_keys"][0];
