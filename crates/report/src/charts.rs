@@ -25,7 +25,7 @@ pub fn grouped_bars(
     groups: &[BarGroup],
     reference: Option<f64>,
 ) -> String {
-    let (ml, mr, mt, mb) = (64.0, 16.0, 44.0, 58.0);
+    let (ml, mr, mt, mb) = (64.0, 96.0, 44.0, 58.0);
     let group_w = (960.0 / groups.len().max(1) as f64).clamp(70.0, 180.0);
     let width = (ml + mr + group_w * groups.len() as f64).max(520.0);
     let plot_w = width - ml - mr;
@@ -69,13 +69,13 @@ pub fn grouped_bars(
                 series[si].color,
                 title,
             );
-            if bar_w >= 26.0 {
+            if bar_w >= 30.0 {
                 svg.text(
                     x + bar_w / 2.0,
                     top - 4.0,
                     "middle",
-                    r##"fill="#111827" font-size="10""##,
-                    &format!("{}×", num(*v)),
+                    r##"fill="#111827" font-size="10" stroke="white" stroke-width="3" paint-order="stroke""##,
+                    &format!("{}×", short(*v)),
                 );
             }
         }
@@ -113,9 +113,9 @@ pub fn grouped_bars(
             r#"stroke-width="1.2" stroke-dasharray="6 4""#,
         );
         svg.text(
-            width - mr - 4.0,
-            ry - 5.0,
-            "end",
+            width - mr + 6.0,
+            ry + 4.0,
+            "start",
             r##"fill="#111827" font-size="11""##,
             &format!("{}× = sequential", num(r)),
         );
@@ -296,16 +296,18 @@ pub fn bound_scatter(title: &str, series: &[Series], points: &[ScatterPoint]) ->
             r#"stroke-dasharray="2 3""#,
         );
         svg.text(
-            width - mr - 4.0,
-            ys.at(1.0) - 4.0,
-            "end",
+            ml + 6.0,
+            ys.at(1.0) - 5.0,
+            "start",
             r##"fill="#6b7280" font-size="11""##,
             "1× = sequential",
         );
     }
+    // Engines side by side (a few pixels apart) where blocks share a bound.
+    let spread = |si: usize| (si as f64 - (series.len() as f64 - 1.0) / 2.0) * 3.0;
     for p in points {
         svg.circle(
-            xs.at(p.x),
+            xs.at(p.x) + spread(p.series),
             ys.at(p.y),
             4.5,
             series[p.series].color,
@@ -404,6 +406,20 @@ pub fn histogram(title: &str, buckets: &[(String, u64)]) -> String {
         "distance (reader index − writer index)",
     );
     svg.finish()
+}
+
+/// A bar label: two decimals below 10, none above ("0.94", "1.5", "28").
+fn short(v: f64) -> String {
+    let s = if v.abs() >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    };
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 /// An HTML note paragraph.

@@ -73,7 +73,7 @@ pub fn render(trace: &TraceFile) -> String {
     let wall = trace.wall_ns.max(1) as f64;
     let (ml, mr, mt, mb) = (84.0, 16.0, 40.0, 46.0);
     let width = ml + PLOT_W + mr;
-    let row_h = (440.0 / workers as f64).clamp(5.0, 26.0);
+    let row_h = (440.0 / workers as f64).clamp(5.0, 36.0);
     let pad = if row_h >= 10.0 { 3.0 } else { 0.5 };
     let height = mt + row_h * workers as f64 + mb;
     let x = Scale {
@@ -125,7 +125,9 @@ pub fn render(trace: &TraceFile) -> String {
         }
     }
     let axis_y = mt + row_h * workers as f64;
-    svg.x_axis(&x, axis_y, mt, &|v| dur_ns(v));
+    svg.x_axis(&x, axis_y, mt, &|v| {
+        if v == 0.0 { "0".to_string() } else { dur_ns(v) }
+    });
     svg.text(
         ml + PLOT_W / 2.0,
         height - 6.0,

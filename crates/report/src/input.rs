@@ -13,13 +13,13 @@ use serde::de::DeserializeOwned;
 /// A report input that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot read {kind} file {}: {source}", path.display())]
+    #[error("cannot read {kind} file {}", path.display())]
     Read {
         kind: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{kind} file {} is not valid {kind} JSON: {source}", path.display())]
+    #[error("{kind} file {} is not valid {kind} JSON", path.display())]
     Parse {
         kind: &'static str,
         path: PathBuf,

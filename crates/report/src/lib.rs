@@ -143,7 +143,7 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0 4px; }
 th { background: #f3f4f6; text-align: left; font-weight: 600; }
 th, td { padding: 4px 10px; border-bottom: 1px solid #e5e7eb; white-space: nowrap; }
 td.r, table.num td { text-align: right; font-variant-numeric: tabular-nums; }
-table.num td:first-child { text-align: left; }
+table.num td:first-child, table.cells td:nth-child(2) { text-align: left; }
 tr.bad td { color: #b91c1c; }
 .sw { display: inline-block; width: 10px; height: 10px; margin-right: 6px; vertical-align: -1px; }
 .sw.idle { border: 1px solid #9ca3af; width: 8px; height: 8px; }
@@ -230,10 +230,26 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
         ));
         return s;
     }
-    s.push_str("<p>Engine time against <code>sequential</code> on the same block (higher is better); the dashed line is sequential speed. One chart per thread count measured.</p>");
-    let threads: BTreeSet<u32> = synth.iter().map(|c| c.threads).collect();
-    for t in threads {
-        let at: Vec<&BenchCell> = synth.iter().copied().filter(|c| c.threads == t).collect();
+    s.push_str("<p>Engine time against <code>sequential</code> on the same block (higher is better); the dashed line is sequential speed. One chart per thread count measured, and a separate one for workloads with slow storage reads (a different regime).</p>");
+    let latency = |c: &BenchCell| c.latency_us.unwrap_or(0.0);
+    let mut regimes: Vec<(u32, f64)> = synth.iter().map(|c| (c.threads, latency(c))).collect();
+    regimes.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    regimes.dedup();
+    for (t, lat) in regimes {
+        let at: Vec<&BenchCell> = synth
+            .iter()
+            .copied()
+            .filter(|c| c.threads == t && latency(c) == lat)
+            .collect();
+        let regime = format!(
+            "{t} thread{}{}",
+            if t == 1 { "" } else { "s" },
+            if lat > 0.0 {
+                format!(", {} µs per storage read", num(lat))
+            } else {
+                String::new()
+            }
+        );
         let series = engine_series(
             at.iter()
                 .map(|c| c.engine.as_str())
@@ -244,7 +260,7 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
                 s,
                 "{}",
                 note(&format!(
-                    "{t} threads: only sequential was measured, nothing to compare."
+                    "{regime}: only sequential was measured, nothing to compare."
                 ))
             );
             continue;
@@ -269,7 +285,7 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
                     values.push(v);
                     titles.push(match (cell, v) {
                         (Some(c), Some(v)) => format!(
-                            "{} on {l}, {t} threads: {}× sequential{}{}",
+                            "{} on {l}, {regime}: {}× sequential{}{}",
                             se.name,
                             num(v),
                             c.median_ms
@@ -289,7 +305,7 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
                 }
             })
             .collect();
-        let title = format!("Speedup over sequential at {t} threads");
+        let title = format!("Speedup over sequential at {regime}");
         let _ = write!(
             s,
             "<figure><figcaption>{}</figcaption>{}</figure>",
@@ -646,7 +662,7 @@ fn analyze_section(inputs: &Inputs) -> String {
 
 fn cells_table(cells: &[&BenchCell], all: &[&BenchCell]) -> String {
     let mut s = String::from(
-        r#"<table class="num"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th></tr></thead><tbody>"#,
+        r#"<table class="num cells"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th></tr></thead><tbody>"#,
     );
     for c in cells {
         let sp = speedup(c, all);
