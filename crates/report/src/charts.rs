@@ -279,12 +279,18 @@ pub fn bound_scatter(title: &str, series: &[Series], points: &[ScatterPoint]) ->
         "#111827",
         r#"stroke-width="1.2" stroke-dasharray="6 4""#,
     );
+    // The diagonal's label runs along it, just above, three quarters of the way up.
+    let (x0, y0, x1, y1) = (xs.at(d0), ys.at(d0), xs.at(d1), ys.at(d1));
+    let (lx, ly) = (x0 + (x1 - x0) * 0.75, y0 + (y1 - y0) * 0.75 - 6.0);
+    let angle = (y1 - y0).atan2(x1 - x0).to_degrees();
     svg.text(
-        xs.at(d1) - 4.0,
-        ys.at(d1) + 14.0,
-        "end",
-        r##"fill="#111827" font-size="11""##,
-        "y = x (the bound)",
+        lx,
+        ly,
+        "middle",
+        &format!(
+            r##"fill="#111827" font-size="11" transform="rotate({angle:.1} {lx:.1} {ly:.1})""##
+        ),
+        "y = x: the bound",
     );
     if ys.lo <= 1.0 && ys.hi >= 1.0 {
         svg.line(
