@@ -71,7 +71,7 @@ impl Column {
 pub fn render(trace: &TraceFile) -> String {
     let workers = trace.workers.max(1) as usize;
     let wall = trace.wall_ns.max(1) as f64;
-    let (ml, mr, mt, mb) = (84.0, 16.0, 40.0, 46.0);
+    let (ml, mr, mt, mb) = (84.0, 56.0, 40.0, 46.0);
     let width = ml + PLOT_W + mr;
     let row_h = (440.0 / workers as f64).clamp(5.0, 36.0);
     let pad = if row_h >= 10.0 { 3.0 } else { 0.5 };
@@ -121,6 +121,39 @@ pub fn render(trace: &TraceFile) -> String {
                 "end",
                 r##"fill="#374151" font-size="11""##,
                 &format!("worker {w}"),
+            );
+        }
+    }
+    // Per worker, the share of the run spent working (any span but wait) at the right.
+    svg.text(
+        ml + PLOT_W + mr - 4.0,
+        mt - 6.0,
+        "end",
+        r##"fill="#4b5563" font-size="11""##,
+        "working",
+    );
+    for (w, spans) in by_worker.iter().enumerate() {
+        let mut working = 0u64;
+        let mut waiting = 0u64;
+        for s in spans {
+            if s.kind == "wait" {
+                waiting += s.end_ns - s.start_ns;
+            } else {
+                working += s.end_ns - s.start_ns;
+            }
+        }
+        let pct = |ns: u64| ns as f64 * 100.0 / wall;
+        let idle = (100.0 - pct(working) - pct(waiting)).max(0.0);
+        let y = mt + w as f64 * row_h + row_h / 2.0 + 4.0;
+        if row_h >= 9.0 {
+            let _ = write!(
+                svg.out,
+                r##"<text x="{:.1}" y="{y:.1}" text-anchor="end" fill="#374151" font-size="11">{}%<title>worker {w}: {}% working, {}% waiting, {}% idle</title></text>"##,
+                ml + PLOT_W + mr - 4.0,
+                pct(working).round(),
+                num(pct(working)),
+                num(pct(waiting)),
+                num(idle)
             );
         }
     }
