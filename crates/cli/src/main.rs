@@ -10,7 +10,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use parex_core::{LatencyStorage, StateKey, StateValue, Storage};
-use parex_engine::{EngineKind, Metrics};
+use parex_engine::{EngineKind, Metrics, RunOptions};
 use parex_evm::{EvmVm, receipts_root};
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic, verify};
 use serde_json::json;
@@ -31,6 +31,9 @@ macro_rules! out {
 
 mod analyze;
 mod bench;
+mod block_run;
+mod report_cmd;
+mod trace_out;
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +60,8 @@ enum Command {
     /// Compare every engine on a matrix of workloads, sizes, thread counts and read
     /// latencies, plus the built-in mainnet blocks; every result is checked against sequential.
     Bench(bench::BenchArgs),
+    /// Write one self-contained HTML report from bench, trace and analyze JSON files.
+    Report(report_cmd::ReportArgs),
 }
 
 #[derive(Args)]
@@ -97,8 +102,16 @@ struct VerifyArgs {
 struct RunArgs {
     /// Workload: raw (value transfers), erc20 (ERC20 transfers), swap (Uniswap V2 swaps),
     /// mix (60% raw, 20% erc20, 20% swap) or chain (fully dependent transfers).
-    #[arg(long, value_parser = workload_names())]
-    workload: WorkloadKind,
+    #[arg(long, value_parser = workload_names(), required_unless_present_any = ["block", "data"])]
+    workload: Option<WorkloadKind>,
+    /// Execute this mainnet block instead (from the built-in data set, or --data), checked
+    /// against its header.
+    #[arg(long, conflicts_with_all = ["workload", "txs", "gas", "accounts", "seed"])]
+    block: Option<u64>,
+    /// Mainnet data directory for --block (as for `verify`; a single block directory needs
+    /// no --block) [default: the built-in data set].
+    #[arg(long, conflicts_with_all = ["workload", "txs", "gas", "accounts", "seed"])]
+    data: Option<PathBuf>,
     /// Block size in transactions [default: 10000 when --gas is not given].
     #[arg(long, conflicts_with = "gas", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     txs: Option<u64>,
@@ -125,6 +138,10 @@ struct RunArgs {
     /// Also write the results as a JSON object to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Record every worker's timeline and write it as JSON to this file (for
+    /// `parex report --trace`; tracing makes the run slightly slower).
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -182,6 +199,7 @@ fn main() -> ExitCode {
         Command::Pack(args) => cmd_pack(args),
         Command::Analyze(args) => analyze::cmd_analyze(args),
         Command::Bench(args) => bench::cmd_bench(args),
+        Command::Report(args) => report_cmd::cmd_report(args),
     };
     match result {
         Ok(code) => code,
@@ -286,13 +304,16 @@ fn cmd_verify(args: VerifyArgs) -> Result<ExitCode> {
 }
 
 fn cmd_run(args: RunArgs) -> Result<ExitCode> {
+    let Some(kind) = args.workload else {
+        return block_run::cmd_run_block(&args);
+    };
     let size = match (args.txs, args.gas) {
         (_, Some(g)) => Size::Gas(g),
         (Some(t), None) => Size::Txs(t as usize),
         (None, None) => Size::Txs(10_000),
     };
     let spec = WorkloadSpec {
-        kind: args.workload,
+        kind,
         size,
         accounts: args.accounts.map(|a| a as usize),
         hot_ratio: args.hot_ratio,
@@ -303,16 +324,20 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
     let setup_time = setup_started.elapsed();
     let engine = args.engine.engine;
     let threads = args.engine.threads();
+    let options = RunOptions {
+        threads,
+        trace: args.trace.is_some(),
+    };
     let vm = EvmVm::new(&workload.block);
     let latency = Duration::from_micros(args.latency_us);
     let (outcome, metrics, wall) = if latency.is_zero() {
-        timed(engine, &vm, &workload.pre_state, threads)?
+        timed(engine, &vm, &workload.pre_state, &options)?
     } else {
         timed(
             engine,
             &vm,
             &LatencyStorage::new(&workload.pre_state, latency),
-            threads,
+            &options,
         )?
     };
     let gas = outcome.gas_used();
@@ -349,6 +374,23 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
     if args.stats {
         print_metrics(&metrics);
     }
+    if let Some(path) = &args.trace {
+        let mut label = format!("{} hot {}", spec.kind, spec.hot_ratio);
+        if args.latency_us > 0 {
+            label += &format!(", {} us per read", args.latency_us);
+        }
+        trace_out::write(
+            path,
+            &trace_out::TracedRun {
+                engine: engine.name(),
+                workload: &label,
+                threads,
+                txs: outcome.tx_outcomes.len(),
+                gas,
+            },
+            &metrics,
+        )?;
+    }
     if let Some(path) = &args.json {
         let value = json!({
             "engine": engine.name(),
@@ -383,11 +425,14 @@ fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
     engine: EngineKind,
     vm: &EvmVm<'_>,
     storage: &S,
-    threads: usize,
+    options: &RunOptions,
 ) -> Result<(Outcome, Metrics, Duration)> {
+    // Engines run their workers on rayon's global pool, which starts its threads on first
+    // use: that is setup, not execution (it took milliseconds, and left a worker idle).
+    rayon::broadcast(|_| ());
     let started = Instant::now();
     let (outcome, metrics) = engine
-        .execute(vm, storage, threads)
+        .run(vm, storage, options)
         .context("execution failed")?;
     Ok((outcome, metrics, started.elapsed()))
 }
