@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds a small report (a traced `parex run` plus the report crate's bench and analyze
-# fixtures, or a real `parex bench --json` when the binary has `bench`), screenshots it
+# Builds a small report from real runs (`parex bench --quick`, `parex analyze` and a traced
+# `parex run` of one mainnet block), screenshots it
 # with headless Chromium and checks that the PNG shows the charts. Not part of CI.
 #
 #   scripts/report-screenshot.sh [OUT_DIR]     (default: target/report-screenshot)
@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 out=${1:-target/report-screenshot}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-fixtures=crates/report/tests/fixtures
 
 browser=$(command -v chromium || command -v chromium-browser || true)
 if [ -z "$browser" ]; then
@@ -22,13 +21,12 @@ fi
 cargo build --release --bin parex
 parex=target/release/parex
 
-bench=("$fixtures/bench_2t.json" "$fixtures/bench_1t4t.json")
-if "$parex" bench --help >/dev/null 2>&1; then
-    echo "note: this parex has 'bench'; the screenshot still uses the fixtures (fast, stable)"
-fi
-"$parex" run --workload erc20 --txs 3000 --hot-ratio 0.1 --engine block-stm --threads 2 \
-    --trace "$out/trace.json" >/dev/null
-"$parex" report "${bench[@]}" --trace "$out/trace.json" --analyze "$fixtures/analyze.json" \
+# Real measurements: a quick bench at 1 and 2 threads (mainnet included, for the scatter),
+# the analysis of a mainnet block, and a traced run of that block.
+"$parex" bench --quick --threads 1,2 --repeat 1 --json "$out/bench.json" >/dev/null
+"$parex" analyze --block 12244000 --json "$out/analyze.json" >/dev/null
+"$parex" run --block 12244000 --engine block-stm --threads 2 --trace "$out/trace.json" >/dev/null
+"$parex" report "$out/bench.json" --trace "$out/trace.json" --analyze "$out/analyze.json" \
     -o "$out/report.html"
 
 shot() { # FILE WIDTH HEIGHT
