@@ -492,13 +492,11 @@ impl<V: Vm> Sched<V> {
         for queue in 0..sched.queues.len() {
             sched.grant(queue);
         }
+        // Granting queued every transaction whose locks were all granted.
         for tx in 0..n {
             if declared[tx].is_empty() {
                 sched.status[tx] = Status::Deferred;
-            } else if sched.pending[tx] == 0 {
-                sched.status[tx] = Status::Ready;
-                sched.ready.push(Reverse(tx));
-            } else {
+            } else if sched.pending[tx] > 0 {
                 sched.lock_blocked += 1;
             }
         }

@@ -54,7 +54,7 @@ pub fn declared_access<R: ReadView<StateKey, StateValue>>(
             } else {
                 AccessKind::Read
             };
-            out.account(to, kind);
+            out.add(StateKey::Account(to), kind);
         }
         TxKind::Create => out.add(
             StateKey::Account(env.caller.create(env.nonce)),
