@@ -442,3 +442,46 @@ fn dispatch_empty_block_and_trace() {
         .unwrap();
     assert!(m.trace.is_none());
 }
+
+/// Transaction 0 runs long as the frontier and writes a key it never declared, which
+/// transaction 1 declared and read meanwhile: 1's result must be discarded and re-run
+/// after 0 commits (an in-order run invalidates what read its undeclared writes).
+#[test]
+fn undeclared_writes_of_the_frontier_invalidate_later_readers() {
+    let txs = vec![
+        MockTx {
+            reads: vec![2],
+            extra_read: 2,
+            writes: vec![1, 1, 1, 1],
+            deltas: vec![],
+            work: 3_000_000,
+            declared: vec![(2, AccessKind::Read)],
+        },
+        MockTx {
+            reads: vec![1],
+            extra_read: 1,
+            writes: vec![],
+            deltas: vec![3],
+            work: 0,
+            declared: vec![(1, AccessKind::Read), (3, AccessKind::Delta)],
+        },
+    ];
+    let vm = MockVm {
+        txs,
+        fail_modulo: 0,
+    };
+    check(&vm, 4, 2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut invalidated = 0;
+    for _ in 0..10 {
+        let (_, _, m) = pool.install(|| run(&vm, 4, 2, Hints::Declared)).unwrap();
+        invalidated += m.extra("invalidated").unwrap();
+    }
+    assert!(
+        invalidated > 0,
+        "transaction 1 never ran before 0 committed"
+    );
+}
