@@ -493,8 +493,8 @@ impl<V: Vm> Sched<V> {
             sched.grant(queue);
         }
         // Granting queued every transaction whose locks were all granted.
-        for tx in 0..n {
-            if declared[tx].is_empty() {
+        for (tx, declaration) in declared.iter().enumerate() {
+            if declaration.is_empty() {
                 sched.status[tx] = Status::Deferred;
             } else if sched.pending[tx] > 0 {
                 sched.lock_blocked += 1;
@@ -581,8 +581,11 @@ impl<V: Vm> Sched<V> {
 // ---------------------------------------------------------------------------------------
 // The committed state: pre-block storage plus the writes of committed transactions.
 
+/// One shard: per written key, its value (`None`: the key does not exist).
+type Shard<K, V> = RwLock<HashMap<K, Option<V>, Hasher>>;
+
 struct Committed<K, V> {
-    shards: Box<[RwLock<HashMap<K, Option<V>, Hasher>>]>,
+    shards: Box<[Shard<K, V>]>,
     hasher: Hasher,
 }
 
@@ -594,7 +597,7 @@ impl<K: Eq + std::hash::Hash, V: Clone> Committed<K, V> {
         }
     }
 
-    fn shard(&self, key: &K) -> &RwLock<HashMap<K, Option<V>, Hasher>> {
+    fn shard(&self, key: &K) -> &Shard<K, V> {
         &self.shards[self.hasher.hash_one(key) as usize & (SHARDS - 1)]
     }
 

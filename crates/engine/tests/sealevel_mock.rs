@@ -216,12 +216,10 @@ fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
         .collect()
 }
 
-fn run(
-    vm: &MockVm,
-    keys: u32,
-    threads: usize,
-    hints: Hints,
-) -> Result<(Vec<MockOutput>, Vec<(Key, Value)>, Metrics), String> {
+/// Outputs, sorted state diff and metrics of one run.
+type Ran = (Vec<MockOutput>, Vec<(Key, Value)>, Metrics);
+
+fn run(vm: &MockVm, keys: u32, threads: usize, hints: Hints) -> Result<Ran, String> {
     let storage = storage_for(keys);
     sealevel::execute_with(
         vm,
