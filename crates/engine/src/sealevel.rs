@@ -76,6 +76,7 @@ use parex_core::{
     Write,
 };
 
+use crate::preexec::PreExecution;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
@@ -159,7 +160,11 @@ where
     let tracer = Tracer::new(run.trace);
 
     let hint_started = Instant::now();
-    let declared = declare(vm, storage, threads, options.hints, &tracer);
+    let pre = match options.hints {
+        Hints::Declared => None,
+        Hints::Preexec => Some(crate::preexec::run(vm, storage, threads, &tracer)),
+    };
+    let declared = declare(vm, storage, threads, pre.as_deref(), &tracer);
     let hint_time = hint_started.elapsed();
 
     let build_started = Instant::now();
@@ -170,6 +175,7 @@ where
         vm,
         storage,
         declared,
+        pre,
         sched: Mutex::new(sched),
         state: Committed::new(),
         halt: AtomicBool::new(false),
@@ -194,8 +200,14 @@ where
         ..Metrics::default()
     };
     let mut undeclared_reruns = 0;
+    let mut preexec_reused = 0;
+    if let Some(pre) = &engine.pre {
+        // Pre-executions count as first executions.
+        metrics.executions += pre.len() as u64;
+    }
     for w in &per_worker {
         metrics.executions += w.executions;
+        preexec_reused += w.preexec_reused;
         metrics.execution_time += w.execution;
         metrics.scheduling_time += w.scheduling;
         metrics.validation_time += w.commit;
@@ -242,6 +254,7 @@ where
         ("lock_blocked", lock_blocked),
         ("frontier_runs", sched.frontier_runs),
         ("invalidated", sched.invalidated),
+        ("preexec_reused", preexec_reused),
         ("declared_keys", declared_keys),
         ("hint_us", hint_time.as_micros() as u64),
         ("workers", workers as u64),
@@ -263,7 +276,7 @@ fn declare<V, S>(
     vm: &V,
     storage: &S,
     threads: usize,
-    hints: Hints,
+    pre: Option<&[PreExecution<V>]>,
     tracer: &Tracer,
 ) -> Vec<Declaration<V::Key>>
 where
@@ -271,10 +284,6 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    let pre = match hints {
-        Hints::Declared => None,
-        Hints::Preexec => Some(crate::preexec::run(vm, storage, threads, tracer)),
-    };
     let next = AtomicUsize::new(0);
     let per_worker = crate::workers::run(threads.clamp(1, n.max(1)), |id| {
         let mut trace = tracer.recorder(id);
@@ -287,7 +296,7 @@ where
             for tx in first..(first + CLAIM).min(n) {
                 let span = trace.start();
                 let mut keys = vm.declared_access(tx, &mut PreBlock(storage));
-                if let Some(pre) = pre.as_ref().and_then(|p| p.get(tx)) {
+                if let Some(pre) = pre.and_then(|p| p.get(tx)) {
                     keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
                     if let Ok(execution) = &pre.result {
                         keys.extend(execution.writes.iter().map(|(k, w)| {
@@ -635,6 +644,8 @@ struct Sealevel<'a, V: Vm, S> {
     vm: &'a V,
     storage: &'a S,
     declared: Vec<Declaration<V::Key>>,
+    /// Pre-executions (`Hints::Preexec`), reused where still valid.
+    pre: Option<Vec<PreExecution<V>>>,
     sched: Mutex<Sched<V>>,
     state: Committed<V::Key, V::Value>,
     /// Set when a worker unwinds, so that the others stop instead of waiting forever.
@@ -646,6 +657,7 @@ struct Sealevel<'a, V: Vm, S> {
 #[derive(Default)]
 struct WorkerStats {
     executions: u64,
+    preexec_reused: u64,
     undeclared_reruns: u64,
     execution: Duration,
     scheduling: Duration,
@@ -739,6 +751,10 @@ where
     fn run(&self, task: Task, stats: &mut WorkerStats) -> Run<V> {
         let Task { tx, frontier, .. } = task;
         let declaration = &self.declared[tx];
+        if let Some(finished) = self.reuse_preexecution(tx, frontier) {
+            stats.preexec_reused += 1;
+            return Run::Finished(finished);
+        }
         let mut view = View {
             engine: self,
             declaration,
@@ -776,6 +792,26 @@ where
             reads: view.reads,
             frontier,
             complete: writes_declared && !view.undeclared,
+        })
+    }
+
+    /// The pre-execution of `tx` as its result, if every value it read is still the
+    /// committed one: executing now would read the same values (its reads are declared,
+    /// so they are exact as in any restricted run) and so do exactly the same.
+    fn reuse_preexecution(&self, tx: TxIndex, frontier: bool) -> Option<Finished<V>> {
+        let pre = self.pre.as_ref()?.get(tx)?;
+        let execution = pre.result.as_ref().ok()?;
+        for (key, seen) in &pre.reads {
+            if self.read(key).ok()? != *seen {
+                return None;
+            }
+        }
+        Some(Finished {
+            writes: execution.writes.clone(),
+            output: Ok(execution.output.clone()),
+            reads: pre.reads.iter().map(|(k, _)| k.clone()).collect(),
+            frontier,
+            complete: true,
         })
     }
 
