@@ -29,7 +29,7 @@
 //!    always runs unrestricted (a transaction with no declaration only runs so).
 //! 6. **In-order runs invalidate.** A frontier run may write keys it never declared,
 //!    which later transactions may already have read. Each frontier commit records the
-//!    keys it wrote with a sequence number; a transaction records the sequence number
+//!    keys it wrote without a write or delta lock, with a sequence number; a transaction records the sequence number
 //!    when it starts, and at its commit, if it read a key written by a frontier run
 //!    committed after it started, its result is discarded and it runs again (as the
 //!    frontier, so once more at most).
@@ -63,7 +63,7 @@
 //! (declaring, including a pre-execution) and `workers`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasher;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -177,7 +177,8 @@ where
         declared,
         pre,
         sched: Mutex::new(sched),
-        state: Committed::new(),
+        // Most declared keys are written (reads are mostly of written keys too).
+        state: Committed::new(declared_keys as usize),
         halt: AtomicBool::new(false),
         tracer,
     };
@@ -356,23 +357,22 @@ impl<S: Storage> ReadView<S::Key, S::Value> for PreBlock<'_, S> {
 // Step 2: locks, and the scheduler's state (one mutex: lock work is short next to
 // executing a transaction).
 
-/// The requests for one key that are not released yet, in block order. The first
-/// `granted` of them hold the lock: one `Write`, or a run of `Read`s or of `Delta`s.
+/// The lock of one key: its requests are `requests[head..end]` of the lock table (in
+/// block order; those before `head` are released), and `requests[head..granted]` hold
+/// it: one `Write`, or a run of `Read`s or of `Delta`s.
 struct LockQueue {
-    requests: VecDeque<(TxIndex, AccessKind)>,
-    granted: usize,
+    head: u32,
+    granted: u32,
+    end: u32,
 }
 
 impl LockQueue {
     /// Grants every request now compatible with all those ahead of it; calls `grant` with
     /// each newly granted transaction.
-    fn grant(&mut self, mut grant: impl FnMut(TxIndex)) {
-        while let Some(&(tx, kind)) = self.requests.get(self.granted) {
-            let compatible = match self.requests.front() {
-                Some(&(_, first)) if self.granted > 0 => first.compatible(kind),
-                _ => true,
-            };
-            if !compatible {
+    fn grant(&mut self, requests: &[(TxIndex, AccessKind)], mut grant: impl FnMut(TxIndex)) {
+        while self.granted < self.end {
+            let (tx, kind) = requests[self.granted as usize];
+            if self.granted > self.head && !requests[self.head as usize].1.compatible(kind) {
                 break;
             }
             self.granted += 1;
@@ -380,19 +380,13 @@ impl LockQueue {
         }
     }
 
-    /// Removes `tx`'s request (the first one: releases happen in block order).
-    fn release(&mut self, tx: TxIndex) {
-        let position = if self.requests.front().is_some_and(|r| r.0 == tx) {
-            Some(0)
-        } else {
-            self.requests.iter().position(|r| r.0 == tx)
-        };
-        if let Some(position) = position {
-            self.requests.remove(position);
-            if position < self.granted {
-                self.granted -= 1;
-            }
+    /// Releases `tx`'s request. Releases happen in block order (at commit), so it is the
+    /// first unreleased one; every request up to it is released.
+    fn release(&mut self, requests: &[(TxIndex, AccessKind)], tx: TxIndex) {
+        while self.head < self.end && requests[self.head as usize].0 <= tx {
+            self.head += 1;
         }
+        self.granted = self.granted.max(self.head);
     }
 }
 
@@ -434,9 +428,13 @@ struct Sched<V: Vm> {
     status: Vec<Status>,
     /// Lock requests not yet granted, per transaction.
     pending: Vec<u32>,
-    /// The lock (queue index) of each declared key, per transaction.
-    locks: Vec<Box<[u32]>>,
+    /// The locks (queue indexes) of transaction `tx`'s declared keys are
+    /// `tx_locks[lock_offsets[tx]..lock_offsets[tx + 1]]`.
+    tx_locks: Vec<u32>,
+    lock_offsets: Vec<u32>,
     queues: Vec<LockQueue>,
+    /// Every lock request, grouped by key, in block order within a key.
+    requests: Vec<(TxIndex, AccessKind)>,
     ready: BinaryHeap<Reverse<TxIndex>>,
     /// The frontier: every transaction below it is committed.
     next: TxIndex,
@@ -460,29 +458,49 @@ impl<V: Vm> Sched<V> {
     /// Queues every declared key's requests in block order and grants what it can.
     fn new(declared: &[Declaration<V::Key>]) -> Self {
         let n = declared.len();
+        // Number the keys, count each one's requests, then lay the queues out flat.
         let mut ids: HashMap<&V::Key, u32, Hasher> = HashMap::default();
-        let mut queues: Vec<LockQueue> = Vec::new();
-        let mut locks = Vec::with_capacity(n);
-        for (tx, declaration) in declared.iter().enumerate() {
-            let mut tx_locks = Vec::with_capacity(declaration.len());
-            for (key, kind) in declaration.iter() {
+        let mut counts: Vec<u32> = Vec::new();
+        let mut tx_locks = Vec::with_capacity(declared.iter().map(|d| d.len()).sum());
+        let mut lock_offsets = Vec::with_capacity(n + 1);
+        lock_offsets.push(0);
+        for declaration in declared {
+            for (key, _) in declaration.iter() {
                 let id = *ids.entry(key).or_insert_with(|| {
-                    queues.push(LockQueue {
-                        requests: VecDeque::new(),
-                        granted: 0,
-                    });
-                    (queues.len() - 1) as u32
+                    counts.push(0);
+                    (counts.len() - 1) as u32
                 });
-                queues[id as usize].requests.push_back((tx, *kind));
+                counts[id as usize] += 1;
                 tx_locks.push(id);
             }
-            locks.push(tx_locks.into_boxed_slice());
+            lock_offsets.push(tx_locks.len() as u32);
+        }
+        let mut queues = Vec::with_capacity(counts.len());
+        let mut start = 0u32;
+        for count in counts {
+            queues.push(LockQueue {
+                head: start,
+                granted: start,
+                end: start,
+            });
+            start += count;
+        }
+        let mut requests = vec![(0, AccessKind::Read); tx_locks.len()];
+        for (tx, declaration) in declared.iter().enumerate() {
+            let ids = &tx_locks[lock_offsets[tx] as usize..lock_offsets[tx + 1] as usize];
+            for (&id, (_, kind)) in ids.iter().zip(declaration.iter()) {
+                let queue = &mut queues[id as usize];
+                requests[queue.end as usize] = (tx, *kind);
+                queue.end += 1;
+            }
         }
         let mut sched = Sched {
             status: vec![Status::Waiting; n],
             pending: declared.iter().map(|d| d.len() as u32).collect(),
-            locks,
+            tx_locks,
+            lock_offsets,
             queues,
+            requests,
             ready: BinaryHeap::with_capacity(n),
             next: 0,
             runs: vec![0; n],
@@ -522,13 +540,14 @@ impl<V: Vm> Sched<V> {
     fn grant(&mut self, queue: usize) {
         let Sched {
             queues,
+            requests,
             pending,
             status,
             ready,
             lock_acquisitions,
             ..
         } = self;
-        queues[queue].grant(|tx| {
+        queues[queue].grant(requests, |tx| {
             *lock_acquisitions += 1;
             pending[tx] = pending[tx].saturating_sub(1);
             if pending[tx] == 0 && status[tx] == Status::Waiting {
@@ -540,9 +559,10 @@ impl<V: Vm> Sched<V> {
 
     /// Releases `tx`'s locks (at its commit) and grants the requests behind them.
     fn release(&mut self, tx: TxIndex) {
-        let locks = std::mem::take(&mut self.locks[tx]);
-        for &lock in locks.iter() {
-            self.queues[lock as usize].release(tx);
+        let locks = self.lock_offsets[tx] as usize..self.lock_offsets[tx + 1] as usize;
+        for i in locks {
+            let lock = self.tx_locks[i];
+            self.queues[lock as usize].release(&self.requests, tx);
             self.grant(lock as usize);
         }
     }
@@ -599,9 +619,17 @@ struct Committed<K, V> {
 }
 
 impl<K: Eq + std::hash::Hash, V: Clone> Committed<K, V> {
-    fn new() -> Self {
+    /// Sized for about `keys` written keys.
+    fn new(keys: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    RwLock::new(HashMap::with_capacity_and_hasher(
+                        keys / SHARDS + 1,
+                        Hasher::default(),
+                    ))
+                })
+                .collect(),
             hasher: Hasher::default(),
         }
     }
@@ -840,11 +868,20 @@ where
                 sched.error = Some(VmError::Read(ReadError::Storage(error)));
                 return;
             }
-            if finished.frontier && !finished.writes.is_empty() {
+            if finished.frontier {
+                // Only keys written without a write or delta lock can have been read by a
+                // later transaction before this commit (a reader of a locked key waits).
+                let declaration = &self.declared[tx];
                 let seq = sched.frontier_seq;
-                sched.frontier_seq += 1;
+                let mut logged = false;
                 for (key, _) in &finished.writes {
-                    sched.frontier_writes.insert(key.clone(), seq);
+                    if !declared_kind(declaration, key).is_some_and(|k| k != AccessKind::Read) {
+                        sched.frontier_writes.insert(key.clone(), seq);
+                        logged = true;
+                    }
+                }
+                if logged {
+                    sched.frontier_seq += 1;
                 }
             }
             if finished.complete {
@@ -924,11 +961,12 @@ mod tests {
 
     fn queue(requests: &[(TxIndex, AccessKind)]) -> (LockQueue, Vec<TxIndex>) {
         let mut q = LockQueue {
-            requests: requests.iter().copied().collect(),
+            head: 0,
             granted: 0,
+            end: requests.len() as u32,
         };
         let mut granted = Vec::new();
-        q.grant(|tx| granted.push(tx));
+        q.grant(requests, |tx| granted.push(tx));
         (q, granted)
     }
 
@@ -936,17 +974,18 @@ mod tests {
     fn locks_are_granted_in_block_order() {
         use AccessKind::{Delta, Read, Write};
         // Readers share, a writer waits for them, and a reader behind it waits too.
-        let (mut q, granted) = queue(&[(0, Read), (1, Read), (2, Write), (3, Read)]);
+        let r = [(0, Read), (1, Read), (2, Write), (3, Read)];
+        let (mut q, granted) = queue(&r);
         assert_eq!(granted, vec![0, 1]);
         let mut more = Vec::new();
-        q.release(0);
-        q.grant(|tx| more.push(tx));
+        q.release(&r, 0);
+        q.grant(&r, |tx| more.push(tx));
         assert!(more.is_empty());
-        q.release(1);
-        q.grant(|tx| more.push(tx));
+        q.release(&r, 1);
+        q.grant(&r, |tx| more.push(tx));
         assert_eq!(more, vec![2]);
-        q.release(2);
-        q.grant(|tx| more.push(tx));
+        q.release(&r, 2);
+        q.grant(&r, |tx| more.push(tx));
         assert_eq!(more, vec![2, 3]);
         // Deltas share with deltas only.
         let (_, granted) = queue(&[(0, Delta), (1, Delta), (2, Read), (3, Delta)]);
