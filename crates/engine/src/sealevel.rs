@@ -1,13 +1,16 @@
 //! `sealevel`: declared access sets and read/write locks, as in Solana's Sealevel (and
 //! Neon EVM, which runs EVM transactions under it with emulator-computed account lists).
 //!
+//! Two engine names select the source of declarations ([`Hints`]): `sealevel` uses the
+//! VM's own ([`Vm::declared_access`]; for the EVM its EIP-2930 access list and what the
+//! transaction's shape implies, see `parex_evm::declared`), `sealevel-preexec` joins
+//! them with what a pre-execution on the pre-block state ([`crate::preexec`]) read and
+//! wrote, which is what Neon does.
+//!
 //! # Algorithm
 //! 1. **Declare.** Every transaction gets an access set: keys with a kind, `Read`,
 //!    `Write` or `Delta` (a commutative update that does not read the key, such as the
-//!    beneficiary's fee). The source is [`Hints`]: the VM's own declarations
-//!    ([`Vm::declared_access`], for the EVM its EIP-2930 access list and what its shape
-//!    implies), or those joined with a pre-execution on the pre-block state
-//!    ([`crate::preexec`]), which is what Neon does.
+//!    beneficiary's fee).
 //! 2. **Lock.** Each declared key has a queue of lock requests in block order. A request
 //!    is granted when it is compatible with every request ahead of it in the queue (many
 //!    `Read`s together, many `Delta`s together, a `Write` alone), so conflicting
@@ -17,7 +20,9 @@
 //! 3. **Execute.** A transaction reads the *committed* state (pre-block storage plus the
 //!    writes of committed transactions; no multi-version memory) through a view that
 //!    lets it read only keys it declared readable. Its writes are buffered, and checked
-//!    against its declaration once it returns.
+//!    against its declaration once it returns. With pre-execution hints, a
+//!    pre-execution whose every read still sees the committed value *is* the result
+//!    (the VM is a pure function of the values it reads) and is used without executing.
 //! 4. **Commit in block order.** The lowest uncommitted transaction (the *frontier*)
 //!    commits as soon as it has a result: its writes are applied to the committed state
 //!    (deltas on top of the value there), then its locks are released, which grants the
@@ -27,22 +32,22 @@
 //!    transaction keeps its locks and is *deferred*: it runs again when it is the
 //!    frontier, with an unrestricted view. A transaction that starts as the frontier
 //!    always runs unrestricted (a transaction with no declaration only runs so).
-//! 6. **In-order runs invalidate.** A frontier run may write keys it never declared,
-//!    which later transactions may already have read. Each frontier commit records the
-//!    keys it wrote without a write or delta lock, with a sequence number; a transaction records the sequence number
-//!    when it starts, and at its commit, if it read a key written by a frontier run
-//!    committed after it started, its result is discarded and it runs again (as the
-//!    frontier, so once more at most).
+//! 6. **In-order runs invalidate.** A frontier run may write keys it holds no write or
+//!    delta lock on, which later transactions may already have read. Each frontier
+//!    commit records those keys with a sequence number; a transaction records the
+//!    sequence number when it starts, and at its commit, if it read a key written by a
+//!    frontier run committed after it started, its result is discarded and it runs again
+//!    (as the frontier, so once more at most).
 //!
 //! # Invariants
 //! * Commits happen in block order, so while transaction `i` runs the committed state
 //!   holds writes of transactions below `i` only.
-//! * When `i` reads a key it declared readable, every transaction below `i` that
-//!   declared a write or delta of that key has committed (it was ahead in the key's
-//!   queue with an incompatible request, and locks are released at commit). A
-//!   transaction below `i` that wrote the key *without* declaring it ran unrestricted as
-//!   the frontier; if it committed after `i` started, `i` is re-run (step 6). So every
-//!   read of a committed result is the serial one.
+//! * When `i` reads a key it declared readable, every transaction below `i` that holds
+//!   a write or delta lock on the key has committed (it was ahead in the key's queue
+//!   with an incompatible request, and locks are released at commit). A transaction
+//!   below `i` that wrote the key *without* such a lock ran unrestricted as the
+//!   frontier; if it committed after `i` started, `i` is re-run (step 6). So every read
+//!   of a committed result is the serial one.
 //! * Keys declared `Delta` are never read by their holder; deltas are applied at commit,
 //!   in block order, on the committed value, so they need no mutual exclusion.
 //! * The frontier's locks are all granted (every request ahead of them belongs to a
@@ -51,16 +56,22 @@
 //! * Hence every committed output and write equals the serial one; the first committed
 //!   error is where serial execution fails, and it is returned.
 //!
+//! Locks are held until commit, and commits wait for every earlier transaction, so a
+//! transaction that conflicts with an earlier one waits for that one *and* everything
+//! before it. Write-after-read needs no lock with buffered in-order commits, but the
+//! locks follow Sealevel's reader/writer rule all the same.
+//!
 //! # Metrics
-//! `executions`, `reexecutions` (beyond the first run of each transaction),
-//! `dependency_waits` (transactions that waited for a lock), `execution_time`,
-//! `scheduling_time` (finding work, waiting, lock bookkeeping), `validation_time`
-//! (commit-time checks and applying writes) and `finalize_time`; extras:
-//! `declaration_coverage_pct` (committed transactions whose final execution stayed
-//! within their declaration), `undeclared_reruns` (executions voided by an undeclared
-//! access), `lock_acquisitions`, `lock_blocked` (transactions that had to wait for a
-//! lock), `frontier_runs`, `invalidated` (step 6), `declared_keys`, `hint_us`
-//! (declaring, including a pre-execution) and `workers`.
+//! `executions` (pre-executions included), `reexecutions` (beyond the first of each
+//! transaction), `dependency_waits` (transactions that waited for a lock),
+//! `execution_time`, `scheduling_time` (building the lock table, finding work, waiting),
+//! `validation_time` (handing in results and committing: checks, applying writes,
+//! releasing locks) and `finalize_time`; extras: `declaration_coverage_pct` (committed
+//! transactions whose final execution stayed within their declaration, percent),
+//! `undeclared_reruns` (executions voided by an undeclared access), `lock_acquisitions`,
+//! `lock_blocked` (transactions that had to wait for a lock), `frontier_runs`,
+//! `invalidated` (step 6), `preexec_reused`, `declared_keys`, `hint_us` (declaring,
+//! pre-execution included) and `workers`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
