@@ -56,6 +56,12 @@
 //! * Hence every committed output and write equals the serial one; the first committed
 //!   error is where serial execution fails, and it is returned.
 //!
+//! Adaptive: when most runs ahead of the frontier are voided (at least half, after
+//! `ADAPT_AFTER` voids: the declarations miss what the transactions touch, as for
+//! contract calls without access lists), only the frontier runs from then on, which
+//! spares the wasted runs; it is reported as `frontier_only`. It changes nothing
+//! but speed.
+//!
 //! Locks are held until commit, and commits wait for every earlier transaction, so a
 //! transaction that conflicts with an earlier one waits for that one *and* everything
 //! before it. Write-after-read needs no lock with buffered in-order commits, but the
@@ -70,7 +76,7 @@
 //! transactions whose final execution stayed within their declaration, percent),
 //! `undeclared_reruns` (executions voided by an undeclared access), `lock_acquisitions`,
 //! `lock_blocked` (transactions that had to wait for a lock), `frontier_runs`,
-//! `invalidated` (step 6), `preexec_reused`, `declared_keys`, `hint_us` (declaring,
+//! `invalidated` (step 6), `preexec_reused`, `frontier_only`, `declared_keys`, `hint_us` (declaring,
 //! pre-execution included) and `workers`.
 
 use std::cmp::Reverse;
@@ -108,10 +114,27 @@ pub enum Hints {
 }
 
 /// How the engine runs.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub hints: Hints,
+    /// Stop running transactions ahead of the frontier once most such runs are voided
+    /// by undeclared accesses (see the module documentation). Tests turn it off to
+    /// exercise restricted runs on any block.
+    pub adaptive: bool,
 }
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            hints: Hints::Declared,
+            adaptive: true,
+        }
+    }
+}
+
+/// The adaptive rule: after this many voided runs, if at least half of the runs ahead
+/// of the frontier were voided, only the frontier runs from then on.
+const ADAPT_AFTER: u64 = 32;
 
 /// With storage reads slower than this, the engine runs `WORKERS_PER_THREAD_IF_SLOW`
 /// workers per thread so that reads overlap (as `block-stm` does).
@@ -151,6 +174,7 @@ where
         run,
         Options {
             hints: Hints::Preexec,
+            ..Options::default()
         },
     )
 }
@@ -179,7 +203,8 @@ where
     let hint_time = hint_started.elapsed();
 
     let build_started = Instant::now();
-    let sched = Sched::<V>::new(&declared);
+    let mut sched = Sched::<V>::new(&declared);
+    sched.adaptive = options.adaptive;
     let lock_blocked = sched.lock_blocked;
     let declared_keys: u64 = declared.iter().map(|d| d.len() as u64).sum();
     let engine = Sealevel {
@@ -233,6 +258,7 @@ where
         ..
     } = engine;
     let sched = sched.into_inner().unwrap_or_else(|e| e.into_inner());
+    let frontier_only = sched.frontier_only();
     if let Some(error) = sched.error {
         return Err(error.into());
     }
@@ -267,6 +293,7 @@ where
         ("frontier_runs", sched.frontier_runs),
         ("invalidated", sched.invalidated),
         ("preexec_reused", preexec_reused),
+        ("frontier_only", u64::from(frontier_only)),
         ("declared_keys", declared_keys),
         ("hint_us", hint_time.as_micros() as u64),
         ("workers", workers as u64),
@@ -458,6 +485,10 @@ struct Sched<V: Vm> {
     frontier_seq: u64,
     frontier_writes: HashMap<V::Key, u64, Hasher>,
     error: Option<VmError>,
+    adaptive: bool,
+    /// Runs ahead of the frontier (restricted), and how many of them were voided.
+    restricted_runs: u64,
+    voided: u64,
     lock_acquisitions: u64,
     lock_blocked: u64,
     frontier_runs: u64,
@@ -521,6 +552,9 @@ impl<V: Vm> Sched<V> {
             frontier_seq: 0,
             frontier_writes: HashMap::default(),
             error: None,
+            adaptive: false,
+            restricted_runs: 0,
+            voided: 0,
             lock_acquisitions: 0,
             lock_blocked: 0,
             frontier_runs: 0,
@@ -590,6 +624,9 @@ impl<V: Vm> Sched<V> {
 
     /// The lowest ready transaction, if any, marked running.
     fn pop(&mut self) -> Option<Task> {
+        if self.frontier_only() && self.ready.peek() != Some(&Reverse(self.next)) {
+            return None;
+        }
         let Reverse(tx) = self.ready.pop()?;
         self.status[tx] = Status::Running;
         self.start_seq[tx] = self.frontier_seq;
@@ -598,12 +635,20 @@ impl<V: Vm> Sched<V> {
         let frontier = tx == self.next;
         if frontier {
             self.frontier_runs += 1;
+        } else {
+            self.restricted_runs += 1;
         }
         Some(Task {
             tx,
             frontier,
             first: self.runs[tx] == 1,
         })
+    }
+
+    /// The adaptive rule: most runs ahead of the frontier were voided, so only the
+    /// frontier runs (the declarations mostly miss what transactions touch).
+    fn frontier_only(&self) -> bool {
+        self.adaptive && self.voided >= ADAPT_AFTER && 2 * self.voided >= self.restricted_runs
     }
 
     /// Whether a restricted run of `tx` read a key that a frontier run committed after
@@ -768,6 +813,7 @@ where
             match run {
                 Run::Void => {
                     stats.undeclared_reruns += 1;
+                    sched.voided += 1;
                     sched.status[task.tx] = Status::Deferred;
                     sched.promote_frontier();
                 }
@@ -886,7 +932,7 @@ where
                 let seq = sched.frontier_seq;
                 let mut logged = false;
                 for (key, _) in &finished.writes {
-                    if !declared_kind(declaration, key).is_some_and(|k| k != AccessKind::Read) {
+                    if declared_kind(declaration, key).is_none_or(|k| k == AccessKind::Read) {
                         sched.frontier_writes.insert(key.clone(), seq);
                         logged = true;
                     }

@@ -111,7 +111,10 @@ fn run<V: Vm<Key = StateKey, Value = StateValue>>(
         vm,
         &w.pre_state,
         &RunOptions::threads(threads),
-        Options { hints },
+        Options {
+            hints,
+            adaptive: false,
+        },
     )
     .expect("sealevel executes the block")
 }
