@@ -27,6 +27,48 @@ pub struct Execution<K, V, D, O> {
     pub output: O,
 }
 
+/// How a transaction declares it will use a key (see [`Vm::declared_access`]).
+///
+/// `Read` and `Write` are the usual shared and exclusive modes. `Delta` declares only
+/// commutative updates ([`Write::Delta`]) *without reading the key*: any number of
+/// `Delta` holders may run together (their updates commute), but not alongside a reader
+/// or a writer of the key. A `Write` declaration also permits reads and deltas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AccessKind {
+    Read,
+    Delta,
+    Write,
+}
+
+impl AccessKind {
+    /// The weakest kind that permits both `self` and `other`.
+    pub fn join(self, other: AccessKind) -> AccessKind {
+        if self == other {
+            self
+        } else {
+            AccessKind::Write
+        }
+    }
+
+    /// Whether two holders of these kinds may use the same key at the same time.
+    pub fn compatible(self, other: AccessKind) -> bool {
+        self == other && self != AccessKind::Write
+    }
+
+    /// Whether a declaration of this kind permits reading the key.
+    pub fn permits_read(self) -> bool {
+        self != AccessKind::Delta
+    }
+
+    /// Whether a declaration of this kind permits `write`.
+    pub fn permits_write<V, D>(self, write: &Write<V, D>) -> bool {
+        match write {
+            Write::Put(_) => self == AccessKind::Write,
+            Write::Delta(_) => self != AccessKind::Read,
+        }
+    }
+}
+
 /// Why a read could not be served.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ReadError {
@@ -104,4 +146,21 @@ pub trait Vm: Sync {
 
     /// Block-level post-processing of outputs in block order (e.g. cumulative gas).
     fn finalize_outputs(&self, outputs: &mut [Self::Output]) -> Result<(), VmError>;
+
+    /// The keys transaction `tx` declares it will access, and how (Solana-style access
+    /// lists; used by the `sealevel` engine to take locks). `pre_block` reads the state
+    /// *before the block* (e.g. to find an account's code or storage generation); what
+    /// earlier transactions of the block change is unknown here.
+    ///
+    /// Declarations are hints: an engine must stay exact when they are wrong or missing
+    /// (it detects an access outside them and re-runs the transaction in order). The
+    /// default declares nothing, which is exact but leaves nothing to run in parallel.
+    fn declared_access<R: ReadView<Self::Key, Self::Value>>(
+        &self,
+        tx: TxIndex,
+        pre_block: &mut R,
+    ) -> Vec<(Self::Key, AccessKind)> {
+        let _ = (tx, pre_block);
+        Vec::new()
+    }
 }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod mv_memory;
 pub mod preexec;
 pub mod scheduler;
+pub mod sealevel;
 pub mod sequential;
 pub mod trace;
 pub mod workers;
@@ -54,15 +55,26 @@ impl RunOptions {
 pub enum EngineKind {
     Sequential,
     BlockStm,
+    /// Sealevel locks on the VM's declared access (EIP-2930 lists, transaction shape).
+    Sealevel,
+    /// Sealevel locks on declarations joined with a pre-execution's accesses.
+    SealevelPreexec,
 }
 
 impl EngineKind {
-    pub const ALL: &'static [EngineKind] = &[EngineKind::Sequential, EngineKind::BlockStm];
+    pub const ALL: &'static [EngineKind] = &[
+        EngineKind::Sequential,
+        EngineKind::BlockStm,
+        EngineKind::Sealevel,
+        EngineKind::SealevelPreexec,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Sequential => "sequential",
             EngineKind::BlockStm => "block-stm",
+            EngineKind::Sealevel => "sealevel",
+            EngineKind::SealevelPreexec => "sealevel-preexec",
         }
     }
 
@@ -101,6 +113,8 @@ impl EngineKind {
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),
             EngineKind::BlockStm => block_stm::execute(vm, storage, options),
+            EngineKind::Sealevel => sealevel::execute(vm, storage, options),
+            EngineKind::SealevelPreexec => sealevel::execute_preexec(vm, storage, options),
         }
     }
 }

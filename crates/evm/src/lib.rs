@@ -8,6 +8,7 @@
 
 pub mod block;
 mod db;
+pub mod declared;
 mod handler;
 pub mod receipts;
 pub mod spec;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, U256};
 use parex_core::{
-    AccountInfo, AccountValue, BalanceDelta, Execution, ReadView, StateKey, StateValue, TxIndex,
-    TxOutcome, TxStatus, Vm, VmError, Write,
+    AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, ReadView, StateKey, StateValue,
+    TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
 };
 use revm::context::{BlockEnv, CfgEnv, Context, Journal, TxEnv};
 use revm::context_interface::JournalTr;
@@ -179,6 +179,15 @@ impl Vm for EvmVm<'_> {
 
     fn merge_deltas(&self, earlier: &mut BalanceDelta, later: &BalanceDelta) {
         earlier.merge(later);
+    }
+
+    /// See [`crate::declared`].
+    fn declared_access<R: ReadView<StateKey, StateValue>>(
+        &self,
+        tx: TxIndex,
+        pre_block: &mut R,
+    ) -> Vec<(StateKey, AccessKind)> {
+        crate::declared::declared_access(self.block, tx, pre_block)
     }
 
     fn finalize_outputs(&self, outputs: &mut [TxOutcome]) -> Result<(), VmError> {

@@ -1,0 +1,1068 @@
+//! `sealevel`: declared access sets and read/write locks, as in Solana's Sealevel (and
+//! Neon EVM, which runs EVM transactions under it with emulator-computed account lists).
+//!
+//! Two engine names select the source of declarations ([`Hints`]): `sealevel` uses the
+//! VM's own ([`Vm::declared_access`]; for the EVM its EIP-2930 access list and what the
+//! transaction's shape implies, see `parex_evm::declared`), `sealevel-preexec` joins
+//! them with what a pre-execution on the pre-block state ([`crate::preexec`]) read and
+//! wrote, which is what Neon does.
+//!
+//! # Algorithm
+//! 1. **Declare.** Every transaction gets an access set: keys with a kind, `Read`,
+//!    `Write` or `Delta` (a commutative update that does not read the key, such as the
+//!    beneficiary's fee).
+//! 2. **Lock.** Each declared key has a queue of lock requests in block order. A request
+//!    is granted when it is compatible with every request ahead of it in the queue (many
+//!    `Read`s together, many `Delta`s together, a `Write` alone), so conflicting
+//!    transactions get a key in block order. A transaction whose requests are all
+//!    granted is *ready*; ready transactions run in parallel on the workers, lowest
+//!    index first.
+//! 3. **Execute.** A transaction reads the *committed* state (pre-block storage plus the
+//!    writes of committed transactions; no multi-version memory) through a view that
+//!    lets it read only keys it declared readable. Its writes are buffered, and checked
+//!    against its declaration once it returns. With pre-execution hints, a
+//!    pre-execution whose every read still sees the committed value *is* the result
+//!    (the VM is a pure function of the values it reads) and is used without executing.
+//! 4. **Commit in block order.** The lowest uncommitted transaction (the *frontier*)
+//!    commits as soon as it has a result: its writes are applied to the committed state
+//!    (deltas on top of the value there), then its locks are released, which grants the
+//!    next requests in the queues.
+//! 5. **Undeclared access.** A read outside the declaration aborts the execution (the
+//!    view answers [`ReadError::Aborted`]); a write outside it voids the result. The
+//!    transaction keeps its locks and is *deferred*: it runs again when it is the
+//!    frontier, with an unrestricted view. A transaction that starts as the frontier
+//!    always runs unrestricted (a transaction with no declaration only runs so).
+//! 6. **In-order runs invalidate.** A frontier run may write keys it holds no write or
+//!    delta lock on, which later transactions may already have read. Each frontier
+//!    commit records those keys with a sequence number; a transaction records the
+//!    sequence number when it starts, and at its commit, if it read a key written by a
+//!    frontier run committed after it started, its result is discarded and it runs again
+//!    (as the frontier, so once more at most).
+//!
+//! # Invariants
+//! * Commits happen in block order, so while transaction `i` runs the committed state
+//!   holds writes of transactions below `i` only.
+//! * When `i` reads a key it declared readable, every transaction below `i` that holds
+//!   a write or delta lock on the key has committed (it was ahead in the key's queue
+//!   with an incompatible request, and locks are released at commit). A transaction
+//!   below `i` that wrote the key *without* such a lock ran unrestricted as the
+//!   frontier; if it committed after `i` started, `i` is re-run (step 6). So every read
+//!   of a committed result is the serial one.
+//! * Keys declared `Delta` are never read by their holder; deltas are applied at commit,
+//!   in block order, on the committed value, so they need no mutual exclusion.
+//! * The frontier's locks are all granted (every request ahead of them belongs to a
+//!   committed transaction), so some worker can always run it: no deadlock, and at
+//!   worst the block runs serially, in order.
+//! * Hence every committed output and write equals the serial one; the first committed
+//!   error is where serial execution fails, and it is returned.
+//!
+//! Adaptive: when most runs ahead of the frontier are voided (at least half, after
+//! `ADAPT_AFTER` voids: the declarations miss what the transactions touch, as for
+//! contract calls without access lists), only the frontier runs from then on, which
+//! spares the wasted runs; it is reported as `frontier_only`. It changes nothing
+//! but speed.
+//!
+//! Locks are held until commit, and commits wait for every earlier transaction, so a
+//! transaction that conflicts with an earlier one waits for that one *and* everything
+//! before it. Write-after-read needs no lock with buffered in-order commits, but the
+//! locks follow Sealevel's reader/writer rule all the same.
+//!
+//! # Metrics
+//! `executions` (pre-executions included), `reexecutions` (beyond the first of each
+//! transaction), `dependency_waits` (transactions that waited for a lock),
+//! `execution_time`, `scheduling_time` (building the lock table, finding work, waiting),
+//! `validation_time` (handing in results and committing: checks, applying writes,
+//! releasing locks) and `finalize_time`; extras: `declaration_coverage_pct` (committed
+//! transactions whose final execution stayed within their declaration, percent),
+//! `undeclared_reruns` (executions voided by an undeclared access), `lock_acquisitions`,
+//! `lock_blocked` (transactions that had to wait for a lock), `frontier_runs`,
+//! `invalidated` (step 6), `preexec_reused`, `frontier_only`, `declared_keys`, `hint_us` (declaring,
+//! pre-execution included) and `workers`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasher;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam::utils::Backoff;
+use parex_core::{
+    AccessKind, BlockOutcome, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError,
+    Write,
+};
+
+use crate::preexec::PreExecution;
+use crate::trace::{SpanKind, Tracer};
+use crate::{EngineError, Metrics, RunOptions, VmOutcome};
+
+type Hasher = alloy_primitives::map::DefaultHashBuilder;
+type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
+/// A transaction's declaration, sorted by key, each key once.
+type Declaration<K> = Box<[(K, AccessKind)]>;
+
+/// Where declarations come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hints {
+    /// The VM's declarations ([`Vm::declared_access`]).
+    #[default]
+    Declared,
+    /// The VM's declarations joined with what a pre-execution on the pre-block state
+    /// read (`Read`) and wrote (`Write`, or `Delta` for deltas).
+    Preexec,
+}
+
+/// How the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub hints: Hints,
+    /// Stop running transactions ahead of the frontier once most such runs are voided
+    /// by undeclared accesses (see the module documentation). Tests turn it off to
+    /// exercise restricted runs on any block.
+    pub adaptive: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            hints: Hints::Declared,
+            adaptive: true,
+        }
+    }
+}
+
+/// The adaptive rule: after this many voided runs, if at least half of the runs ahead
+/// of the frontier were voided, only the frontier runs from then on.
+const ADAPT_AFTER: u64 = 32;
+
+/// With storage reads slower than this, the engine runs `WORKERS_PER_THREAD_IF_SLOW`
+/// workers per thread so that reads overlap (as `block-stm` does).
+const SLOW_READ: Duration = Duration::from_micros(5);
+const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
+/// Shards of the committed state (a power of two).
+const SHARDS: usize = 64;
+/// Transactions a worker declares at once in the hint phase.
+const CLAIM: usize = 16;
+
+/// Executes the block with declared hints (`sealevel`).
+pub fn execute<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    execute_with(vm, storage, run, Options::default())
+}
+
+/// Executes the block with pre-execution hints (`sealevel-preexec`).
+pub fn execute_preexec<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    execute_with(
+        vm,
+        storage,
+        run,
+        Options {
+            hints: Hints::Preexec,
+            ..Options::default()
+        },
+    )
+}
+
+/// Executes the block with `options`.
+pub fn execute_with<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    options: Options,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let threads = run.threads.max(1);
+    let n = vm.tx_count();
+    let tracer = Tracer::new(run.trace);
+
+    let hint_started = Instant::now();
+    let pre = match options.hints {
+        Hints::Declared => None,
+        Hints::Preexec => Some(crate::preexec::run(vm, storage, threads, &tracer)),
+    };
+    let declared = declare(vm, storage, threads, pre.as_deref(), &tracer);
+    let hint_time = hint_started.elapsed();
+
+    let build_started = Instant::now();
+    let mut sched = Sched::<V>::new(&declared);
+    sched.adaptive = options.adaptive;
+    let lock_blocked = sched.lock_blocked;
+    let declared_keys: u64 = declared.iter().map(|d| d.len() as u64).sum();
+    let engine = Sealevel {
+        vm,
+        storage,
+        declared,
+        pre,
+        sched: Mutex::new(sched),
+        // Most declared keys are written (reads are mostly of written keys too).
+        state: Committed::new(declared_keys as usize),
+        halt: AtomicBool::new(false),
+        tracer,
+    };
+    let workers = if storage.read_latency() >= SLOW_READ {
+        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
+    } else {
+        threads
+    }
+    .min(n.max(1));
+    let build_time = build_started.elapsed();
+
+    let per_worker = crate::workers::run(workers, |id| engine.work(id));
+
+    let finalize_started = Instant::now();
+    let mut finalize_trace = engine.tracer.recorder(0);
+    let finalize_span = finalize_trace.start();
+    let mut metrics = Metrics {
+        scheduling_time: build_time,
+        dependency_waits: lock_blocked,
+        ..Metrics::default()
+    };
+    let mut undeclared_reruns = 0;
+    let mut preexec_reused = 0;
+    if let Some(pre) = &engine.pre {
+        // Pre-executions count as first executions.
+        metrics.executions += pre.len() as u64;
+    }
+    for w in &per_worker {
+        metrics.executions += w.executions;
+        preexec_reused += w.preexec_reused;
+        metrics.execution_time += w.execution;
+        metrics.scheduling_time += w.scheduling;
+        metrics.validation_time += w.commit;
+        undeclared_reruns += w.undeclared_reruns;
+    }
+    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
+    let Sealevel {
+        sched,
+        state,
+        tracer,
+        ..
+    } = engine;
+    let sched = sched.into_inner().unwrap_or_else(|e| e.into_inner());
+    let frontier_only = sched.frontier_only();
+    if let Some(error) = sched.error {
+        return Err(error.into());
+    }
+    let mut outputs = Vec::with_capacity(n);
+    for (tx, output) in sched.outputs.into_iter().enumerate() {
+        match output {
+            Some(output) => outputs.push(output),
+            None => {
+                return Err(EngineError::Vm(VmError::Internal {
+                    tx,
+                    message: "sealevel ended without committing the transaction".into(),
+                }));
+            }
+        }
+    }
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = state.into_diff();
+    metrics.finalize_time = finalize_started.elapsed();
+    finalize_trace.record(SpanKind::Finalize, None, finalize_span);
+    tracer.submit(finalize_trace);
+    metrics.trace = tracer.finish();
+    let coverage = if n == 0 {
+        100
+    } else {
+        sched.complete * 100 / n as u64
+    };
+    metrics.extra = vec![
+        ("declaration_coverage_pct", coverage),
+        ("undeclared_reruns", undeclared_reruns),
+        ("lock_acquisitions", sched.lock_acquisitions),
+        ("lock_blocked", lock_blocked),
+        ("frontier_runs", sched.frontier_runs),
+        ("invalidated", sched.invalidated),
+        ("preexec_reused", preexec_reused),
+        ("frontier_only", u64::from(frontier_only)),
+        ("declared_keys", declared_keys),
+        ("hint_us", hint_time.as_micros() as u64),
+        ("workers", workers as u64),
+    ];
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 1: declarations.
+
+/// Every transaction's declaration, in block order, computed on `threads` workers.
+fn declare<V, S>(
+    vm: &V,
+    storage: &S,
+    threads: usize,
+    pre: Option<&[PreExecution<V>]>,
+    tracer: &Tracer,
+) -> Vec<Declaration<V::Key>>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let next = AtomicUsize::new(0);
+    let per_worker = crate::workers::run(threads.clamp(1, n.max(1)), |id| {
+        let mut trace = tracer.recorder(id);
+        let mut done = Vec::new();
+        loop {
+            let first = next.fetch_add(CLAIM, Relaxed);
+            if first >= n {
+                break;
+            }
+            for tx in first..(first + CLAIM).min(n) {
+                let span = trace.start();
+                let mut keys = vm.declared_access(tx, &mut PreBlock(storage));
+                if let Some(pre) = pre.and_then(|p| p.get(tx)) {
+                    keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
+                    if let Ok(execution) = &pre.result {
+                        keys.extend(execution.writes.iter().map(|(k, w)| {
+                            let kind = match w {
+                                Write::Put(_) => AccessKind::Write,
+                                Write::Delta(_) => AccessKind::Delta,
+                            };
+                            (k.clone(), kind)
+                        }));
+                    }
+                }
+                done.push((tx, normalize(keys)));
+                trace.record(SpanKind::Hint, Some(tx), span);
+            }
+        }
+        tracer.submit(trace);
+        done
+    });
+    let mut declared: Vec<Declaration<V::Key>> = (0..n).map(|_| Box::default()).collect();
+    for (tx, declaration) in per_worker.into_iter().flatten() {
+        declared[tx] = declaration;
+    }
+    declared
+}
+
+/// Sorts by key and merges repeated keys into one, of the joined kind.
+fn normalize<K: Ord>(mut keys: Vec<(K, AccessKind)>) -> Declaration<K> {
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(K, AccessKind)> = Vec::with_capacity(keys.len());
+    for (key, kind) in keys {
+        match out.last_mut() {
+            Some((last, existing)) if *last == key => *existing = existing.join(kind),
+            _ => out.push((key, kind)),
+        }
+    }
+    out.into_boxed_slice()
+}
+
+/// The kind `key` is declared with in `declaration`, if it is.
+fn declared_kind<K: Ord>(declaration: &[(K, AccessKind)], key: &K) -> Option<AccessKind> {
+    declaration
+        .binary_search_by(|(k, _)| k.cmp(key))
+        .ok()
+        .map(|i| declaration[i].1)
+}
+
+/// The pre-block state, for declarations.
+struct PreBlock<'a, S>(&'a S);
+
+impl<S: Storage> ReadView<S::Key, S::Value> for PreBlock<'_, S> {
+    fn read(&mut self, key: &S::Key) -> Result<Option<S::Value>, ReadError> {
+        Ok(self.0.read(key)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 2: locks, and the scheduler's state (one mutex: lock work is short next to
+// executing a transaction).
+
+/// The lock of one key: its requests are `requests[head..end]` of the lock table (in
+/// block order; those before `head` are released), and `requests[head..granted]` hold
+/// it: one `Write`, or a run of `Read`s or of `Delta`s.
+struct LockQueue {
+    head: u32,
+    granted: u32,
+    end: u32,
+}
+
+impl LockQueue {
+    /// Grants every request now compatible with all those ahead of it; calls `grant` with
+    /// each newly granted transaction.
+    fn grant(&mut self, requests: &[(TxIndex, AccessKind)], mut grant: impl FnMut(TxIndex)) {
+        while self.granted < self.end {
+            let (tx, kind) = requests[self.granted as usize];
+            if self.granted > self.head && !requests[self.head as usize].1.compatible(kind) {
+                break;
+            }
+            self.granted += 1;
+            grant(tx);
+        }
+    }
+
+    /// Releases `tx`'s request. Releases happen in block order (at commit), so it is the
+    /// first unreleased one; every request up to it is released.
+    fn release(&mut self, requests: &[(TxIndex, AccessKind)], tx: TxIndex) {
+        while self.head < self.end && requests[self.head as usize].0 <= tx {
+            self.head += 1;
+        }
+        self.granted = self.granted.max(self.head);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    /// Some lock is not granted yet.
+    Waiting,
+    /// In the ready queue.
+    Ready,
+    Running,
+    /// Executed within its declaration; the result waits for its turn to commit.
+    Done,
+    /// Must run as the frontier (undeclared access, or nothing declared).
+    Deferred,
+    Committed,
+}
+
+/// A finished execution, not yet committed.
+struct Finished<V: Vm> {
+    writes: Writes<V>,
+    output: Result<V::Output, VmError>,
+    /// Keys read (restricted runs only; checked at commit, step 6).
+    reads: Vec<V::Key>,
+    /// Ran as the frontier (unrestricted, exact by construction).
+    frontier: bool,
+    /// Every access was within the declaration.
+    complete: bool,
+}
+
+/// What a worker picked: a transaction, run restricted or as the frontier.
+#[derive(Clone, Copy)]
+struct Task {
+    tx: TxIndex,
+    frontier: bool,
+    first: bool,
+}
+
+struct Sched<V: Vm> {
+    status: Vec<Status>,
+    /// Lock requests not yet granted, per transaction.
+    pending: Vec<u32>,
+    /// The locks (queue indexes) of transaction `tx`'s declared keys are
+    /// `tx_locks[lock_offsets[tx]..lock_offsets[tx + 1]]`.
+    tx_locks: Vec<u32>,
+    lock_offsets: Vec<u32>,
+    queues: Vec<LockQueue>,
+    /// Every lock request, grouped by key, in block order within a key.
+    requests: Vec<(TxIndex, AccessKind)>,
+    ready: BinaryHeap<Reverse<TxIndex>>,
+    /// The frontier: every transaction below it is committed.
+    next: TxIndex,
+    runs: Vec<u32>,
+    /// `frontier_seq` when the transaction's latest run started.
+    start_seq: Vec<u64>,
+    results: Vec<Option<Finished<V>>>,
+    outputs: Vec<Option<V::Output>>,
+    /// Frontier commits that wrote something so far, and per key the last one's number.
+    frontier_seq: u64,
+    frontier_writes: HashMap<V::Key, u64, Hasher>,
+    error: Option<VmError>,
+    adaptive: bool,
+    /// Runs ahead of the frontier (restricted), and how many of them were voided.
+    restricted_runs: u64,
+    voided: u64,
+    lock_acquisitions: u64,
+    lock_blocked: u64,
+    frontier_runs: u64,
+    invalidated: u64,
+    complete: u64,
+}
+
+impl<V: Vm> Sched<V> {
+    /// Queues every declared key's requests in block order and grants what it can.
+    fn new(declared: &[Declaration<V::Key>]) -> Self {
+        let n = declared.len();
+        // Number the keys, count each one's requests, then lay the queues out flat.
+        let mut ids: HashMap<&V::Key, u32, Hasher> = HashMap::default();
+        let mut counts: Vec<u32> = Vec::new();
+        let mut tx_locks = Vec::with_capacity(declared.iter().map(|d| d.len()).sum());
+        let mut lock_offsets = Vec::with_capacity(n + 1);
+        lock_offsets.push(0);
+        for declaration in declared {
+            for (key, _) in declaration.iter() {
+                let id = *ids.entry(key).or_insert_with(|| {
+                    counts.push(0);
+                    (counts.len() - 1) as u32
+                });
+                counts[id as usize] += 1;
+                tx_locks.push(id);
+            }
+            lock_offsets.push(tx_locks.len() as u32);
+        }
+        let mut queues = Vec::with_capacity(counts.len());
+        let mut start = 0u32;
+        for count in counts {
+            queues.push(LockQueue {
+                head: start,
+                granted: start,
+                end: start,
+            });
+            start += count;
+        }
+        let mut requests = vec![(0, AccessKind::Read); tx_locks.len()];
+        for (tx, declaration) in declared.iter().enumerate() {
+            let ids = &tx_locks[lock_offsets[tx] as usize..lock_offsets[tx + 1] as usize];
+            for (&id, (_, kind)) in ids.iter().zip(declaration.iter()) {
+                let queue = &mut queues[id as usize];
+                requests[queue.end as usize] = (tx, *kind);
+                queue.end += 1;
+            }
+        }
+        let mut sched = Sched {
+            status: vec![Status::Waiting; n],
+            pending: declared.iter().map(|d| d.len() as u32).collect(),
+            tx_locks,
+            lock_offsets,
+            queues,
+            requests,
+            ready: BinaryHeap::with_capacity(n),
+            next: 0,
+            runs: vec![0; n],
+            start_seq: vec![0; n],
+            results: (0..n).map(|_| None).collect(),
+            outputs: (0..n).map(|_| None).collect(),
+            frontier_seq: 0,
+            frontier_writes: HashMap::default(),
+            error: None,
+            adaptive: false,
+            restricted_runs: 0,
+            voided: 0,
+            lock_acquisitions: 0,
+            lock_blocked: 0,
+            frontier_runs: 0,
+            invalidated: 0,
+            complete: 0,
+        };
+        for queue in 0..sched.queues.len() {
+            sched.grant(queue);
+        }
+        // Granting queued every transaction whose locks were all granted.
+        for (tx, declaration) in declared.iter().enumerate() {
+            if declaration.is_empty() {
+                sched.status[tx] = Status::Deferred;
+            } else if sched.pending[tx] > 0 {
+                sched.lock_blocked += 1;
+            }
+        }
+        sched.promote_frontier();
+        sched
+    }
+
+    fn finished(&self) -> bool {
+        self.next >= self.status.len() || self.error.is_some()
+    }
+
+    /// Grants what queue `queue` can grant; transactions left with no pending request
+    /// become ready.
+    fn grant(&mut self, queue: usize) {
+        let Sched {
+            queues,
+            requests,
+            pending,
+            status,
+            ready,
+            lock_acquisitions,
+            ..
+        } = self;
+        queues[queue].grant(requests, |tx| {
+            *lock_acquisitions += 1;
+            pending[tx] = pending[tx].saturating_sub(1);
+            if pending[tx] == 0 && status[tx] == Status::Waiting {
+                status[tx] = Status::Ready;
+                ready.push(Reverse(tx));
+            }
+        });
+    }
+
+    /// Releases `tx`'s locks (at its commit) and grants the requests behind them.
+    fn release(&mut self, tx: TxIndex) {
+        let locks = self.lock_offsets[tx] as usize..self.lock_offsets[tx + 1] as usize;
+        for i in locks {
+            let lock = self.tx_locks[i];
+            self.queues[lock as usize].release(&self.requests, tx);
+            self.grant(lock as usize);
+        }
+    }
+
+    /// Queues the frontier if it waits for its turn.
+    fn promote_frontier(&mut self) {
+        if let Some(status) = self.status.get_mut(self.next)
+            && *status == Status::Deferred
+        {
+            *status = Status::Ready;
+            self.ready.push(Reverse(self.next));
+        }
+    }
+
+    /// The lowest ready transaction, if any, marked running.
+    fn pop(&mut self) -> Option<Task> {
+        if self.frontier_only() && self.ready.peek() != Some(&Reverse(self.next)) {
+            return None;
+        }
+        let Reverse(tx) = self.ready.pop()?;
+        self.status[tx] = Status::Running;
+        self.start_seq[tx] = self.frontier_seq;
+        self.runs[tx] += 1;
+        // The frontier cannot move while it runs: only its own commit moves it.
+        let frontier = tx == self.next;
+        if frontier {
+            self.frontier_runs += 1;
+        } else {
+            self.restricted_runs += 1;
+        }
+        Some(Task {
+            tx,
+            frontier,
+            first: self.runs[tx] == 1,
+        })
+    }
+
+    /// The adaptive rule: most runs ahead of the frontier were voided, so only the
+    /// frontier runs (the declarations mostly miss what transactions touch).
+    fn frontier_only(&self) -> bool {
+        self.adaptive && self.voided >= ADAPT_AFTER && 2 * self.voided >= self.restricted_runs
+    }
+
+    /// Whether a restricted run of `tx` read a key that a frontier run committed after
+    /// it started wrote (step 6).
+    fn read_stale(&self, tx: TxIndex, reads: &[V::Key]) -> bool {
+        self.frontier_seq > self.start_seq[tx]
+            && reads.iter().any(|k| {
+                self.frontier_writes
+                    .get(k)
+                    .is_some_and(|&seq| seq >= self.start_seq[tx])
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The committed state: pre-block storage plus the writes of committed transactions.
+
+/// One shard: per written key, its value (`None`: the key does not exist).
+type Shard<K, V> = RwLock<HashMap<K, Option<V>, Hasher>>;
+
+struct Committed<K, V> {
+    shards: Box<[Shard<K, V>]>,
+    hasher: Hasher,
+}
+
+impl<K: Eq + std::hash::Hash, V: Clone> Committed<K, V> {
+    /// Sized for about `keys` written keys.
+    fn new(keys: usize) -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    RwLock::new(HashMap::with_capacity_and_hasher(
+                        keys / SHARDS + 1,
+                        Hasher::default(),
+                    ))
+                })
+                .collect(),
+            hasher: Hasher::default(),
+        }
+    }
+
+    fn shard(&self, key: &K) -> &Shard<K, V> {
+        &self.shards[self.hasher.hash_one(key) as usize & (SHARDS - 1)]
+    }
+
+    /// The value a committed transaction wrote, or `None` if none wrote the key.
+    fn get(&self, key: &K) -> Option<Option<V>> {
+        self.shard(key)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: K, value: Option<V>) {
+        self.shard(&key)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, value);
+    }
+
+    /// Every written key that exists after the block, with its value.
+    fn into_diff(self) -> Vec<(K, V)> {
+        self.shards
+            .into_vec()
+            .into_iter()
+            .flat_map(|shard| shard.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Steps 3 to 6: workers.
+
+struct Sealevel<'a, V: Vm, S> {
+    vm: &'a V,
+    storage: &'a S,
+    declared: Vec<Declaration<V::Key>>,
+    /// Pre-executions (`Hints::Preexec`), reused where still valid.
+    pre: Option<Vec<PreExecution<V>>>,
+    sched: Mutex<Sched<V>>,
+    state: Committed<V::Key, V::Value>,
+    /// Set when a worker unwinds, so that the others stop instead of waiting forever.
+    halt: AtomicBool,
+    tracer: Tracer,
+}
+
+/// One worker's counters and phase times.
+#[derive(Default)]
+struct WorkerStats {
+    executions: u64,
+    preexec_reused: u64,
+    undeclared_reruns: u64,
+    execution: Duration,
+    scheduling: Duration,
+    commit: Duration,
+}
+
+/// Stops the other workers if this one unwinds.
+struct HaltOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for HaltOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Relaxed);
+        }
+    }
+}
+
+/// The result of one run: usable, or void (an undeclared access).
+enum Run<V: Vm> {
+    Finished(Finished<V>),
+    Void,
+}
+
+impl<V, S> Sealevel<'_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    fn sched(&self) -> MutexGuard<'_, Sched<V>> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One worker's loop: take the lowest ready transaction, run it, hand in the result.
+    fn work(&self, id: usize) -> WorkerStats {
+        let _halt = HaltOnPanic(&self.halt);
+        let mut trace = self.tracer.recorder(id);
+        let mut stats = WorkerStats::default();
+        let backoff = Backoff::new();
+        loop {
+            let started = Instant::now();
+            let task = {
+                let mut sched = self.sched();
+                if sched.finished() || self.halt.load(Relaxed) {
+                    break;
+                }
+                sched.pop()
+            };
+            let Some(task) = task else {
+                let span = trace.start();
+                backoff.snooze();
+                trace.record(SpanKind::Wait, None, span);
+                stats.scheduling += started.elapsed();
+                continue;
+            };
+            backoff.reset();
+            let executing = Instant::now();
+            stats.scheduling += executing - started;
+            let span = trace.start();
+            let run = self.run(task, &mut stats);
+            let kind = if task.first {
+                SpanKind::Execute
+            } else {
+                SpanKind::Reexecute
+            };
+            trace.record(kind, Some(task.tx), span);
+            let committing = Instant::now();
+            stats.execution += committing - executing;
+            let mut sched = self.sched();
+            match run {
+                Run::Void => {
+                    stats.undeclared_reruns += 1;
+                    sched.voided += 1;
+                    sched.status[task.tx] = Status::Deferred;
+                    sched.promote_frontier();
+                }
+                Run::Finished(finished) => {
+                    sched.results[task.tx] = Some(finished);
+                    sched.status[task.tx] = Status::Done;
+                    if task.tx == sched.next {
+                        self.commit(&mut sched);
+                    }
+                }
+            }
+            drop(sched);
+            stats.commit += committing.elapsed();
+        }
+        self.tracer.submit(trace);
+        stats
+    }
+
+    /// Executes `task` and checks its writes against the declaration.
+    fn run(&self, task: Task, stats: &mut WorkerStats) -> Run<V> {
+        let Task { tx, frontier, .. } = task;
+        let declaration = &self.declared[tx];
+        if let Some(finished) = self.reuse_preexecution(tx, frontier) {
+            stats.preexec_reused += 1;
+            return Run::Finished(finished);
+        }
+        let mut view = View {
+            engine: self,
+            declaration,
+            frontier,
+            reads: Vec::new(),
+            violated: false,
+            undeclared: false,
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+        stats.executions += 1;
+        if view.violated {
+            // Whatever the VM made of the refused read, this execution is void.
+            return Run::Void;
+        }
+        let (writes, output) = match result {
+            Ok(Ok(execution)) => (execution.writes, Ok(execution.output)),
+            Ok(Err(error)) => (Vec::new(), Err(error)),
+            Err(panic) => (
+                Vec::new(),
+                Err(VmError::Internal {
+                    tx,
+                    message: crate::panic_message(&panic),
+                }),
+            ),
+        };
+        let writes_declared = writes.iter().all(|(key, write)| {
+            declared_kind(declaration, key).is_some_and(|kind| kind.permits_write(write))
+        });
+        if !writes_declared && !frontier {
+            return Run::Void;
+        }
+        Run::Finished(Finished {
+            writes,
+            output,
+            reads: view.reads,
+            frontier,
+            complete: writes_declared && !view.undeclared,
+        })
+    }
+
+    /// The pre-execution of `tx` as its result, if every value it read is still the
+    /// committed one: executing now would read the same values (its reads are declared,
+    /// so they are exact as in any restricted run) and so do exactly the same.
+    fn reuse_preexecution(&self, tx: TxIndex, frontier: bool) -> Option<Finished<V>> {
+        let pre = self.pre.as_ref()?.get(tx)?;
+        let execution = pre.result.as_ref().ok()?;
+        for (key, seen) in &pre.reads {
+            if self.read(key).ok()? != *seen {
+                return None;
+            }
+        }
+        Some(Finished {
+            writes: execution.writes.clone(),
+            output: Ok(execution.output.clone()),
+            reads: pre.reads.iter().map(|(k, _)| k.clone()).collect(),
+            frontier,
+            complete: true,
+        })
+    }
+
+    /// Commits the frontier and every finished transaction after it, in block order
+    /// (steps 4 and 6). Called with the scheduler locked.
+    fn commit(&self, sched: &mut Sched<V>) {
+        while !sched.finished() && sched.status[sched.next] == Status::Done {
+            let tx = sched.next;
+            let Some(finished) = sched.results[tx].take() else {
+                break;
+            };
+            if !finished.frontier && sched.read_stale(tx, &finished.reads) {
+                sched.invalidated += 1;
+                sched.status[tx] = Status::Ready;
+                sched.ready.push(Reverse(tx));
+                return;
+            }
+            let output = match finished.output {
+                Ok(output) => output,
+                Err(error) => {
+                    sched.error = Some(error);
+                    return;
+                }
+            };
+            if let Err(error) = self.apply(&finished.writes) {
+                sched.error = Some(VmError::Read(ReadError::Storage(error)));
+                return;
+            }
+            if finished.frontier {
+                // Only keys written without a write or delta lock can have been read by a
+                // later transaction before this commit (a reader of a locked key waits).
+                let declaration = &self.declared[tx];
+                let seq = sched.frontier_seq;
+                let mut logged = false;
+                for (key, _) in &finished.writes {
+                    if declared_kind(declaration, key).is_none_or(|k| k == AccessKind::Read) {
+                        sched.frontier_writes.insert(key.clone(), seq);
+                        logged = true;
+                    }
+                }
+                if logged {
+                    sched.frontier_seq += 1;
+                }
+            }
+            if finished.complete {
+                sched.complete += 1;
+            }
+            sched.outputs[tx] = Some(output);
+            sched.status[tx] = Status::Committed;
+            sched.next += 1;
+            sched.release(tx);
+        }
+        sched.promote_frontier();
+    }
+
+    /// Applies a committed transaction's writes to the committed state.
+    fn apply(&self, writes: &Writes<V>) -> Result<(), StorageError> {
+        for (key, write) in writes {
+            let value = match write {
+                Write::Put(value) => Some(value.clone()),
+                Write::Delta(delta) => {
+                    let current = match self.state.get(key) {
+                        Some(value) => value,
+                        None => self.storage.read(key)?,
+                    };
+                    self.vm.apply_delta(key, current, delta)
+                }
+            };
+            self.state.put(key.clone(), value);
+        }
+        Ok(())
+    }
+
+    /// A key's committed value.
+    fn read(&self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
+        match self.state.get(key) {
+            Some(value) => Ok(value),
+            None => Ok(self.storage.read(key)?),
+        }
+    }
+}
+
+/// What a transaction reads through: the committed state, restricted to its declaration
+/// unless it runs as the frontier.
+struct View<'a, 'e, V: Vm, S> {
+    engine: &'a Sealevel<'e, V, S>,
+    declaration: &'a [(V::Key, AccessKind)],
+    frontier: bool,
+    /// Keys read (restricted runs).
+    reads: Vec<V::Key>,
+    /// A restricted run read an undeclared key: the execution is void.
+    violated: bool,
+    /// A frontier run read an undeclared key (its declaration was incomplete).
+    undeclared: bool,
+}
+
+impl<V, S> ReadView<V::Key, V::Value> for View<'_, '_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    fn read(&mut self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
+        let readable = declared_kind(self.declaration, key).is_some_and(AccessKind::permits_read);
+        if self.frontier {
+            self.undeclared |= !readable;
+        } else if readable && !self.violated {
+            self.reads.push(key.clone());
+        } else {
+            self.violated = true;
+            return Err(ReadError::Aborted);
+        }
+        self.engine.read(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(requests: &[(TxIndex, AccessKind)]) -> (LockQueue, Vec<TxIndex>) {
+        let mut q = LockQueue {
+            head: 0,
+            granted: 0,
+            end: requests.len() as u32,
+        };
+        let mut granted = Vec::new();
+        q.grant(requests, |tx| granted.push(tx));
+        (q, granted)
+    }
+
+    #[test]
+    fn locks_are_granted_in_block_order() {
+        use AccessKind::{Delta, Read, Write};
+        // Readers share, a writer waits for them, and a reader behind it waits too.
+        let r = [(0, Read), (1, Read), (2, Write), (3, Read)];
+        let (mut q, granted) = queue(&r);
+        assert_eq!(granted, vec![0, 1]);
+        let mut more = Vec::new();
+        q.release(&r, 0);
+        q.grant(&r, |tx| more.push(tx));
+        assert!(more.is_empty());
+        q.release(&r, 1);
+        q.grant(&r, |tx| more.push(tx));
+        assert_eq!(more, vec![2]);
+        q.release(&r, 2);
+        q.grant(&r, |tx| more.push(tx));
+        assert_eq!(more, vec![2, 3]);
+        // Deltas share with deltas only.
+        let (_, granted) = queue(&[(0, Delta), (1, Delta), (2, Read), (3, Delta)]);
+        assert_eq!(granted, vec![0, 1]);
+        let (_, granted) = queue(&[(0, Write), (1, Delta)]);
+        assert_eq!(granted, vec![0]);
+    }
+
+    #[test]
+    fn declarations_are_normalized() {
+        use AccessKind::{Delta, Read, Write};
+        let d = normalize(vec![
+            (3, Read),
+            (1, Delta),
+            (3, Read),
+            (1, Read),
+            (2, Write),
+        ]);
+        assert_eq!(&*d, &[(1, Write), (2, Write), (3, Read)]);
+        assert_eq!(declared_kind(&d, &2), Some(Write));
+        assert_eq!(declared_kind(&d, &4), None);
+    }
+}
