@@ -5,8 +5,10 @@
 //! that is the contract the tests enforce.
 
 pub mod block_stm;
+pub mod dag;
 pub mod metrics;
 pub mod mv_memory;
+pub mod optimistic;
 pub mod preexec;
 pub mod scheduler;
 pub mod sequential;
@@ -53,15 +55,24 @@ impl RunOptions {
 pub enum EngineKind {
     Sequential,
     BlockStm,
+    Optimistic,
+    Dag,
 }
 
 impl EngineKind {
-    pub const ALL: &'static [EngineKind] = &[EngineKind::Sequential, EngineKind::BlockStm];
+    pub const ALL: &'static [EngineKind] = &[
+        EngineKind::Sequential,
+        EngineKind::BlockStm,
+        EngineKind::Optimistic,
+        EngineKind::Dag,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Sequential => "sequential",
             EngineKind::BlockStm => "block-stm",
+            EngineKind::Optimistic => "optimistic",
+            EngineKind::Dag => "dag",
         }
     }
 
@@ -100,6 +111,8 @@ impl EngineKind {
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),
             EngineKind::BlockStm => block_stm::execute(vm, storage, options),
+            EngineKind::Optimistic => optimistic::execute(vm, storage, options),
+            EngineKind::Dag => dag::execute(vm, storage, options),
         }
     }
 }
@@ -111,7 +124,10 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// The message of a caught panic, for an error naming it.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// (Takes the box itself: a `&Box<dyn Any>` would otherwise coerce to a `&dyn Any` of
+/// the box, and no downcast of the payload would match.)
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let panic: &(dyn std::any::Any + Send) = &**panic;
     let text = panic
         .downcast_ref::<&str>()
         .copied()
