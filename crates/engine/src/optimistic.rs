@@ -59,6 +59,12 @@ struct Cached<V> {
 }
 
 type Cache<K, V> = HashMap<K, Cached<V>, DefaultHashBuilder>;
+/// The merged state and the outputs in block order.
+type Merged<V> = (
+    Cache<<V as Vm>::Key, <V as Vm>::Value>,
+    Vec<<V as Vm>::Output>,
+);
+type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
 
 struct Shared<'a, V: Vm, S> {
     vm: &'a V,
@@ -99,7 +105,7 @@ struct MergeReport<V: Vm> {
     merge_reexecutions: u64,
     own_speculations: u64,
     serial_switch: bool,
-    result: Result<(Cache<V::Key, V::Value>, Vec<V::Output>), VmError>,
+    result: Result<Merged<V>, VmError>,
 }
 
 /// Executes the block optimistically on `run.threads` workers.
@@ -444,7 +450,7 @@ where
     }
 
     /// Applies a merged transaction's writes to the merged state.
-    fn commit(&mut self, writes: Vec<(V::Key, Write<V::Value, V::Delta>)>) -> Result<(), VmError> {
+    fn commit(&mut self, writes: Writes<V>) -> Result<(), VmError> {
         for (key, write) in writes {
             match write {
                 Write::Put(value) => {
