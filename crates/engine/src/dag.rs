@@ -28,13 +28,16 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasher;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
+use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
+use hashbrown::HashTable;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
 use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
@@ -79,6 +82,10 @@ struct Record<V: Vm> {
     broken: bool,
     /// The pre-execution, until it is published (transactions with no edge in).
     hint: Option<PreExecution<V>>,
+    /// The keys the pre-execution wrote (what the DAG was built from).
+    hinted: Vec<V::Key>,
+    /// The recorded execution is the published pre-execution (all reads pre-block).
+    reused: bool,
 }
 
 /// The dependency DAG over transactions that need scheduling.
@@ -97,21 +104,47 @@ struct Dag {
     critical_path: u64,
 }
 
+/// A pre-execution with the hashes of the keys it read and wrote, computed by the
+/// hinting workers so that building the DAG (serial) hashes nothing. Keys are told
+/// apart by hash alone there: a collision only adds an edge, and edges only steer
+/// scheduling (every read is validated at commit).
+struct Hint<V: Vm> {
+    pre: PreExecution<V>,
+    reads: Vec<u64>,
+    /// Written keys, and whether the write is a full one (not a delta).
+    writes: Vec<(u64, bool)>,
+}
+
+impl<V: Vm> Hint<V> {
+    fn new(pre: PreExecution<V>, hasher: &DefaultHashBuilder) -> Self {
+        let reads = pre.reads.iter().map(|(k, _)| hasher.hash_one(k)).collect();
+        let writes = match &pre.result {
+            Ok(execution) => execution
+                .writes
+                .iter()
+                .map(|(k, w)| (hasher.hash_one(k), matches!(w, Write::Put(_))))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Self { pre, reads, writes }
+    }
+}
+
 /// Who wrote a key last, in the hints, while building the DAG.
-#[derive(Default)]
 struct Writers {
+    hash: u64,
     put: Option<TxIndex>,
     deltas: Vec<TxIndex>,
 }
 
 /// Per transaction, the transactions it depends on (sorted, distinct).
-fn predecessors<V: Vm>(hints: &[PreExecution<V>]) -> Vec<Vec<TxIndex>> {
-    let mut writers: HashMap<&V::Key, Writers> = HashMap::new();
+fn predecessors<V: Vm>(hints: &[Hint<V>]) -> Vec<Vec<TxIndex>> {
+    let mut writers: HashTable<Writers> = HashTable::with_capacity(hints.len() * 2);
     let mut preds = Vec::with_capacity(hints.len());
     for (j, hint) in hints.iter().enumerate() {
         let mut mine = Vec::new();
-        for (key, _) in &hint.reads {
-            if let Some(w) = writers.get(key) {
+        for &hash in &hint.reads {
+            if let Some(w) = writers.find(hash, |w| w.hash == hash) {
                 mine.extend(w.put);
                 mine.extend(w.deltas.iter().rev().take(MAX_DELTA_EDGES));
             }
@@ -119,16 +152,20 @@ fn predecessors<V: Vm>(hints: &[PreExecution<V>]) -> Vec<Vec<TxIndex>> {
         mine.sort_unstable();
         mine.dedup();
         preds.push(mine);
-        if let Ok(execution) = &hint.result {
-            for (key, write) in &execution.writes {
-                let w = writers.entry(key).or_default();
-                match write {
-                    Write::Put(_) => {
-                        w.put = Some(j);
-                        w.deltas.clear();
-                    }
-                    Write::Delta(_) => w.deltas.push(j),
-                }
+        for &(hash, put) in &hint.writes {
+            let w = writers
+                .entry(hash, |w| w.hash == hash, |w| w.hash)
+                .or_insert_with(|| Writers {
+                    hash,
+                    put: None,
+                    deltas: Vec::new(),
+                })
+                .into_mut();
+            if put {
+                w.put = Some(j);
+                w.deltas.clear();
+            } else {
+                w.deltas.push(j);
             }
         }
     }
@@ -145,7 +182,7 @@ fn longest_path(preds: &[Vec<TxIndex>]) -> usize {
 }
 
 impl Dag {
-    fn build<V: Vm>(hints: &[PreExecution<V>]) -> Self {
+    fn build<V: Vm>(hints: &[Hint<V>]) -> Self {
         let n = hints.len();
         let preds = predecessors(hints);
         let scheduled: Vec<bool> = preds.iter().map(|p| !p.is_empty()).collect();
@@ -189,14 +226,16 @@ impl Dag {
     }
 }
 
-/// Pre-executes `range` on `workers` workers; results in block order.
+/// Pre-executes `range` on `workers` workers; results in block order, and the time
+/// spent summed over workers.
 fn hint<V, S>(
     vm: &V,
     storage: &S,
     range: Range<TxIndex>,
     workers: usize,
+    hasher: &DefaultHashBuilder,
     tracer: &Tracer,
-) -> Vec<PreExecution<V>>
+) -> (Vec<Hint<V>>, Duration)
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
@@ -206,6 +245,7 @@ where
     let per_worker = crate::workers::run(workers.clamp(1, range.len().max(1)), |id| {
         let mut trace = tracer.recorder(id);
         let mut done = Vec::new();
+        let started = Instant::now();
         loop {
             let first = next.fetch_add(CLAIM, SeqCst);
             if first >= range.end {
@@ -213,16 +253,17 @@ where
             }
             for tx in first..(first + CLAIM).min(range.end) {
                 let span = trace.start();
-                done.push((tx, preexecute(vm, storage, tx)));
+                done.push((tx, Hint::new(preexecute(vm, storage, tx), hasher)));
                 trace.record(SpanKind::Hint, Some(tx), span);
             }
         }
         tracer.submit(trace);
-        done
+        (done, started.elapsed())
     });
-    let mut all: Vec<_> = per_worker.into_iter().flatten().collect();
+    let time = per_worker.iter().map(|(_, t)| *t).sum();
+    let mut all: Vec<_> = per_worker.into_iter().flat_map(|(done, _)| done).collect();
     all.sort_unstable_by_key(|(tx, _)| *tx);
-    all.into_iter().map(|(_, pre)| pre).collect()
+    (all.into_iter().map(|(_, hint)| hint).collect(), time)
 }
 
 /// Executes the block along its hinted dependency DAG on `run.threads` workers.
@@ -244,11 +285,12 @@ where
     }
     .min(n.max(1));
     let tracer = Tracer::new(run.trace);
-    let hint_started = Instant::now();
 
     // Hints of a sample first: a chain is handed to `sequential` before hinting it all.
     let sample = n.min((SAMPLE_PER_THREAD * threads).max(MIN_SAMPLE));
-    let mut hints = hint(vm, storage, 0..sample, workers, &tracer);
+    // One hasher for every hint: the DAG tells keys apart by hash.
+    let hasher = DefaultHashBuilder::default();
+    let (mut hints, mut hint_time) = hint(vm, storage, 0..sample, workers, &hasher, &tracer);
     if sample >= MIN_SAMPLE
         && longest_path(&predecessors(&hints)) as f64 >= CHAIN_SHARE * sample as f64
     {
@@ -268,9 +310,11 @@ where
         metrics.extra = vec![("sequential_fallback", 1), ("workers", 1)];
         return Ok((outcome, metrics));
     }
-    hints.extend(hint(vm, storage, sample..n, workers, &tracer));
-    let hint_time = hint_started.elapsed();
+    let (rest, rest_time) = hint(vm, storage, sample..n, workers, &hasher, &tracer);
+    hints.extend(rest);
+    hint_time += rest_time;
 
+    let build_started = Instant::now();
     let dag = Dag::build(&hints);
     let engine = DagEngine {
         vm,
@@ -279,13 +323,15 @@ where
         records: hints
             .into_iter()
             .enumerate()
-            .map(|(tx, hint)| {
+            .map(|(tx, Hint { pre: hint, .. })| {
                 Mutex::new(Record {
                     reads: Vec::new(),
                     written: Vec::new(),
                     output: None,
                     broken: false,
+                    hinted: hint.written_keys().cloned().collect(),
                     hint: (!dag.scheduled[tx]).then_some(hint),
+                    reused: false,
                 })
             })
             .collect(),
@@ -297,10 +343,13 @@ where
         committed: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
+        surprises: Mutex::new(HashMap::new()),
+        any_surprise: AtomicBool::new(false),
         mispredictions: AtomicU64::new(0),
         dag,
         tracer,
     };
+    let build_time = build_started.elapsed();
     let reports = crate::workers::run(workers, |id| engine.work(id));
 
     let finalize_started = Instant::now();
@@ -319,6 +368,7 @@ where
     let mut metrics = Metrics {
         executions: n as u64,
         execution_time: hint_time,
+        scheduling_time: build_time,
         ..Metrics::default()
     };
     for r in reports {
@@ -393,6 +443,10 @@ struct DagEngine<'a, V: Vm, S> {
     committed: AtomicUsize,
     failed: AtomicBool,
     error: Mutex<Option<VmError>>,
+    /// Keys some execution wrote although its transaction's hint did not, with the
+    /// lowest such writer: the only way a transaction with no edge in can be invalid.
+    surprises: Mutex<HashMap<V::Key, TxIndex>>,
+    any_surprise: AtomicBool,
     mispredictions: AtomicU64,
     dag: Dag,
     tracer: Tracer,
@@ -500,6 +554,7 @@ where
             }
             Err(error) => record.output = Some(Err(error)),
         }
+        record.reused = true;
         drop(record);
         self.mark_executed(tx);
     }
@@ -541,6 +596,9 @@ where
         };
         let previous = std::mem::take(&mut record.written);
         for (key, write) in writes {
+            if !record.hinted.contains(&key) {
+                self.surprise(&key, tx);
+            }
             record.written.push(key.clone());
             self.memory.write(key, tx, entry(incarnation, write));
         }
@@ -552,6 +610,15 @@ where
         record.reads = reads;
         record.broken = broken;
         record.output = Some(output);
+        record.reused = false;
+    }
+
+    /// Notes that `tx` wrote `key`, which its hint did not write.
+    fn surprise(&self, key: &V::Key, tx: TxIndex) {
+        let mut surprises = self.surprises.lock().unwrap_or_else(|e| e.into_inner());
+        let lowest = surprises.entry(key.clone()).or_insert(tx);
+        *lowest = (*lowest).min(tx);
+        self.any_surprise.store(true, SeqCst);
     }
 
     /// Commits as many transactions as are executed, in order, unless another worker is
@@ -618,6 +685,20 @@ where
         let record = self.records[tx].lock().unwrap_or_else(|e| e.into_inner());
         if record.broken || !matches!(record.output, Some(Ok(_))) {
             return false;
+        }
+        if record.reused {
+            // No edge in: no transaction before `tx` writes a key it read in the hints.
+            // Every final write outside the hints is a surprise, noted before its
+            // writer committed; without one below `tx` on its keys, its reads (all
+            // pre-block values) are the serial ones.
+            if !self.any_surprise.load(SeqCst) {
+                return true;
+            }
+            let surprises = self.surprises.lock().unwrap_or_else(|e| e.into_inner());
+            return record
+                .reads
+                .iter()
+                .all(|r| surprises.get(&r.key).is_none_or(|&w| w > tx));
         }
         record.reads.iter().all(|r| {
             // A value read from storage seeds the memory's base, sparing a storage read.

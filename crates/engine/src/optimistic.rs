@@ -298,7 +298,9 @@ where
                     }
                     return Ok(());
                 }
-                UNCLAIMED if self.claim(tx) => return m.execute_final(tx, SpanKind::Execute),
+                UNCLAIMED if self.claim(tx) => {
+                    return m.execute_final(tx, SpanKind::Execute, &[]);
+                }
                 UNCLAIMED => {}
                 _ => {
                     // A pre-executor has it: pre-execute a later one meanwhile, unless
@@ -361,17 +363,9 @@ where
                             break;
                         }
                     }
-                    None => {
-                        // Not merged nor read here: still the pre-block value, which is
-                        // what the pre-executor read. Keep it warm for re-executions.
-                        self.cache.insert(
-                            key.clone(),
-                            Cached {
-                                value: seen.clone(),
-                                written: false,
-                            },
-                        );
-                    }
+                    // Not merged nor read here: still the pre-block value, which is
+                    // what the pre-executor read.
+                    None => {}
                 }
             }
         }
@@ -389,20 +383,27 @@ where
             // in-order execution tells.
             _ => {
                 self.merge_reexecutions += 1;
-                self.execute_final(tx, SpanKind::Reexecute)?;
+                self.execute_final(tx, SpanKind::Reexecute, &pre.reads)?;
                 Ok(false)
             }
         }
     }
 
     /// Executes `tx` on the merged state (every earlier transaction merged): the serial
-    /// execution. Its failure is the block's.
-    fn execute_final(&mut self, tx: TxIndex, kind: SpanKind) -> Result<(), VmError> {
+    /// execution. Its failure is the block's. `warm`: reads of an earlier execution of
+    /// `tx`, whose values of keys absent from the cache are the pre-block ones.
+    fn execute_final(
+        &mut self,
+        tx: TxIndex,
+        kind: SpanKind,
+        warm: &[(V::Key, Option<V::Value>)],
+    ) -> Result<(), VmError> {
         let started = Instant::now();
         let span = self.trace.start();
         let mut view = MergedView {
             cache: &mut self.cache,
             storage: self.storage,
+            warm,
             reads: None,
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
@@ -433,6 +434,7 @@ where
         let mut view = MergedView {
             cache: &mut self.cache,
             storage: self.storage,
+            warm: &[],
             reads: Some(&mut reads),
         };
         let result = match catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view))) {
@@ -463,7 +465,7 @@ where
                     );
                 }
                 Write::Delta(delta) => {
-                    let cached = cached_entry(&mut self.cache, self.storage, &key)?;
+                    let cached = cached_entry(&mut self.cache, self.storage, &[], &key)?;
                     cached.written = true;
                     cached.value = self.vm.apply_delta(&key, cached.value.take(), &delta);
                 }
@@ -473,22 +475,31 @@ where
     }
 }
 
-/// The cache entry of `key`, read from storage on first use.
+/// The cache entry of `key`, on first use taken from `warm` (pre-block values already
+/// read) or read from storage.
 fn cached_entry<'c, K, V, S>(
     cache: &'c mut Cache<K, V>,
     storage: &S,
+    warm: &[(K, Option<V>)],
     key: &K,
 ) -> Result<&'c mut Cached<V>, ReadError>
 where
     K: Clone + Eq + Hash,
+    V: Clone,
     S: Storage<Key = K, Value = V>,
 {
     Ok(match cache.entry(key.clone()) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(Cached {
-            value: storage.read(key)?,
-            written: false,
-        }),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let value = match warm.iter().find(|(k, _)| k == key) {
+                Some((_, value)) => value.clone(),
+                None => storage.read(key)?,
+            };
+            e.insert(Cached {
+                value,
+                written: false,
+            })
+        }
     })
 }
 
@@ -497,6 +508,7 @@ where
 struct MergedView<'a, K, V, S> {
     cache: &'a mut Cache<K, V>,
     storage: &'a S,
+    warm: &'a [(K, Option<V>)],
     reads: Option<&'a mut Vec<(K, Option<V>)>>,
 }
 
@@ -507,7 +519,9 @@ where
     S: Storage<Key = K, Value = V>,
 {
     fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
-        let value = cached_entry(self.cache, self.storage, key)?.value.clone();
+        let value = cached_entry(self.cache, self.storage, self.warm, key)?
+            .value
+            .clone();
         if let Some(reads) = &mut self.reads {
             reads.push((key.clone(), value.clone()));
         }
