@@ -353,22 +353,14 @@ where
         let started = Instant::now();
         let span = self.trace.start();
         self.metrics.validations += 1;
-        let mut valid = pre.result.is_ok();
-        if valid {
-            for (key, seen) in &pre.reads {
-                match self.cache.get(key) {
-                    Some(cached) => {
-                        if cached.value != *seen {
-                            valid = false;
-                            break;
-                        }
-                    }
-                    // Not merged nor read here: still the pre-block value, which is
-                    // what the pre-executor read.
-                    None => {}
-                }
-            }
-        }
+        // A key not in the cache (neither merged nor read here) still has its pre-block
+        // value, which is what the pre-executor read.
+        let valid = pre.result.is_ok()
+            && pre.reads.iter().all(|(key, seen)| {
+                self.cache
+                    .get(key)
+                    .is_none_or(|cached| cached.value == *seen)
+            });
         self.metrics.validation_time += started.elapsed();
         self.trace.record(SpanKind::Validate, Some(tx), span);
         match pre.result {
