@@ -485,3 +485,49 @@ fn dag_metrics() {
     assert_eq!(outcome, expected);
     assert_eq!(extra(&m, "sequential_fallback"), 1, "{m:?}");
 }
+
+/// Storage whose reads of one key fail.
+struct FailingStorage {
+    inner: InMemoryStorage<Key, Value>,
+    bad: Key,
+}
+
+impl parex_core::Storage for FailingStorage {
+    type Key = Key;
+    type Value = Value;
+    fn read(&self, key: &Key) -> Result<Option<Value>, parex_core::StorageError> {
+        if *key == self.bad {
+            return Err(parex_core::StorageError(format!("key {key} is unreadable")));
+        }
+        self.inner.read(key)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A storage failure is the block's error, as in serial execution, whether a
+    /// transaction reads the key or only credits it (a delta resolved at the end).
+    /// (Nothing overwrites the key: `sequential` reads a key before a full write to it,
+    /// so it fails there too, where engines that need no pre-block value do not.)
+    #[test]
+    fn storage_errors_propagate(mut txs in block_strategy(8, 80, 2), bad in 0u32..8) {
+        for tx in &mut txs {
+            tx.writes.retain(|&k| k != bad);
+        }
+        let vm = vm(txs);
+        let storage = FailingStorage { inner: storage_for(8), bad };
+        let expected = sequential::execute(&vm, &storage, &RunOptions::threads(1))
+            .map(|(o, _)| o)
+            .map_err(|e| e.to_string());
+        for engine in parallel_engines() {
+            for threads in [1, 2, 4] {
+                let got = engine
+                    .execute(&vm, &storage, threads)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                prop_assert_eq!(&got, &expected, "{} on {} threads", engine, threads);
+            }
+        }
+    }
+}
