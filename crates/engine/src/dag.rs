@@ -22,9 +22,12 @@
 //! panicking executions are never committed as they are: the committer re-executes, and
 //! that in-order failure is the block's.
 //!
-//! Adapting: the hints of a first sample of the block are checked before the rest are
-//! computed; if their DAG is nearly a chain, speculation cannot pay and the block is executed in order on one
-//! thread (`sequential_fallback` in the metrics).
+//! Adapting: the hints of a first sample of the block are judged before the rest are
+//! computed. If their DAG is nearly a chain, speculation cannot pay and the block is
+//! executed in order on one thread (`sequential_fallback` in the metrics); if most of
+//! them are stale without an edge in (hints that miss dependencies, e.g. transactions
+//! invalid on the pre-block state), the block goes to `optimistic`
+//! (`optimistic_fallback`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -48,8 +51,10 @@ use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 /// Transactions per thread in the sample whose DAG is judged first...
 const SAMPLE_PER_THREAD: usize = 16;
 const MIN_SAMPLE: usize = 32;
-/// ...falling back to `sequential` when its longest path covers this share of it.
+/// ...falling back to `sequential` when its longest path covers this share of it, or
+/// to `optimistic` when this share of it is mispredicted.
 const CHAIN_SHARE: f64 = 0.75;
+const MISPREDICTED_SHARE: f64 = 0.5;
 /// A reader depends on at most this many delta writers of one key (the most recent):
 /// edges only steer scheduling, so a long tail of deltas (a busy beneficiary) is cut.
 const MAX_DELTA_EDGES: usize = 64;
@@ -266,11 +271,78 @@ where
     (all.into_iter().map(|(_, hint)| hint).collect(), time)
 }
 
+/// What to run instead of the DAG, when its sample says it cannot pay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fallback {
+    /// A chain: in order on one thread (`optimistic` with no pre-executors is
+    /// `sequential` that turns a panicking transaction into an error naming it).
+    Sequential,
+    /// Hints that miss most dependencies: `optimistic` merges the same stale executions
+    /// without waiting on a schedule built from them (and turns serial if it must).
+    Optimistic,
+}
+
+/// Judges the hints of the sample: a DAG whose longest path covers most of it is a
+/// chain; hints of which most are stale although they have no edge in (the merge check
+/// of an in-order pass over the sample tells) predict nothing.
+fn judge_sample<V, S>(vm: &V, storage: &S, hints: &[Hint<V>]) -> Option<Fallback>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let preds = predecessors(hints);
+    if longest_path(&preds) as f64 >= CHAIN_SHARE * hints.len() as f64 {
+        return Some(Fallback::Sequential);
+    }
+    let pres = hints
+        .iter()
+        .map(|h| PreExecution {
+            reads: h.pre.reads.clone(),
+            result: h.pre.result.clone(),
+        })
+        .collect();
+    let stale = crate::optimistic::stale(vm, storage, pres);
+    let mispredicted = stale
+        .iter()
+        .zip(&preds)
+        .filter(|(stale, preds)| **stale && preds.is_empty())
+        .count();
+    (mispredicted as f64 >= MISPREDICTED_SHARE * hints.len() as f64).then_some(Fallback::Optimistic)
+}
+
 /// Executes the block along its hinted dependency DAG on `run.threads` workers.
 pub fn execute<V, S>(
     vm: &V,
     storage: &S,
     run: &RunOptions,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    execute_with(vm, storage, run, Options::default())
+}
+
+/// How the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Judge a sample of hints and fall back when the DAG cannot pay (see the module
+    /// documentation). Tests turn it off to exercise the DAG on any block.
+    pub adaptive: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { adaptive: true }
+    }
+}
+
+/// Executes the block along its hinted dependency DAG on `run.threads` workers.
+pub fn execute_with<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    options: Options,
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
@@ -291,23 +363,32 @@ where
     // One hasher for every hint: the DAG tells keys apart by hash.
     let hasher = DefaultHashBuilder::default();
     let (mut hints, mut hint_time) = hint(vm, storage, 0..sample, workers, &hasher, &tracer);
-    if sample >= MIN_SAMPLE
-        && longest_path(&predecessors(&hints)) as f64 >= CHAIN_SHARE * sample as f64
+    if options.adaptive
+        && sample >= MIN_SAMPLE
+        && let Some(fallback) = judge_sample(vm, storage, &hints)
     {
         drop(tracer);
-        // In order on one thread: `optimistic` with no pre-executors is `sequential`
-        // that turns a panicking transaction into an error naming it.
         let (outcome, mut metrics) = crate::optimistic::execute(
             vm,
             storage,
             &RunOptions {
-                threads: 1,
+                threads: match fallback {
+                    Fallback::Sequential => 1,
+                    Fallback::Optimistic => threads,
+                },
                 trace: run.trace,
             },
         )?;
         metrics.executions += sample as u64;
-        metrics.reexecutions = sample as u64;
-        metrics.extra = vec![("sequential_fallback", 1), ("workers", 1)];
+        metrics.reexecutions += sample as u64;
+        metrics.extra.push((
+            "sequential_fallback",
+            u64::from(fallback == Fallback::Sequential),
+        ));
+        metrics.extra.push((
+            "optimistic_fallback",
+            u64::from(fallback == Fallback::Optimistic),
+        ));
         return Ok((outcome, metrics));
     }
     let (rest, rest_time) = hint(vm, storage, sample..n, workers, &hasher, &tracer);
@@ -404,6 +485,7 @@ where
     metrics.trace = tracer.finish();
     metrics.extra = vec![
         ("sequential_fallback", 0),
+        ("optimistic_fallback", 0),
         ("dag_edges", dag.edges),
         ("groups", dag.groups),
         ("max_group_size", dag.max_group),

@@ -189,6 +189,36 @@ where
     ))
 }
 
+/// Which of `pres` (executions of transactions `0..pres.len()` on a stale state, in
+/// block order) would fail their merge check: how far a block's stale executions are
+/// from the serial ones (the `dag` engine judges its hints with it). From an in-order
+/// failure on, every transaction counts as failed.
+pub(crate) fn stale<V, S>(vm: &V, storage: &S, pres: Vec<PreExecution<V>>) -> Vec<bool>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let mut merger = Merger {
+        vm,
+        storage,
+        cache: HashMap::with_capacity_and_hasher(pres.len() * 4, Default::default()),
+        outputs: Vec::with_capacity(pres.len()),
+        trace: Recorder::off(),
+        metrics: Metrics::default(),
+        merge_reexecutions: 0,
+        own_speculations: 0,
+        serial_switch: false,
+    };
+    let mut stale = vec![true; pres.len()];
+    for (tx, pre) in pres.into_iter().enumerate() {
+        match merger.check(tx, pre) {
+            Ok(valid) => stale[tx] = !valid,
+            Err(_) => break,
+        }
+    }
+    stale
+}
+
 impl<V, S> Shared<'_, V, S>
 where
     V: Vm,

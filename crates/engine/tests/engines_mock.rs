@@ -223,6 +223,16 @@ fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<I
                 assert_eq!(got, expected, "{engine} on {threads} threads");
             }
         }
+        if engine == EngineKind::Dag {
+            // The DAG itself, on blocks it would hand to another engine.
+            for threads in [1, 2, 4] {
+                let options = dag::Options { adaptive: false };
+                let got = dag::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "non-adaptive dag on {threads} threads");
+            }
+        }
     }
 }
 
