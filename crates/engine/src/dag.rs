@@ -51,8 +51,8 @@ use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 /// Transactions per thread in the sample whose DAG is judged first...
 const SAMPLE_PER_THREAD: usize = 16;
 const MIN_SAMPLE: usize = 32;
-/// ...falling back to `sequential` when its longest path covers this share of it, or
-/// to `optimistic` when this share of it is mispredicted.
+/// ...falling back to `sequential` when its longest path or its mispredicted hints
+/// cover this share of it, to `optimistic` when this share of it is mispredicted.
 const CHAIN_SHARE: f64 = 0.75;
 const MISPREDICTED_SHARE: f64 = 0.5;
 /// A reader depends on at most this many delta writers of one key (the most recent):
@@ -266,9 +266,15 @@ where
         (done, started.elapsed())
     });
     let time = per_worker.iter().map(|(_, t)| *t).sum();
-    let mut all: Vec<_> = per_worker.into_iter().flat_map(|(done, _)| done).collect();
-    all.sort_unstable_by_key(|(tx, _)| *tx);
-    (all.into_iter().map(|(_, hint)| hint).collect(), time)
+    let mut slots: Vec<Option<Hint<V>>> = (0..range.len()).map(|_| None).collect();
+    for (tx, hint) in per_worker.into_iter().flat_map(|(done, _)| done) {
+        slots[tx - range.start] = Some(hint);
+    }
+    let hints = slots
+        .into_iter()
+        .map(|h| h.expect("every transaction is claimed by one worker"))
+        .collect();
+    (hints, time)
 }
 
 /// What to run instead of the DAG, when its sample says it cannot pay.
@@ -284,7 +290,8 @@ enum Fallback {
 
 /// Judges the hints of the sample: a DAG whose longest path covers most of it is a
 /// chain; hints of which most are stale although they have no edge in (the merge check
-/// of an in-order pass over the sample tells) predict nothing.
+/// of an in-order pass over the sample tells) predict nothing (nearly all: a chain the
+/// hints cannot see, e.g. of transactions invalid on the pre-block state).
 fn judge_sample<V, S>(vm: &V, storage: &S, hints: &[Hint<V>]) -> Option<Fallback>
 where
     V: Vm,
@@ -307,7 +314,14 @@ where
         .zip(&preds)
         .filter(|(stale, preds)| **stale && preds.is_empty())
         .count();
-    (mispredicted as f64 >= MISPREDICTED_SHARE * hints.len() as f64).then_some(Fallback::Optimistic)
+    let share = mispredicted as f64 / hints.len() as f64;
+    if share >= CHAIN_SHARE {
+        Some(Fallback::Sequential)
+    } else if share >= MISPREDICTED_SHARE {
+        Some(Fallback::Optimistic)
+    } else {
+        None
+    }
 }
 
 /// Executes the block along its hinted dependency DAG on `run.threads` workers.
@@ -400,7 +414,8 @@ where
     let engine = DagEngine {
         vm,
         storage,
-        memory: MvMemory::new(2 * n),
+        // Sized for every key the hints write, and some more.
+        memory: MvMemory::new(n + hints.iter().map(|h| h.writes.len()).sum::<usize>()),
         records: hints
             .into_iter()
             .enumerate()
@@ -557,7 +572,7 @@ impl Drop for FailOnPanic<'_> {
 }
 
 /// Hints a worker publishes at once.
-const PUBLISH_CHUNK: usize = 16;
+const PUBLISH_CHUNK: usize = 64;
 
 impl<V, S> DagEngine<'_, V, S>
 where

@@ -49,6 +49,9 @@ const JUDGE_AFTER: u64 = 32;
 /// ...and the share of failed checks at which it stops speculating.
 const SERIAL_SHARE: f64 = 0.75;
 
+/// Transactions merged before the merged state is sized for the whole block.
+const SIZING_SAMPLE: usize = 64;
+
 /// With storage reads slower than this, more pre-executors than threads overlap them.
 const SLOW_READ: Duration = Duration::from_micros(5);
 const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
@@ -71,7 +74,9 @@ struct Shared<'a, V: Vm, S> {
     storage: &'a S,
     /// Per transaction: `UNCLAIMED`, `CLAIMED` (being executed) or `DONE` (in `results`).
     status: Box<[AtomicU8]>,
-    results: Box<[Mutex<Option<PreExecution<V>>>]>,
+    /// Boxed: most slots of a dependent block stay empty, and a block's slots are
+    /// created up front.
+    results: Box<[Mutex<Option<Box<PreExecution<V>>>>]>,
     /// The next transaction pre-executors try to claim.
     next_claim: AtomicUsize,
     /// Pre-executors stop claiming (the merger does the rest alone).
@@ -245,7 +250,7 @@ where
     }
 
     fn publish(&self, tx: TxIndex, pre: PreExecution<V>) {
-        *self.results[tx].lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
+        *self.results[tx].lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(pre));
         self.status[tx].store(DONE, Ordering::Release);
     }
 
@@ -281,7 +286,24 @@ where
             own_speculations: 0,
             serial_switch: false,
         };
-        let result = (0..n).try_for_each(|tx| self.merge_one(&mut merger, tx));
+        let started = Instant::now();
+        let result = (0..n).try_for_each(|tx| {
+            if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
+                // Size the merged state for the block from the keys per transaction
+                // so far (as `sequential` does): growing it step by step costs more.
+                let per_tx = merger.cache.len() as f64 / SIZING_SAMPLE as f64;
+                let expected = (per_tx * 1.1 * n as f64) as usize;
+                merger
+                    .cache
+                    .reserve(expected.saturating_sub(merger.cache.len()));
+            }
+            self.merge_one(&mut merger, tx)
+        });
+        // The merger's time, less its checks, counts as execution (it executes or
+        // merges, or waits for the transaction to merge).
+        merger.metrics.execution_time = started
+            .elapsed()
+            .saturating_sub(merger.metrics.validation_time);
         let Merger {
             cache,
             outputs,
@@ -314,7 +336,7 @@ where
                         .unwrap_or_else(|e| e.into_inner())
                         .take()
                         .expect("a done transaction has its result");
-                    let valid = m.check(tx, pre)?;
+                    let valid = m.check(tx, *pre)?;
                     if !valid {
                         m.metrics.validation_failures += 1;
                     }
@@ -334,8 +356,10 @@ where
                 UNCLAIMED => {}
                 _ => {
                     // A pre-executor has it: pre-execute a later one meanwhile, unless
-                    // speculation was given up on.
+                    // speculation was given up on or most checks fail (then the
+                    // merger's time is better spent merging as soon as it can).
                     if !self.serial.load(Ordering::Relaxed)
+                        && m.metrics.validation_failures * 2 <= m.metrics.validations
                         && let Some(later) = self.claim_next()
                     {
                         let pre = m.speculate(later);
@@ -420,7 +444,6 @@ where
         kind: SpanKind,
         warm: &[(V::Key, Option<V::Value>)],
     ) -> Result<(), VmError> {
-        let started = Instant::now();
         let span = self.trace.start();
         let mut view = MergedView {
             cache: &mut self.cache,
@@ -430,7 +453,6 @@ where
         };
         let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
         self.metrics.executions += 1;
-        self.metrics.execution_time += started.elapsed();
         self.trace.record(kind, Some(tx), span);
         let execution = match result {
             Ok(result) => result?,
@@ -450,7 +472,6 @@ where
 
     /// Pre-executes a later transaction on the merged state as it is now, recording reads.
     fn speculate(&mut self, tx: TxIndex) -> PreExecution<V> {
-        let started = Instant::now();
         let span = self.trace.start();
         let mut reads = Vec::new();
         let mut view = MergedView {
@@ -468,7 +489,6 @@ where
         };
         self.metrics.executions += 1;
         self.own_speculations += 1;
-        self.metrics.execution_time += started.elapsed();
         self.trace.record(SpanKind::Execute, Some(tx), span);
         PreExecution { reads, result }
     }
