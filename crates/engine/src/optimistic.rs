@@ -67,6 +67,8 @@ type Merged<V> = (
     Cache<<V as Vm>::Key, <V as Vm>::Value>,
     Vec<<V as Vm>::Output>,
 );
+/// Where a pre-executor leaves its result for the merger.
+type Slot<V> = Mutex<Option<Box<PreExecution<V>>>>;
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
 
 struct Shared<'a, V: Vm, S> {
@@ -76,7 +78,7 @@ struct Shared<'a, V: Vm, S> {
     status: Box<[AtomicU8]>,
     /// Boxed: most slots of a dependent block stay empty, and a block's slots are
     /// created up front.
-    results: Box<[Mutex<Option<Box<PreExecution<V>>>>]>,
+    results: Box<[Slot<V>]>,
     /// The next transaction pre-executors try to claim.
     next_claim: AtomicUsize,
     /// Pre-executors stop claiming (the merger does the rest alone).
