@@ -89,8 +89,11 @@ struct Record<V: Vm> {
     hint: Option<PreExecution<V>>,
     /// The keys the pre-execution wrote (what the DAG was built from).
     hinted: Vec<V::Key>,
-    /// The recorded execution is the published pre-execution (all reads pre-block).
+    /// The recorded execution is the published pre-execution (`hint`; its writes are
+    /// `hinted`).
     reused: bool,
+    /// The emptied write buffer of the published pre-execution.
+    spent: Writes<V>,
 }
 
 /// The dependency DAG over transactions that need scheduling.
@@ -428,6 +431,7 @@ where
                     hinted: hint.written_keys().cloned().collect(),
                     hint: (!dag.scheduled[tx]).then_some(hint),
                     reused: false,
+                    spent: Vec::new(),
                 })
             })
             .collect(),
@@ -628,31 +632,25 @@ where
     /// Puts an unscheduled transaction's pre-execution into the memory as its execution.
     fn publish_hint(&self, tx: TxIndex) {
         let mut record = self.records[tx].lock().unwrap_or_else(|e| e.into_inner());
+        let record = &mut *record;
         let hint = record
             .hint
-            .take()
+            .as_mut()
             .expect("an unscheduled transaction has its hint");
-        record.reads = hint
-            .reads
-            .into_iter()
-            .map(|(key, value)| ReadRecord {
-                key,
-                value,
-                pre_block: true,
-            })
-            .collect();
-        match hint.result {
-            Ok(execution) => {
-                for (key, write) in execution.writes {
-                    record.written.push(key.clone());
+        // The hint's buffers stay in the record (its reads are the reads): they were
+        // allocated by another thread, and freeing them here contends for the allocator.
+        let placeholder = Err(VmError::Read(ReadError::Aborted));
+        match std::mem::replace(&mut hint.result, placeholder) {
+            Ok(mut execution) => {
+                for (key, write) in execution.writes.drain(..) {
                     self.memory.write(key, tx, entry(0, write));
                 }
                 record.output = Some(Ok(execution.output));
+                record.spent = execution.writes;
             }
             Err(error) => record.output = Some(Err(error)),
         }
         record.reused = true;
-        drop(record);
         self.mark_executed(tx);
     }
 
@@ -691,7 +689,11 @@ where
             Ok(execution) => (execution.writes, Ok(execution.output)),
             Err(error) => (Vec::new(), Err(error)),
         };
-        let previous = std::mem::take(&mut record.written);
+        let previous = if record.reused {
+            record.hinted.clone()
+        } else {
+            std::mem::take(&mut record.written)
+        };
         for (key, write) in writes {
             if !record.hinted.contains(&key) {
                 self.surprise(&key, tx);
@@ -792,10 +794,11 @@ where
                 return true;
             }
             let surprises = self.surprises.lock().unwrap_or_else(|e| e.into_inner());
-            return record
+            let hint = record.hint.as_ref().expect("a reused hint is kept");
+            return hint
                 .reads
                 .iter()
-                .all(|r| surprises.get(&r.key).is_none_or(|&w| w > tx));
+                .all(|(key, _)| surprises.get(key).is_none_or(|&w| w > tx));
         }
         record.reads.iter().all(|r| {
             // A value read from storage seeds the memory's base, sparing a storage read.

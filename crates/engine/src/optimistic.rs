@@ -69,6 +69,7 @@ type Merged<V> = (
 );
 /// Where a pre-executor leaves its result for the merger.
 type Slot<V> = Mutex<Option<Box<PreExecution<V>>>>;
+type Garbage<V> = Vec<(Box<PreExecution<V>>, Writes<V>)>;
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
 
 struct Shared<'a, V: Vm, S> {
@@ -113,6 +114,7 @@ struct MergeReport<V: Vm> {
     own_speculations: u64,
     serial_switch: bool,
     result: Result<Merged<V>, VmError>,
+    garbage: Garbage<V>,
 }
 
 /// Executes the block optimistically on `run.threads` workers.
@@ -153,7 +155,8 @@ where
             (shared.pre_execute(id), None)
         }
     });
-    let merge = reports[0].1.take().expect("worker 0 merges");
+    let mut merge = reports[0].1.take().expect("worker 0 merges");
+    drop(std::mem::take(&mut merge.garbage));
     let mut metrics = merge.metrics;
     for (worker, _) in &reports {
         metrics.executions += worker.executions;
@@ -215,10 +218,11 @@ where
         merge_reexecutions: 0,
         own_speculations: 0,
         serial_switch: false,
+        garbage: Vec::new(),
     };
     let mut stale = vec![true; pres.len()];
     for (tx, pre) in pres.into_iter().enumerate() {
-        match merger.check(tx, pre) {
+        match merger.check(tx, Box::new(pre)) {
             Ok(valid) => stale[tx] = !valid,
             Err(_) => break,
         }
@@ -287,6 +291,7 @@ where
             merge_reexecutions: 0,
             own_speculations: 0,
             serial_switch: false,
+            garbage: Vec::new(),
         };
         let started = Instant::now();
         let result = (0..n).try_for_each(|tx| {
@@ -314,6 +319,7 @@ where
             merge_reexecutions,
             own_speculations,
             serial_switch,
+            garbage,
             ..
         } = merger;
         self.tracer.submit(trace);
@@ -323,6 +329,7 @@ where
             own_speculations,
             serial_switch,
             result: result.map(|()| (cache, outputs)),
+            garbage,
         }
     }
 
@@ -338,7 +345,7 @@ where
                         .unwrap_or_else(|e| e.into_inner())
                         .take()
                         .expect("a done transaction has its result");
-                    let valid = m.check(tx, *pre)?;
+                    let valid = m.check(tx, pre)?;
                     if !valid {
                         m.metrics.validation_failures += 1;
                     }
@@ -396,6 +403,9 @@ struct Merger<'a, V: Vm, S> {
     merge_reexecutions: u64,
     own_speculations: u64,
     serial_switch: bool,
+    /// Merged pre-executions, freed once the workers are done: freeing them here, on
+    /// another thread than the one that allocated them, contends for the allocator.
+    garbage: Garbage<V>,
 }
 
 impl<V, S> Merger<'_, V, S>
@@ -405,7 +415,7 @@ where
 {
     /// Checks `tx`'s pre-execution against the merged state and commits it, or
     /// re-executes `tx` on the merged state. Returns whether the pre-execution held.
-    fn check(&mut self, tx: TxIndex, pre: PreExecution<V>) -> Result<bool, VmError> {
+    fn check(&mut self, tx: TxIndex, mut pre: Box<PreExecution<V>>) -> Result<bool, VmError> {
         let started = Instant::now();
         let span = self.trace.start();
         self.metrics.validations += 1;
@@ -419,22 +429,25 @@ where
             });
         self.metrics.validation_time += started.elapsed();
         self.trace.record(SpanKind::Validate, Some(tx), span);
-        match pre.result {
-            Ok(execution) if valid => {
-                let span = self.trace.start();
-                self.commit(execution.writes)?;
-                self.outputs.push(execution.output);
-                self.trace.record(SpanKind::Merge, Some(tx), span);
-                Ok(true)
-            }
-            // A stale read, or a failure that may be an artefact of one: only the
-            // in-order execution tells.
-            _ => {
-                self.merge_reexecutions += 1;
-                self.execute_final(tx, SpanKind::Reexecute, &pre.reads)?;
-                Ok(false)
-            }
-        }
+        let outcome =
+            match std::mem::replace(&mut pre.result, Err(VmError::Read(ReadError::Aborted))) {
+                Ok(mut execution) if valid => {
+                    let span = self.trace.start();
+                    self.commit(execution.writes.drain(..))?;
+                    self.outputs.push(execution.output);
+                    self.trace.record(SpanKind::Merge, Some(tx), span);
+                    self.garbage.push((pre, execution.writes));
+                    return Ok(true);
+                }
+                // A stale read, or a failure that may be an artefact of one: only the
+                // in-order execution tells.
+                outcome => outcome,
+            };
+        self.merge_reexecutions += 1;
+        self.execute_final(tx, SpanKind::Reexecute, &pre.reads)?;
+        drop(outcome);
+        self.garbage.push((pre, Vec::new()));
+        Ok(false)
     }
 
     /// Executes `tx` on the merged state (every earlier transaction merged): the serial
@@ -496,7 +509,10 @@ where
     }
 
     /// Applies a merged transaction's writes to the merged state.
-    fn commit(&mut self, writes: Writes<V>) -> Result<(), VmError> {
+    fn commit(
+        &mut self,
+        writes: impl IntoIterator<Item = (V::Key, Write<V::Value, V::Delta>)>,
+    ) -> Result<(), VmError> {
         for (key, write) in writes {
             match write {
                 Write::Put(value) => {
