@@ -576,7 +576,7 @@ impl Drop for FailOnPanic<'_> {
 }
 
 /// Hints a worker publishes at once.
-const PUBLISH_CHUNK: usize = 64;
+const PUBLISH_CHUNK: usize = 16;
 
 impl<V, S> DagEngine<'_, V, S>
 where
