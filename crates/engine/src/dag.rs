@@ -12,13 +12,17 @@
 //! 3. Commit, in block order, by whichever worker gets there: when every transaction
 //!    before `j` is committed, `j`'s recorded reads are compared with the memory (now
 //!    final below `j`); a mismatch is a misprediction (the hints missed a dependency),
-//!    repaired by re-executing `j` on that final state.
+//!    repaired by re-executing `j` on that final state. A kept pre-execution needs no
+//!    memory read: no hint before it writes what it read, so only a *surprise* write
+//!    (an execution writing a key its hint did not) below it can make it stale.
 //!
 //! Invariants: (1) the memory holds, per transaction, the writes of its latest
-//! execution, with the reads recorded beside them; (2) a committed transaction's reads
-//! equal the serial ones (checked value by value with every earlier transaction final),
-//! so its output and writes are the serial ones (execution is a pure function of the
-//! values read); (3) nobody writes a committed transaction's entries again. Failed or
+//! execution, with the reads recorded beside them; (2) every write outside a
+//! transaction's hint is noted as a surprise before that transaction commits; (3) a
+//! committed transaction's reads equal the serial ones (checked with every earlier
+//! transaction final), so its output and writes are the serial ones (execution is a
+//! pure function of the values read); (4) nobody writes a committed transaction's
+//! entries again. Failed or
 //! panicking executions are never committed as they are: the committer re-executes, and
 //! that in-order failure is the block's.
 //!
