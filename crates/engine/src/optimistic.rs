@@ -21,9 +21,10 @@
 //! pre-executions are never committed: only the merger's in-order execution can fail
 //! the block, with the error serial execution would hit.
 //!
-//! Adapting: when most merge checks fail (a chain of dependent transactions), the
-//! pre-executors stop and the merger executes the rest in order, as `sequential` does
-//! (`serial_switch` in the metrics).
+//! Adapting: pre-executors stay within a window ahead of the merger, and when most
+//! merge checks fail (a chain of dependent transactions) they stop and the merger
+//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
+//! the merger speculates only while most checks pass.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -48,6 +49,9 @@ const DONE: u8 = 2;
 const JUDGE_AFTER: u64 = 32;
 /// ...and the share of failed checks at which it stops speculating.
 const SERIAL_SHARE: f64 = 0.75;
+
+/// How far (in transactions, per worker) pre-executors may run ahead of the merger.
+const LOOKAHEAD_PER_WORKER: usize = 64;
 
 /// Transactions merged before the merged state is sized for the whole block.
 const SIZING_SAMPLE: usize = 64;
@@ -82,6 +86,9 @@ struct Shared<'a, V: Vm, S> {
     results: Box<[Slot<V>]>,
     /// The next transaction pre-executors try to claim.
     next_claim: AtomicUsize,
+    /// Transactions merged so far; pre-executors stay within `lookahead` of it.
+    merged: AtomicUsize,
+    lookahead: usize,
     /// Pre-executors stop claiming (the merger does the rest alone).
     serial: AtomicBool,
     /// Everyone stops: the merger is finished, failed or a worker panicked.
@@ -141,6 +148,8 @@ where
         status: (0..n).map(|_| AtomicU8::new(UNCLAIMED)).collect(),
         results: (0..n).map(|_| Mutex::new(None)).collect(),
         next_claim: AtomicUsize::new(0),
+        merged: AtomicUsize::new(0),
+        lookahead: LOOKAHEAD_PER_WORKER * workers,
         serial: AtomicBool::new(false),
         stop: AtomicBool::new(false),
         tracer: Tracer::new(run.trace),
@@ -264,7 +273,18 @@ where
     fn pre_execute(&self, id: usize) -> WorkerReport {
         let mut trace = self.tracer.recorder(id);
         let mut report = WorkerReport::default();
+        let backoff = Backoff::new();
         while !self.serial.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            if self.next_claim.load(Ordering::Relaxed)
+                >= self.merged.load(Ordering::Relaxed) + self.lookahead
+            {
+                // Far enough ahead: on a dependent block more would only be wasted.
+                let span = trace.start();
+                backoff.snooze();
+                trace.record(SpanKind::Wait, None, span);
+                continue;
+            }
+            backoff.reset();
             let Some(tx) = self.claim_next() else { break };
             let started = Instant::now();
             let span = trace.start();
@@ -304,7 +324,9 @@ where
                     .cache
                     .reserve(expected.saturating_sub(merger.cache.len()));
             }
-            self.merge_one(&mut merger, tx)
+            let merged = self.merge_one(&mut merger, tx);
+            self.merged.store(tx + 1, Ordering::Relaxed);
+            merged
         });
         // The merger's time, less its checks, counts as execution (it executes or
         // merges, or waits for the transaction to merge).
