@@ -541,3 +541,49 @@ proptest! {
         }
     }
 }
+
+/// With tracing on, each engine records its phases (and the outcome is the same).
+#[test]
+fn traces_record_the_phases() {
+    use parex_engine::trace::SpanKind;
+    let block = vm(chains(400, 4));
+    let storage = storage_for(1);
+    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let run = RunOptions {
+        threads: 2,
+        trace: true,
+    };
+    let expect_kinds: [(EngineKind, &[SpanKind]); 2] = [
+        (
+            EngineKind::Optimistic,
+            &[SpanKind::Execute, SpanKind::Merge, SpanKind::Finalize],
+        ),
+        (
+            EngineKind::Dag,
+            &[
+                SpanKind::Hint,
+                SpanKind::Execute,
+                SpanKind::Validate,
+                SpanKind::Finalize,
+            ],
+        ),
+    ];
+    for (engine, kinds) in expect_kinds {
+        let (outcome, m) = two_threads(|| engine.run(&block, &storage, &run)).unwrap();
+        assert_eq!(outcome, expected, "{engine}");
+        let trace = m.trace.expect("traced");
+        assert!(trace.workers >= 1 && trace.wall_ns > 0, "{engine}");
+        for kind in kinds {
+            assert!(
+                trace.spans.iter().any(|s| s.kind == *kind),
+                "{engine}: no {kind:?} span"
+            );
+        }
+        assert!(trace.spans.iter().all(|s| s.start_ns <= s.end_ns));
+    }
+    // Off: nothing recorded.
+    let (_, m) = dag::execute(&block, &storage, &RunOptions::threads(2)).unwrap();
+    assert!(m.trace.is_none());
+}
