@@ -6,8 +6,10 @@
 
 pub mod analyze;
 pub mod block_stm;
+pub mod dag;
 pub mod metrics;
 pub mod mv_memory;
+pub mod optimistic;
 pub mod preexec;
 pub mod scheduler;
 pub mod sealevel;
@@ -55,6 +57,10 @@ impl RunOptions {
 pub enum EngineKind {
     Sequential,
     BlockStm,
+    /// Parallel execution on the pre-block state, merged in block order (Monad).
+    Optimistic,
+    /// Dependency DAG from pre-execution hints, repaired at in-order commit (MegaETH, grevm).
+    Dag,
     /// Sealevel locks on the VM's declared access (EIP-2930 lists, transaction shape).
     Sealevel,
     /// Sealevel locks on declarations joined with a pre-execution's accesses.
@@ -65,6 +71,8 @@ impl EngineKind {
     pub const ALL: &'static [EngineKind] = &[
         EngineKind::Sequential,
         EngineKind::BlockStm,
+        EngineKind::Optimistic,
+        EngineKind::Dag,
         EngineKind::Sealevel,
         EngineKind::SealevelPreexec,
     ];
@@ -73,6 +81,8 @@ impl EngineKind {
         match self {
             EngineKind::Sequential => "sequential",
             EngineKind::BlockStm => "block-stm",
+            EngineKind::Optimistic => "optimistic",
+            EngineKind::Dag => "dag",
             EngineKind::Sealevel => "sealevel",
             EngineKind::SealevelPreexec => "sealevel-preexec",
         }
@@ -113,6 +123,8 @@ impl EngineKind {
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),
             EngineKind::BlockStm => block_stm::execute(vm, storage, options),
+            EngineKind::Optimistic => optimistic::execute(vm, storage, options),
+            EngineKind::Dag => dag::execute(vm, storage, options),
             EngineKind::Sealevel => sealevel::execute(vm, storage, options),
             EngineKind::SealevelPreexec => sealevel::execute_preexec(vm, storage, options),
         }
@@ -126,7 +138,10 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// The message of a caught panic, for an error naming it.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// (Takes the box itself: a `&Box<dyn Any>` would otherwise coerce to a `&dyn Any` of
+/// the box, and no downcast of the payload would match.)
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let panic: &(dyn std::any::Any + Send) = &**panic;
     let text = panic
         .downcast_ref::<&str>()
         .copied()

@@ -1,0 +1,612 @@
+//! `optimistic`: execute every transaction in parallel on a stale state, then merge the
+//! results in block order (Monad's optimistic execution).
+//!
+//! Pre-executors claim transactions in block order and execute them on the pre-block
+//! state, recording every key read with the value seen. Worker 0 is the *merger*: it
+//! keeps the merged state (a cache over storage, as `sequential` has) and merges
+//! transaction `i` as soon as its pre-execution is done, while the other workers keep
+//! pre-executing later ones. Merging checks the recorded reads against the merged
+//! state: if every value read is still the current one, the execution is exactly the
+//! serial one (an execution is a pure function of the values it reads) and its writes
+//! are applied (deltas with `Vm::apply_delta`, so a shared fee credit is no conflict);
+//! otherwise the merger re-executes `i` on the merged state, which is then final. When
+//! the merger has nothing to merge it pre-executes a later transaction itself (on the
+//! merged state, checked the same way); when the next one is still unclaimed it simply
+//! executes it on the merged state.
+//!
+//! Invariants: (1) transactions `< i` are merged when `i` is checked, so the merged
+//! state is the serial state before `i`; (2) a key absent from the merged cache still
+//! has its pre-block value, and every recorded read of such a key came from storage; so
+//! (3) a committed execution read exactly the serial values. Failed or panicking
+//! pre-executions are never committed: only the merger's in-order execution can fail
+//! the block, with the error serial execution would hit.
+//!
+//! Adapting: pre-executors stay within a window ahead of the merger, and when most
+//! merge checks fail (a chain of dependent transactions) they stop and the merger
+//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
+//! the merger speculates only while most checks pass.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy_primitives::map::DefaultHashBuilder;
+use crossbeam::utils::Backoff;
+use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
+
+use crate::preexec::{PreExecution, preexecute};
+use crate::trace::{Recorder, SpanKind, Tracer};
+use crate::{EngineError, Metrics, RunOptions, VmOutcome};
+
+const UNCLAIMED: u8 = 0;
+const CLAIMED: u8 = 1;
+const DONE: u8 = 2;
+
+/// Merge checks before the engine judges whether speculation pays...
+const JUDGE_AFTER: u64 = 32;
+/// ...and the share of failed checks at which it stops speculating.
+const SERIAL_SHARE: f64 = 0.75;
+
+/// How far (in transactions, per worker) pre-executors may run ahead of the merger.
+const LOOKAHEAD_PER_WORKER: usize = 64;
+
+/// Transactions merged before the merged state is sized for the whole block.
+const SIZING_SAMPLE: usize = 64;
+
+/// With storage reads slower than this, more pre-executors than threads overlap them.
+const SLOW_READ: Duration = Duration::from_micros(5);
+const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
+
+struct Cached<V> {
+    value: Option<V>,
+    written: bool,
+}
+
+type Cache<K, V> = HashMap<K, Cached<V>, DefaultHashBuilder>;
+/// The merged state and the outputs in block order.
+type Merged<V> = (
+    Cache<<V as Vm>::Key, <V as Vm>::Value>,
+    Vec<<V as Vm>::Output>,
+);
+/// Where a pre-executor leaves its result for the merger.
+type Slot<V> = Mutex<Option<Box<PreExecution<V>>>>;
+type Garbage<V> = Vec<(Box<PreExecution<V>>, Writes<V>)>;
+type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
+
+struct Shared<'a, V: Vm, S> {
+    vm: &'a V,
+    storage: &'a S,
+    /// Per transaction: `UNCLAIMED`, `CLAIMED` (being executed) or `DONE` (in `results`).
+    status: Box<[AtomicU8]>,
+    /// Boxed: most slots of a dependent block stay empty, and a block's slots are
+    /// created up front.
+    results: Box<[Slot<V>]>,
+    /// The next transaction pre-executors try to claim.
+    next_claim: AtomicUsize,
+    /// Transactions merged so far; pre-executors stay within `lookahead` of it.
+    merged: AtomicUsize,
+    lookahead: usize,
+    /// Pre-executors stop claiming (the merger does the rest alone).
+    serial: AtomicBool,
+    /// Everyone stops: the merger is finished, failed or a worker panicked.
+    stop: AtomicBool,
+    tracer: Tracer,
+}
+
+/// Sets `stop` if the holder unwinds, so that no worker waits forever on it.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What one worker did.
+#[derive(Default)]
+struct WorkerReport {
+    executions: u64,
+    execution_time: Duration,
+}
+
+/// What the merger did: its metrics, the merged state and outputs, or the block's error.
+struct MergeReport<V: Vm> {
+    metrics: Metrics,
+    merge_reexecutions: u64,
+    own_speculations: u64,
+    serial_switch: bool,
+    result: Result<Merged<V>, VmError>,
+    garbage: Garbage<V>,
+}
+
+/// Executes the block optimistically on `run.threads` workers.
+pub fn execute<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let threads = run.threads.max(1);
+    let workers = if storage.read_latency() >= SLOW_READ {
+        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
+    } else {
+        threads
+    }
+    .min(n.max(1));
+    let shared = Shared {
+        vm,
+        storage,
+        status: (0..n).map(|_| AtomicU8::new(UNCLAIMED)).collect(),
+        results: (0..n).map(|_| Mutex::new(None)).collect(),
+        next_claim: AtomicUsize::new(0),
+        merged: AtomicUsize::new(0),
+        lookahead: LOOKAHEAD_PER_WORKER * workers,
+        serial: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        tracer: Tracer::new(run.trace),
+    };
+    let mut reports = crate::workers::run(workers, |id| {
+        let _stop = StopOnPanic(&shared.stop);
+        if id == 0 {
+            let report = shared.merge();
+            shared.stop.store(true, Ordering::SeqCst);
+            (WorkerReport::default(), Some(report))
+        } else {
+            (shared.pre_execute(id), None)
+        }
+    });
+    let mut merge = reports[0].1.take().expect("worker 0 merges");
+    drop(std::mem::take(&mut merge.garbage));
+    let mut metrics = merge.metrics;
+    for (worker, _) in &reports {
+        metrics.executions += worker.executions;
+        metrics.execution_time += worker.execution_time;
+    }
+    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
+    metrics.extra = vec![
+        ("merge_reexecutions", merge.merge_reexecutions),
+        ("merger_speculations", merge.own_speculations),
+        ("serial_switch", u64::from(merge.serial_switch)),
+        ("workers", workers as u64),
+    ];
+    let Shared { tracer, .. } = shared;
+    let (cache, mut outputs) = merge.result?;
+
+    let finalize_started = Instant::now();
+    let mut trace = tracer.recorder(0);
+    let span = trace.start();
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = cache
+        .into_iter()
+        .filter_map(|(k, c)| {
+            if c.written {
+                c.value.map(|v| (k, v))
+            } else {
+                None
+            }
+        })
+        .collect();
+    trace.record(SpanKind::Finalize, None, span);
+    tracer.submit(trace);
+    metrics.finalize_time = finalize_started.elapsed();
+    metrics.trace = tracer.finish();
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// Which of `pres` (executions of transactions `0..pres.len()` on a stale state, in
+/// block order) would fail their merge check: how far a block's stale executions are
+/// from the serial ones (the `dag` engine judges its hints with it). From an in-order
+/// failure on, every transaction counts as failed.
+pub(crate) fn stale<V, S>(vm: &V, storage: &S, pres: Vec<PreExecution<V>>) -> Vec<bool>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let mut merger = Merger {
+        vm,
+        storage,
+        cache: HashMap::with_capacity_and_hasher(pres.len() * 4, Default::default()),
+        outputs: Vec::with_capacity(pres.len()),
+        trace: Recorder::off(),
+        metrics: Metrics::default(),
+        merge_reexecutions: 0,
+        own_speculations: 0,
+        serial_switch: false,
+        garbage: Vec::new(),
+    };
+    let mut stale = vec![true; pres.len()];
+    for (tx, pre) in pres.into_iter().enumerate() {
+        match merger.check(tx, Box::new(pre)) {
+            Ok(valid) => stale[tx] = !valid,
+            Err(_) => break,
+        }
+    }
+    stale
+}
+
+impl<V, S> Shared<'_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    /// Claims `tx` if nobody has.
+    fn claim(&self, tx: TxIndex) -> bool {
+        self.status[tx]
+            .compare_exchange(UNCLAIMED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The next unclaimed transaction from the shared counter, claimed.
+    fn claim_next(&self) -> Option<TxIndex> {
+        loop {
+            let tx = self.next_claim.fetch_add(1, Ordering::Relaxed);
+            if tx >= self.status.len() {
+                return None;
+            }
+            if self.claim(tx) {
+                return Some(tx);
+            }
+        }
+    }
+
+    fn publish(&self, tx: TxIndex, pre: PreExecution<V>) {
+        *self.results[tx].lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(pre));
+        self.status[tx].store(DONE, Ordering::Release);
+    }
+
+    /// A pre-executor's loop: execute claimed transactions on the pre-block state.
+    fn pre_execute(&self, id: usize) -> WorkerReport {
+        let mut trace = self.tracer.recorder(id);
+        let mut report = WorkerReport::default();
+        let backoff = Backoff::new();
+        while !self.serial.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            if self.next_claim.load(Ordering::Relaxed)
+                >= self.merged.load(Ordering::Relaxed) + self.lookahead
+            {
+                // Far enough ahead: on a dependent block more would only be wasted.
+                let span = trace.start();
+                backoff.snooze();
+                trace.record(SpanKind::Wait, None, span);
+                continue;
+            }
+            backoff.reset();
+            let Some(tx) = self.claim_next() else { break };
+            let started = Instant::now();
+            let span = trace.start();
+            let pre = preexecute(self.vm, self.storage, tx);
+            trace.record(SpanKind::Execute, Some(tx), span);
+            report.execution_time += started.elapsed();
+            report.executions += 1;
+            self.publish(tx, pre);
+        }
+        self.tracer.submit(trace);
+        report
+    }
+
+    /// The merger's loop: merge every transaction in block order.
+    fn merge(&self) -> MergeReport<V> {
+        let n = self.status.len();
+        let mut merger = Merger {
+            vm: self.vm,
+            storage: self.storage,
+            cache: HashMap::with_capacity_and_hasher(n.min(64) * 4, Default::default()),
+            outputs: Vec::with_capacity(n),
+            trace: self.tracer.recorder(0),
+            metrics: Metrics::default(),
+            merge_reexecutions: 0,
+            own_speculations: 0,
+            serial_switch: false,
+            garbage: Vec::new(),
+        };
+        let started = Instant::now();
+        let result = (0..n).try_for_each(|tx| {
+            if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
+                // Size the merged state for the block from the keys per transaction
+                // so far (as `sequential` does): growing it step by step costs more.
+                let per_tx = merger.cache.len() as f64 / SIZING_SAMPLE as f64;
+                let expected = (per_tx * 1.1 * n as f64) as usize;
+                merger
+                    .cache
+                    .reserve(expected.saturating_sub(merger.cache.len()));
+            }
+            let merged = self.merge_one(&mut merger, tx);
+            self.merged.store(tx + 1, Ordering::Relaxed);
+            merged
+        });
+        // The merger's time, less its checks, counts as execution (it executes or
+        // merges, or waits for the transaction to merge).
+        merger.metrics.execution_time = started
+            .elapsed()
+            .saturating_sub(merger.metrics.validation_time);
+        let Merger {
+            cache,
+            outputs,
+            trace,
+            metrics,
+            merge_reexecutions,
+            own_speculations,
+            serial_switch,
+            garbage,
+            ..
+        } = merger;
+        self.tracer.submit(trace);
+        MergeReport {
+            metrics,
+            merge_reexecutions,
+            own_speculations,
+            serial_switch,
+            result: result.map(|()| (cache, outputs)),
+            garbage,
+        }
+    }
+
+    /// Merges `tx`: waits for its pre-execution (doing other work meanwhile), or runs it
+    /// on the merged state if nobody has claimed it.
+    fn merge_one(&self, m: &mut Merger<'_, V, S>, tx: TxIndex) -> Result<(), VmError> {
+        let backoff = Backoff::new();
+        loop {
+            match self.status[tx].load(Ordering::Acquire) {
+                DONE => {
+                    let pre = self.results[tx]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                        .expect("a done transaction has its result");
+                    let valid = m.check(tx, pre)?;
+                    if !valid {
+                        m.metrics.validation_failures += 1;
+                    }
+                    if !m.serial_switch
+                        && m.metrics.validations >= JUDGE_AFTER
+                        && m.metrics.validation_failures as f64
+                            >= SERIAL_SHARE * m.metrics.validations as f64
+                    {
+                        m.serial_switch = true;
+                        self.serial.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
+                UNCLAIMED if self.claim(tx) => {
+                    return m.execute_final(tx, SpanKind::Execute, &[]);
+                }
+                UNCLAIMED => {}
+                _ => {
+                    // A pre-executor has it: pre-execute a later one meanwhile, unless
+                    // speculation was given up on or most checks fail (then the
+                    // merger's time is better spent merging as soon as it can).
+                    if !self.serial.load(Ordering::Relaxed)
+                        && m.metrics.validation_failures * 2 <= m.metrics.validations
+                        && let Some(later) = self.claim_next()
+                    {
+                        let pre = m.speculate(later);
+                        self.publish(later, pre);
+                        backoff.reset();
+                        continue;
+                    }
+                    if self.stop.load(Ordering::Relaxed) {
+                        // A pre-executor panicked; `workers::run` resumes its panic.
+                        return Err(VmError::Internal {
+                            tx,
+                            message: "a pre-executor stopped".into(),
+                        });
+                    }
+                    let span = m.trace.start();
+                    backoff.snooze();
+                    m.trace.record(SpanKind::Wait, None, span);
+                }
+            }
+        }
+    }
+}
+
+/// The merger's state: the merged state so far and the outputs of merged transactions.
+struct Merger<'a, V: Vm, S> {
+    vm: &'a V,
+    storage: &'a S,
+    cache: Cache<V::Key, V::Value>,
+    outputs: Vec<V::Output>,
+    trace: Recorder,
+    metrics: Metrics,
+    merge_reexecutions: u64,
+    own_speculations: u64,
+    serial_switch: bool,
+    /// Merged pre-executions, freed once the workers are done: freeing them here, on
+    /// another thread than the one that allocated them, contends for the allocator.
+    garbage: Garbage<V>,
+}
+
+impl<V, S> Merger<'_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    /// Checks `tx`'s pre-execution against the merged state and commits it, or
+    /// re-executes `tx` on the merged state. Returns whether the pre-execution held.
+    fn check(&mut self, tx: TxIndex, mut pre: Box<PreExecution<V>>) -> Result<bool, VmError> {
+        let started = Instant::now();
+        let span = self.trace.start();
+        self.metrics.validations += 1;
+        // A key not in the cache (neither merged nor read here) still has its pre-block
+        // value, which is what the pre-executor read.
+        let valid = pre.result.is_ok()
+            && pre.reads.iter().all(|(key, seen)| {
+                self.cache
+                    .get(key)
+                    .is_none_or(|cached| cached.value == *seen)
+            });
+        self.metrics.validation_time += started.elapsed();
+        self.trace.record(SpanKind::Validate, Some(tx), span);
+        let outcome =
+            match std::mem::replace(&mut pre.result, Err(VmError::Read(ReadError::Aborted))) {
+                Ok(mut execution) if valid => {
+                    let span = self.trace.start();
+                    self.commit(execution.writes.drain(..))?;
+                    self.outputs.push(execution.output);
+                    self.trace.record(SpanKind::Merge, Some(tx), span);
+                    self.garbage.push((pre, execution.writes));
+                    return Ok(true);
+                }
+                // A stale read, or a failure that may be an artefact of one: only the
+                // in-order execution tells.
+                outcome => outcome,
+            };
+        self.merge_reexecutions += 1;
+        self.execute_final(tx, SpanKind::Reexecute, &pre.reads)?;
+        drop(outcome);
+        self.garbage.push((pre, Vec::new()));
+        Ok(false)
+    }
+
+    /// Executes `tx` on the merged state (every earlier transaction merged): the serial
+    /// execution. Its failure is the block's. `warm`: reads of an earlier execution of
+    /// `tx`, whose values of keys absent from the cache are the pre-block ones.
+    fn execute_final(
+        &mut self,
+        tx: TxIndex,
+        kind: SpanKind,
+        warm: &[(V::Key, Option<V::Value>)],
+    ) -> Result<(), VmError> {
+        let span = self.trace.start();
+        let mut view = MergedView {
+            cache: &mut self.cache,
+            storage: self.storage,
+            warm,
+            reads: None,
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+        self.metrics.executions += 1;
+        self.trace.record(kind, Some(tx), span);
+        let execution = match result {
+            Ok(result) => result?,
+            Err(panic) => {
+                return Err(VmError::Internal {
+                    tx,
+                    message: crate::panic_message(&panic),
+                });
+            }
+        };
+        let span = self.trace.start();
+        self.commit(execution.writes)?;
+        self.outputs.push(execution.output);
+        self.trace.record(SpanKind::Merge, Some(tx), span);
+        Ok(())
+    }
+
+    /// Pre-executes a later transaction on the merged state as it is now, recording reads.
+    fn speculate(&mut self, tx: TxIndex) -> PreExecution<V> {
+        let span = self.trace.start();
+        let mut reads = Vec::new();
+        let mut view = MergedView {
+            cache: &mut self.cache,
+            storage: self.storage,
+            warm: &[],
+            reads: Some(&mut reads),
+        };
+        let result = match catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view))) {
+            Ok(result) => result,
+            Err(panic) => Err(VmError::Internal {
+                tx,
+                message: crate::panic_message(&panic),
+            }),
+        };
+        self.metrics.executions += 1;
+        self.own_speculations += 1;
+        self.trace.record(SpanKind::Execute, Some(tx), span);
+        PreExecution { reads, result }
+    }
+
+    /// Applies a merged transaction's writes to the merged state.
+    fn commit(
+        &mut self,
+        writes: impl IntoIterator<Item = (V::Key, Write<V::Value, V::Delta>)>,
+    ) -> Result<(), VmError> {
+        for (key, write) in writes {
+            match write {
+                Write::Put(value) => {
+                    self.cache.insert(
+                        key,
+                        Cached {
+                            value: Some(value),
+                            written: true,
+                        },
+                    );
+                }
+                Write::Delta(delta) => {
+                    let cached = cached_entry(&mut self.cache, self.storage, &[], &key)?;
+                    cached.written = true;
+                    cached.value = self.vm.apply_delta(&key, cached.value.take(), &delta);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cache entry of `key`, on first use taken from `warm` (pre-block values already
+/// read) or read from storage.
+fn cached_entry<'c, K, V, S>(
+    cache: &'c mut Cache<K, V>,
+    storage: &S,
+    warm: &[(K, Option<V>)],
+    key: &K,
+) -> Result<&'c mut Cached<V>, ReadError>
+where
+    K: Clone + Eq + Hash,
+    V: Clone,
+    S: Storage<Key = K, Value = V>,
+{
+    Ok(match cache.entry(key.clone()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let value = match warm.iter().find(|(k, _)| k == key) {
+                Some((_, value)) => value.clone(),
+                None => storage.read(key)?,
+            };
+            e.insert(Cached {
+                value,
+                written: false,
+            })
+        }
+    })
+}
+
+/// The merged state as the next transaction to merge sees it; with `reads`, records
+/// every read with its value (for an execution checked later).
+struct MergedView<'a, K, V, S> {
+    cache: &'a mut Cache<K, V>,
+    storage: &'a S,
+    warm: &'a [(K, Option<V>)],
+    reads: Option<&'a mut Vec<(K, Option<V>)>>,
+}
+
+impl<K, V, S> ReadView<K, V> for MergedView<'_, K, V, S>
+where
+    K: Clone + Eq + Hash,
+    V: Clone,
+    S: Storage<Key = K, Value = V>,
+{
+    fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
+        let value = cached_entry(self.cache, self.storage, self.warm, key)?
+            .value
+            .clone();
+        if let Some(reads) = &mut self.reads {
+            reads.push((key.clone(), value.clone()));
+        }
+        Ok(value)
+    }
+}

@@ -1,0 +1,589 @@
+//! Every parallel engine (`EngineKind::ALL` less `sequential`) against the sequential
+//! engine on randomized blocks of a mock VM: conflicts, deltas, chains, write sets that
+//! change with the values read, and VM errors and panics that speculative executions hit
+//! spuriously (stale reads) or that serial execution hits too. Only the serial failure
+//! may surface, and it must be the same one (a panic becomes `VmError::Internal`).
+
+use std::hint::black_box;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
+
+use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
+use parex_engine::{EngineKind, Metrics, RunOptions, VmOutcome, dag, optimistic, sequential};
+use proptest::prelude::*;
+
+type Key = u32;
+type Value = u64;
+type Delta = u64;
+
+#[derive(Clone, Debug)]
+struct MockTx {
+    /// Keys read unconditionally, in order.
+    reads: Vec<Key>,
+    /// Read only when the first value read is odd (a read set that depends on values).
+    extra_read: Key,
+    /// Candidate keys for full writes (each written or not depending on what was read).
+    writes: Vec<Key>,
+    /// Keys credited with a delta.
+    deltas: Vec<Key>,
+    /// Busy work, to vary execution times.
+    work: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct MockOutput {
+    seen: u64,
+    gas: u64,
+    cumulative: u64,
+}
+
+struct MockVm {
+    txs: Vec<MockTx>,
+    /// Fail with `BadData` when the digest of the values read is 0 modulo this (0: never).
+    fail_modulo: u64,
+    /// Panic when the digest is 1 modulo this (0: never).
+    panic_modulo: u64,
+}
+
+const PANIC_PREFIX: &str = "mock panic at transaction ";
+
+fn mix(mut h: u64, v: u64) -> u64 {
+    h ^= v
+        .wrapping_add(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(h << 6)
+        .wrapping_add(h >> 2);
+    h.wrapping_mul(0xff51_afd7_ed55_8ccd)
+}
+
+impl Vm for MockVm {
+    type Key = Key;
+    type Value = Value;
+    type Delta = Delta;
+    type Output = MockOutput;
+
+    fn tx_count(&self) -> usize {
+        self.txs.len()
+    }
+
+    fn execute<R: ReadView<Key, Value>>(
+        &self,
+        tx: TxIndex,
+        view: &mut R,
+    ) -> Result<Execution<Key, Value, Delta, MockOutput>, VmError> {
+        let t = &self.txs[tx];
+        let mut h = tx as u64;
+        let mut first = None;
+        for key in &t.reads {
+            let v = view.read(key)?;
+            first.get_or_insert(v.unwrap_or(0));
+            h = mix(h, v.map_or(u64::MAX, |v| v));
+        }
+        if first.is_some_and(|v| v % 2 == 1) {
+            let v = view.read(&t.extra_read)?;
+            h = mix(h, v.map_or(7, |v| v.wrapping_mul(3)));
+        }
+        let mut spin = h;
+        for _ in 0..t.work {
+            spin = black_box(mix(spin, 1));
+        }
+        if self.fail_modulo != 0 && h.is_multiple_of(self.fail_modulo) {
+            return Err(VmError::BadData(format!("transaction {tx} saw digest {h}")));
+        }
+        if self.panic_modulo != 0 && h % self.panic_modulo == 1 {
+            panic!("{PANIC_PREFIX}{tx}");
+        }
+        let mut writes: Vec<(Key, Write<Value, Delta>)> = Vec::new();
+        for (i, key) in t.writes.iter().enumerate() {
+            // The write set depends on the values read: some keys are skipped.
+            if (h >> (i % 48)) & 3 != 0 && !writes.iter().any(|(k, _)| k == key) {
+                writes.push((*key, Write::Put(mix(h, *key as u64) % 1000)));
+            }
+        }
+        for (i, key) in t.deltas.iter().enumerate() {
+            if !writes.iter().any(|(k, _)| k == key) {
+                writes.push((*key, Write::Delta((h >> (i % 32)) % 50)));
+            }
+        }
+        Ok(Execution {
+            writes,
+            output: MockOutput {
+                seen: h,
+                gas: h % 100,
+                cumulative: 0,
+            },
+        })
+    }
+
+    fn apply_delta(&self, _key: &Key, value: Option<Value>, delta: &Delta) -> Option<Value> {
+        match value {
+            Some(v) => Some(v.wrapping_add(*delta)),
+            // A zero credit to an absent key leaves it absent.
+            None if *delta == 0 => None,
+            None => Some(*delta),
+        }
+    }
+
+    fn merge_deltas(&self, earlier: &mut Delta, later: &Delta) {
+        *earlier = earlier.wrapping_add(*later);
+    }
+
+    fn finalize_outputs(&self, outputs: &mut [MockOutput]) -> Result<(), VmError> {
+        let mut cumulative = 0;
+        for o in outputs {
+            cumulative += o.gas;
+            o.cumulative = cumulative;
+        }
+        Ok(())
+    }
+}
+
+fn vm(txs: Vec<MockTx>) -> MockVm {
+    MockVm {
+        txs,
+        fail_modulo: 0,
+        panic_modulo: 0,
+    }
+}
+
+fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
+    // Two keys in three exist before the block.
+    (0..keys)
+        .filter(|k| k % 3 != 2)
+        .map(|k| (k, (k as u64 * 37) % 101))
+        .collect()
+}
+
+/// Silences the mock's own (expected) panics; other panics print as usual.
+fn quiet_mock_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let mock = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|m| m.starts_with(PANIC_PREFIX));
+            if !mock {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// What serial execution gives: the outcome, or the error (a panic at transaction `t`
+/// as the `VmError::Internal` the parallel engines report for it).
+fn serial(vm: &MockVm, storage: &InMemoryStorage<Key, Value>) -> Result<VmOutcome<MockVm>, String> {
+    quiet_mock_panics();
+    match catch_unwind(AssertUnwindSafe(|| {
+        sequential::execute(vm, storage, &RunOptions::threads(1))
+    })) {
+        Ok(result) => result.map(|(o, _)| o).map_err(|e| e.to_string()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .expect("only the mock panics")
+                .clone();
+            let tx: TxIndex = message[PANIC_PREFIX.len()..].parse().unwrap();
+            Err(VmError::Internal {
+                tx,
+                message: format!("panicked during execution: {message}"),
+            }
+            .to_string())
+        }
+    }
+}
+
+fn parallel_engines() -> impl Iterator<Item = EngineKind> {
+    EngineKind::ALL
+        .iter()
+        .copied()
+        .filter(|&k| k != EngineKind::Sequential)
+}
+
+/// Runs every parallel engine with 1, 2, 4, 8 threads, `repeat` times each.
+fn check(vm: &MockVm, keys: u32, repeat: usize) {
+    check_engines(vm, keys, repeat, parallel_engines());
+}
+
+/// Engines that turn every panic of a transaction into an error naming it. (Block-STM
+/// lets the panic through when it has handed the block to `sequential`, which does not
+/// catch panics.)
+const PANIC_SAFE: [EngineKind; 2] = [EngineKind::Optimistic, EngineKind::Dag];
+
+fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<Item = EngineKind>) {
+    let storage = storage_for(keys);
+    let expected = serial(vm, &storage);
+    for engine in engines {
+        for threads in [1, 2, 4, 8] {
+            for _ in 0..repeat {
+                let got = catch_unwind(AssertUnwindSafe(|| engine.execute(vm, &storage, threads)))
+                    .unwrap_or_else(|_| panic!("{engine} on {threads} threads panicked"))
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "{engine} on {threads} threads");
+            }
+        }
+        if engine == EngineKind::Dag {
+            // The DAG itself, on blocks it would hand to another engine.
+            for threads in [1, 2, 4] {
+                let options = dag::Options { adaptive: false };
+                let got = dag::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "non-adaptive dag on {threads} threads");
+            }
+        }
+    }
+}
+
+fn tx_strategy(
+    keys: u32,
+    max_reads: usize,
+    max_writes: usize,
+    max_deltas: usize,
+) -> impl Strategy<Value = MockTx> {
+    (
+        prop::collection::vec(0..keys, 0..=max_reads),
+        0..keys,
+        prop::collection::vec(0..keys, 0..=max_writes),
+        prop::collection::vec(0..keys, 0..=max_deltas),
+        0u32..2000,
+    )
+        .prop_map(|(reads, extra_read, writes, deltas, work)| MockTx {
+            reads,
+            extra_read,
+            writes,
+            deltas,
+            work,
+        })
+}
+
+fn block_strategy(keys: u32, txs: usize, max_deltas: usize) -> impl Strategy<Value = Vec<MockTx>> {
+    prop::collection::vec(tx_strategy(keys, 4, 3, max_deltas), 0..=txs)
+}
+
+/// A block where transaction `i` reads what `i - 1` wrote for runs of `run` transactions
+/// (chains of adjacent dependencies), the runs independent of each other.
+fn chains(txs: u32, run: u32) -> Vec<MockTx> {
+    (0..txs)
+        .map(|i| {
+            let chain = i / run;
+            let key = 1000 + chain * (run + 1) + i % run;
+            MockTx {
+                reads: vec![key],
+                extra_read: key,
+                writes: vec![key + 1; 8],
+                deltas: vec![0],
+                work: 300,
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Few keys: nearly every transaction conflicts with its neighbours.
+    #[test]
+    fn heavy_conflicts(txs in block_strategy(4, 100, 1)) {
+        check(&vm(txs), 4, 2);
+    }
+
+    /// A moderate key space: some conflicts, many independent transactions.
+    #[test]
+    fn mixed_conflicts(txs in block_strategy(64, 160, 1)) {
+        check(&vm(txs), 64, 2);
+    }
+
+    /// Many deltas on few keys, read now and then.
+    #[test]
+    fn delta_heavy(txs in prop::collection::vec(tx_strategy(6, 1, 1, 3), 0..=120)) {
+        check(&vm(txs), 6, 2);
+    }
+
+    /// Speculative reads make some executions fail or panic; only a failure that
+    /// serial execution has may surface, and it must be the same one.
+    #[test]
+    fn spurious_and_real_errors_and_panics(
+        txs in block_strategy(8, 100, 1),
+        fail_modulo in prop_oneof![Just(0u64), 40u64..400],
+        panic_modulo in prop_oneof![Just(0u64), 40u64..400],
+    ) {
+        let vm = MockVm { txs, fail_modulo, panic_modulo };
+        if panic_modulo == 0 {
+            check(&vm, 8, 2);
+        } else {
+            check_engines(&vm, 8, 2, PANIC_SAFE.into_iter());
+        }
+    }
+
+    /// Independent chains of adjacent dependencies, with random breaks and extra reads.
+    #[test]
+    fn chains_with_noise(run in 1u32..40, noise in prop::collection::vec((0usize..200, 0u32..3000), 0..10)) {
+        let mut txs = chains(200, run);
+        for (i, key) in noise {
+            txs[i].reads.push(1000 + key);
+        }
+        check(&vm(txs), 1, 2);
+    }
+}
+
+/// Each transaction reads the key the previous one wrote: no parallelism at all.
+#[test]
+fn chain() {
+    let txs = (0..300u32)
+        .map(|i| MockTx {
+            reads: vec![i],
+            extra_read: i,
+            writes: vec![i + 1; 8],
+            deltas: vec![0],
+            work: 1000,
+        })
+        .collect();
+    check(&vm(txs), 301, 2);
+}
+
+/// Disjoint keys, plus a delta on one shared key (the "beneficiary"), read by a few.
+#[test]
+fn no_conflicts_with_shared_delta() {
+    let txs = (0..2000u32)
+        .map(|i| MockTx {
+            reads: if i % 500 == 7 {
+                vec![2 * i + 1, 0]
+            } else {
+                vec![2 * i + 1, 2 * i + 2]
+            },
+            extra_read: 2 * i + 2,
+            writes: vec![2 * i + 1, 2 * i + 2, 2 * i + 1, 2 * i + 2],
+            deltas: vec![0],
+            work: 100,
+        })
+        .collect();
+    check(&vm(txs), 4002, 2);
+}
+
+/// The engines are reachable by name, and an empty block works.
+#[test]
+fn dispatch_and_empty_block() {
+    for name in ["optimistic", "dag"] {
+        let kind = EngineKind::parse(name).expect("registered");
+        assert!(EngineKind::ALL.contains(&kind));
+        let (outcome, _) = kind.execute(&vm(vec![]), &storage_for(1), 4).unwrap();
+        assert!(outcome.tx_outcomes.is_empty() && outcome.state_diff.is_empty());
+    }
+}
+
+fn extra(m: &Metrics, name: &str) -> u64 {
+    m.extra(name)
+        .unwrap_or_else(|| panic!("metric {name} missing: {m:?}"))
+}
+
+/// Two workers that really run side by side (tests share rayon's global pool).
+fn two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+/// Optimistic: a conflict-free block merges pre-executions as they are; a chain fails
+/// its merge checks and is switched to serial execution; counters add up.
+#[test]
+fn optimistic_metrics() {
+    let independent = vm((0..1000u32)
+        .map(|i| MockTx {
+            reads: vec![i],
+            extra_read: i,
+            writes: vec![i],
+            deltas: vec![1000],
+            work: 300,
+        })
+        .collect());
+    let storage = storage_for(1001);
+    let (_, m) = two_threads(|| {
+        optimistic::execute(&independent, &storage, &RunOptions::threads(2)).unwrap()
+    });
+    assert_eq!(m.validation_failures, 0, "{m:?}");
+    assert_eq!(extra(&m, "merge_reexecutions"), 0);
+    assert_eq!(extra(&m, "serial_switch"), 0);
+    assert_eq!(m.executions, 1000);
+
+    let chain = vm((0..1000u32)
+        .map(|_| MockTx {
+            reads: vec![0],
+            extra_read: 0,
+            writes: vec![0; 4],
+            deltas: vec![],
+            work: 300,
+        })
+        .collect());
+    let storage = storage_for(1);
+    let expected = sequential::execute(&chain, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let (outcome, m) =
+        two_threads(|| optimistic::execute(&chain, &storage, &RunOptions::threads(2)).unwrap());
+    assert_eq!(outcome, expected);
+    assert_eq!(m.reexecutions, m.executions - 1000);
+    assert!(m.validations <= 1000);
+    // Unless the merger ran alone (a loaded machine), the chain is detected.
+    assert!(
+        extra(&m, "serial_switch") == 1 || m.validations == 0,
+        "{m:?}"
+    );
+}
+
+/// Dag: edges, groups and mispredictions are counted; a chain is one group or handed to
+/// sequential.
+#[test]
+fn dag_metrics() {
+    let txs = chains(300, 10);
+    let storage = storage_for(1);
+    let (_, m) = dag::execute(&vm(txs), &storage, &RunOptions::threads(2)).unwrap();
+    assert_eq!(extra(&m, "sequential_fallback"), 0, "{m:?}");
+    assert_eq!(extra(&m, "dag_edges"), 270, "{m:?}");
+    assert_eq!(extra(&m, "groups"), 30, "{m:?}");
+    assert_eq!(extra(&m, "max_group_size"), 9, "{m:?}");
+    assert_eq!(extra(&m, "mispredictions"), 0, "{m:?}");
+
+    // Write sets that change with the values read make hints miss dependencies: some
+    // small contended block has mispredictions, and they are repaired.
+    let mut found = false;
+    for seed in 0..200u32 {
+        let txs: Vec<MockTx> = (0..40u32)
+            .map(|i| {
+                let r = seed.wrapping_mul(7919).wrapping_add(i * 104_729);
+                MockTx {
+                    reads: vec![r % 5],
+                    extra_read: (r / 5) % 5,
+                    writes: vec![(r / 25) % 5, (r / 125) % 5],
+                    deltas: vec![],
+                    work: 0,
+                }
+            })
+            .collect();
+        let block = vm(txs);
+        let storage = storage_for(5);
+        let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        let (outcome, m) = dag::execute(&block, &storage, &RunOptions::threads(2)).unwrap();
+        assert_eq!(outcome, expected, "seed {seed}");
+        assert_eq!(extra(&m, "mispredictions"), m.validation_failures);
+        if extra(&m, "mispredictions") > 0 {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no block had a misprediction");
+
+    let chain = vm((0..400u32)
+        .map(|_| MockTx {
+            reads: vec![0],
+            extra_read: 0,
+            writes: vec![0],
+            deltas: vec![],
+            work: 300,
+        })
+        .collect());
+    let storage = storage_for(1);
+    let expected = sequential::execute(&chain, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let (outcome, m) = dag::execute(&chain, &storage, &RunOptions::threads(2)).unwrap();
+    assert_eq!(outcome, expected);
+    assert_eq!(extra(&m, "sequential_fallback"), 1, "{m:?}");
+}
+
+/// Storage whose reads of one key fail.
+struct FailingStorage {
+    inner: InMemoryStorage<Key, Value>,
+    bad: Key,
+}
+
+impl parex_core::Storage for FailingStorage {
+    type Key = Key;
+    type Value = Value;
+    fn read(&self, key: &Key) -> Result<Option<Value>, parex_core::StorageError> {
+        if *key == self.bad {
+            return Err(parex_core::StorageError(format!("key {key} is unreadable")));
+        }
+        self.inner.read(key)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A storage failure is the block's error, as in serial execution, whether a
+    /// transaction reads the key or only credits it (a delta resolved at the end).
+    /// (Nothing overwrites the key: `sequential` reads a key before a full write to it,
+    /// so it fails there too, where engines that need no pre-block value do not.)
+    #[test]
+    fn storage_errors_propagate(mut txs in block_strategy(8, 80, 2), bad in 0u32..8) {
+        for tx in &mut txs {
+            tx.writes.retain(|&k| k != bad);
+        }
+        let vm = vm(txs);
+        let storage = FailingStorage { inner: storage_for(8), bad };
+        let expected = sequential::execute(&vm, &storage, &RunOptions::threads(1))
+            .map(|(o, _)| o)
+            .map_err(|e| e.to_string());
+        for engine in parallel_engines() {
+            for threads in [1, 2, 4] {
+                let got = engine
+                    .execute(&vm, &storage, threads)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                prop_assert_eq!(&got, &expected, "{} on {} threads", engine, threads);
+            }
+        }
+    }
+}
+
+/// With tracing on, each engine records its phases (and the outcome is the same).
+#[test]
+fn traces_record_the_phases() {
+    use parex_engine::trace::SpanKind;
+    let block = vm(chains(400, 4));
+    let storage = storage_for(1);
+    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let run = RunOptions {
+        threads: 2,
+        trace: true,
+    };
+    let expect_kinds: [(EngineKind, &[SpanKind]); 2] = [
+        (
+            EngineKind::Optimistic,
+            &[SpanKind::Execute, SpanKind::Merge, SpanKind::Finalize],
+        ),
+        (
+            EngineKind::Dag,
+            &[
+                SpanKind::Hint,
+                SpanKind::Execute,
+                SpanKind::Validate,
+                SpanKind::Finalize,
+            ],
+        ),
+    ];
+    for (engine, kinds) in expect_kinds {
+        let (outcome, m) = two_threads(|| engine.run(&block, &storage, &run)).unwrap();
+        assert_eq!(outcome, expected, "{engine}");
+        let trace = m.trace.expect("traced");
+        assert!(trace.workers >= 1 && trace.wall_ns > 0, "{engine}");
+        for kind in kinds {
+            assert!(
+                trace.spans.iter().any(|s| s.kind == *kind),
+                "{engine}: no {kind:?} span"
+            );
+        }
+        assert!(trace.spans.iter().all(|s| s.start_ns <= s.end_ns));
+    }
+    // Off: nothing recorded.
+    let (_, m) = dag::execute(&block, &storage, &RunOptions::threads(2)).unwrap();
+    assert!(m.trace.is_none());
+}
