@@ -3,9 +3,10 @@
 //! before the next one starts. Every other engine must produce exactly its outcome.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use parex_core::{BlockOutcome, ReadError, ReadView, Storage, Vm, Write};
+use parex_core::{BlockOutcome, ReadError, ReadView, Storage, Vm, VmError, Write};
 
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -77,14 +78,33 @@ where
             storage,
         };
         let span = recorder.start();
-        let execution = vm.execute(tx, &mut view)?;
+        // A panicking VM fails the block with an error naming the transaction, as in
+        // every engine (the EVM drops its per-thread state while unwinding).
+        let execution = catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view)))
+            .unwrap_or_else(|panic| {
+                Err(VmError::Internal {
+                    tx,
+                    message: crate::panic_message(&panic),
+                })
+            })?;
         for (key, write) in execution.writes {
-            let entry = view.entry(&key).map_err(parex_core::VmError::from)?;
-            entry.written = true;
-            entry.value = match write {
-                Write::Put(value) => Some(value),
-                Write::Delta(delta) => vm.apply_delta(&key, entry.value.take(), &delta),
-            };
+            match write {
+                // A full write needs no base value: nothing is read from storage.
+                Write::Put(value) => {
+                    view.cache.insert(
+                        key,
+                        Entry {
+                            value: Some(value),
+                            written: true,
+                        },
+                    );
+                }
+                Write::Delta(delta) => {
+                    let entry = view.entry(&key).map_err(VmError::from)?;
+                    entry.written = true;
+                    entry.value = vm.apply_delta(&key, entry.value.take(), &delta);
+                }
+            }
         }
         outputs.push(execution.output);
         recorder.record(SpanKind::Execute, Some(tx), span);

@@ -205,11 +205,6 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
     check_engines(vm, keys, repeat, parallel_engines());
 }
 
-/// Engines that turn every panic of a transaction into an error naming it. (Block-STM
-/// lets the panic through when it has handed the block to `sequential`, which does not
-/// catch panics.)
-const PANIC_SAFE: [EngineKind; 2] = [EngineKind::Optimistic, EngineKind::Dag];
-
 fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<Item = EngineKind>) {
     let storage = storage_for(keys);
     let expected = serial(vm, &storage);
@@ -310,11 +305,7 @@ proptest! {
         panic_modulo in prop_oneof![Just(0u64), 40u64..400],
     ) {
         let vm = MockVm { txs, fail_modulo, panic_modulo };
-        if panic_modulo == 0 {
-            check(&vm, 8, 2);
-        } else {
-            check_engines(&vm, 8, 2, PANIC_SAFE.into_iter());
-        }
+        check(&vm, 8, 2);
     }
 
     /// Independent chains of adjacent dependencies, with random breaks and extra reads.
