@@ -43,8 +43,8 @@ pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot load block {number}"))?;
     let engine = args.engine.engine;
     let options = RunOptions {
-        threads: args.engine.threads(),
         trace: args.trace.is_some(),
+        ..RunOptions::threads(args.engine.threads())
     };
     let vm = EvmVm::new(&block.block);
     let latency = Duration::from_micros(args.latency_us);

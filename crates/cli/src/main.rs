@@ -325,8 +325,8 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
     let engine = args.engine.engine;
     let threads = args.engine.threads();
     let options = RunOptions {
-        threads,
         trace: args.trace.is_some(),
+        ..RunOptions::threads(threads)
     };
     let vm = EvmVm::new(&workload.block);
     let latency = Duration::from_micros(args.latency_us);

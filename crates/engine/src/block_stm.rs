@@ -79,11 +79,6 @@ struct BlockStm<'a, V: Vm, S> {
     tracer: Tracer,
 }
 
-/// With storage reads slower than this, workers mostly wait on storage, and the engine
-/// runs `WORKERS_PER_THREAD_IF_SLOW` of them per requested thread so that reads overlap.
-const SLOW_READ: Duration = Duration::from_micros(5);
-const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
-
 /// A worker judges speculation after this many executions of its own...
 const JUDGE_AFTER: u64 = 48;
 /// ...and gives up when at least this share of them failed validation or had to wait.
@@ -218,12 +213,7 @@ where
         adaptive: options.adaptive,
         tracer: Tracer::new(run.trace),
     };
-    let workers = if storage.read_latency() >= SLOW_READ {
-        (threads.max(1) * WORKERS_PER_THREAD_IF_SLOW).min(512)
-    } else {
-        threads.max(1)
-    }
-    .min(n.max(1));
+    let workers = run.workers(n, storage);
     let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
     let finalize_started = Instant::now();
     let mut finalize_trace = engine.tracer.recorder(0);

@@ -63,10 +63,6 @@ const MISPREDICTED_SHARE: f64 = 0.5;
 /// edges only steer scheduling, so a long tail of deltas (a busy beneficiary) is cut.
 const MAX_DELTA_EDGES: usize = 64;
 
-/// With storage reads slower than this, more workers than threads overlap them.
-const SLOW_READ: Duration = Duration::from_micros(5);
-const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
-
 /// Incarnations: the pre-execution, the scheduled execution, the commit's re-execution.
 const SCHEDULED: Incarnation = 1;
 const REPAIR: Incarnation = 2;
@@ -371,12 +367,7 @@ where
 {
     let n = vm.tx_count();
     let threads = run.threads.max(1);
-    let workers = if storage.read_latency() >= SLOW_READ {
-        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
-    } else {
-        threads
-    }
-    .min(n.max(1));
+    let workers = run.workers(n, storage);
     let tracer = Tracer::new(run.trace);
 
     // Hints of a sample first: a chain is handed to `sequential` before hinting it all.
@@ -397,7 +388,7 @@ where
                     Fallback::Sequential => 1,
                     Fallback::Optimistic => threads,
                 },
-                trace: run.trace,
+                ..*run
             },
         )?;
         metrics.executions += sample as u64;

@@ -40,6 +40,10 @@ pub struct RunOptions {
     pub threads: usize,
     /// Record every worker's timeline into [`Metrics::trace`].
     pub trace: bool,
+    /// Run all `threads` workers even on blocks too small to repay starting them (by
+    /// default a worker needs [`workers::MIN_TXS_PER_WORKER`] transactions). Tests set it
+    /// to put small blocks under full concurrency.
+    pub spread_small_blocks: bool,
 }
 
 impl RunOptions {
@@ -48,7 +52,26 @@ impl RunOptions {
         Self {
             threads,
             trace: false,
+            spread_small_blocks: false,
         }
+    }
+
+    /// `threads` workers on every block, however small (a stress setting for tests).
+    pub fn stress(threads: usize) -> Self {
+        Self {
+            spread_small_blocks: true,
+            ..Self::threads(threads)
+        }
+    }
+
+    /// The workers to run for `txs` transactions on `storage` (see [`workers::count`]).
+    pub fn workers<S: Storage>(&self, txs: usize, storage: &S) -> usize {
+        workers::count(
+            self.threads,
+            txs,
+            storage.read_latency(),
+            self.spread_small_blocks,
+        )
     }
 }
 

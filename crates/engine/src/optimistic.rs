@@ -56,10 +56,6 @@ const LOOKAHEAD_PER_WORKER: usize = 64;
 /// Transactions merged before the merged state is sized for the whole block.
 const SIZING_SAMPLE: usize = 64;
 
-/// With storage reads slower than this, more pre-executors than threads overlap them.
-const SLOW_READ: Duration = Duration::from_micros(5);
-const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
-
 struct Cached<V> {
     value: Option<V>,
     written: bool,
@@ -135,13 +131,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    let threads = run.threads.max(1);
-    let workers = if storage.read_latency() >= SLOW_READ {
-        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
-    } else {
-        threads
-    }
-    .min(n.max(1));
+    let workers = run.workers(n, storage);
     let shared = Shared {
         vm,
         storage,

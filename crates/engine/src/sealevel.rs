@@ -136,10 +136,6 @@ impl Default for Options {
 /// of the frontier were voided, only the frontier runs from then on.
 const ADAPT_AFTER: u64 = 32;
 
-/// With storage reads slower than this, the engine runs `WORKERS_PER_THREAD_IF_SLOW`
-/// workers per thread so that reads overlap (as `block-stm` does).
-const SLOW_READ: Duration = Duration::from_micros(5);
-const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
 /// Shards of the committed state (a power of two).
 const SHARDS: usize = 64;
 /// Transactions a worker declares at once in the hint phase.
@@ -218,12 +214,7 @@ where
         halt: AtomicBool::new(false),
         tracer,
     };
-    let workers = if storage.read_latency() >= SLOW_READ {
-        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
-    } else {
-        threads
-    }
-    .min(n.max(1));
+    let workers = run.workers(n, storage);
     let build_time = build_started.elapsed();
 
     let per_worker = crate::workers::run(workers, |id| engine.work(id));

@@ -1,6 +1,34 @@
-//! Running a fixed number of workers for one block.
+//! How many workers a block gets, and running them.
 
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// With storage reads slower than this, workers mostly wait on storage, and engines run
+/// `WORKERS_PER_THREAD_IF_SLOW` of them per thread so that reads overlap.
+pub const SLOW_READ: Duration = Duration::from_micros(5);
+pub const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
+/// Transactions a worker must have, on average, to be worth starting on fast storage:
+/// waking a pooled thread costs tens of microseconds, a light transaction one or two.
+pub const MIN_TXS_PER_WORKER: usize = 32;
+
+/// The workers an engine runs for `txs` transactions on `threads` threads, when a
+/// storage read takes `read_latency` (see [`crate::RunOptions::spread_small_blocks`]).
+pub fn count(
+    threads: usize,
+    txs: usize,
+    read_latency: Duration,
+    spread_small_blocks: bool,
+) -> usize {
+    let threads = threads.max(1);
+    let workers = if read_latency >= SLOW_READ {
+        (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
+    } else if spread_small_blocks {
+        threads
+    } else {
+        threads.min(txs.div_ceil(MIN_TXS_PER_WORKER))
+    };
+    workers.min(txs).max(1)
+}
 
 /// Runs `workers` copies of `work` (each given its worker id, `0..workers`; the calling
 /// thread is worker 0) and returns their results in worker order. Workers that fit in
@@ -60,6 +88,21 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn worker_count() {
+        let fast = Duration::ZERO;
+        let slow = super::SLOW_READ;
+        assert_eq!(super::count(2, 18, fast, false), 1);
+        assert_eq!(super::count(2, 18, fast, true), 2);
+        assert_eq!(super::count(2, 1000, fast, false), 2);
+        assert_eq!(super::count(8, 100, fast, false), 4);
+        assert_eq!(super::count(2, 18, slow, false), 18);
+        assert_eq!(super::count(2, 1000, slow, false), 32);
+        assert_eq!(super::count(0, 0, fast, false), 1);
+    }
+
     #[test]
     fn results_in_worker_order() {
         for workers in [1, 2, 3, 40] {

@@ -150,7 +150,7 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
             for adaptive in [false, true] {
                 let options = block_stm::Options { adaptive };
                 let got =
-                    block_stm::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+                    block_stm::execute_with(vm, &storage, &RunOptions::stress(threads), options)
                         .map(|(o, _)| o)
                         .map_err(|e| e.to_string());
                 assert_eq!(got, expected, "threads {threads}, adaptive {adaptive}");

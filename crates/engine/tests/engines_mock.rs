@@ -211,10 +211,12 @@ fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<I
     for engine in engines {
         for threads in [1, 2, 4, 8] {
             for _ in 0..repeat {
-                let got = catch_unwind(AssertUnwindSafe(|| engine.execute(vm, &storage, threads)))
-                    .unwrap_or_else(|_| panic!("{engine} on {threads} threads panicked"))
-                    .map(|(o, _)| o)
-                    .map_err(|e| e.to_string());
+                let got = catch_unwind(AssertUnwindSafe(|| {
+                    engine.run(vm, &storage, &RunOptions::stress(threads))
+                }))
+                .unwrap_or_else(|_| panic!("{engine} on {threads} threads panicked"))
+                .map(|(o, _)| o)
+                .map_err(|e| e.to_string());
                 assert_eq!(got, expected, "{engine} on {threads} threads");
             }
         }
@@ -222,7 +224,7 @@ fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<I
             // The DAG itself, on blocks it would hand to another engine.
             for threads in [1, 2, 4] {
                 let options = dag::Options { adaptive: false };
-                let got = dag::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+                let got = dag::execute_with(vm, &storage, &RunOptions::stress(threads), options)
                     .map(|(o, _)| o)
                     .map_err(|e| e.to_string());
                 assert_eq!(got, expected, "non-adaptive dag on {threads} threads");
@@ -524,7 +526,7 @@ proptest! {
         for engine in parallel_engines() {
             for threads in [1, 2, 4] {
                 let got = engine
-                    .execute(&vm, &storage, threads)
+                    .run(&vm, &storage, &RunOptions::stress(threads))
                     .map(|(o, _)| o)
                     .map_err(|e| e.to_string());
                 prop_assert_eq!(&got, &expected, "{} on {} threads", engine, threads);
@@ -543,8 +545,8 @@ fn traces_record_the_phases() {
         .unwrap()
         .0;
     let run = RunOptions {
-        threads: 2,
         trace: true,
+        ..RunOptions::stress(2)
     };
     let expect_kinds: [(EngineKind, &[SpanKind]); 2] = [
         (

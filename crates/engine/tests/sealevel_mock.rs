@@ -233,7 +233,7 @@ fn run(vm: &MockVm, keys: u32, threads: usize, hints: Hints) -> Result<Ran, Stri
 
 fn run_with(vm: &MockVm, keys: u32, threads: usize, options: Options) -> Result<Ran, String> {
     let storage = storage_for(keys);
-    sealevel::execute_with(vm, &storage, &RunOptions::threads(threads), options)
+    sealevel::execute_with(vm, &storage, &RunOptions::stress(threads), options)
         .map(|(mut o, m)| {
             o.state_diff.sort();
             (o.tx_outcomes, o.state_diff, m)
@@ -432,8 +432,8 @@ fn dispatch_empty_block_and_trace() {
     }
     let vm = independent(Declare::Partial(0b11));
     let options = RunOptions {
-        threads: 2,
         trace: true,
+        ..RunOptions::stress(2)
     };
     let (_, m) = EngineKind::Sealevel
         .run(&vm, &storage_for(2001), &options)

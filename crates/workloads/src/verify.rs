@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use alloy_primitives::B256;
 use parex_core::outcome::EvmBlockOutcome;
-use parex_engine::{EngineError, EngineKind, Metrics};
+use parex_engine::{EngineError, EngineKind, Metrics, RunOptions};
 use parex_evm::{EvmVm, logs_bloom, receipts_root};
 
 use crate::mainnet::MainnetBlock;
@@ -68,9 +68,18 @@ pub fn check_block(
     engine: EngineKind,
     threads: usize,
 ) -> Result<BlockCheck, EngineError> {
+    check_block_with(block, engine, &RunOptions::threads(threads))
+}
+
+/// [`check_block`] with explicit run options (e.g. [`RunOptions::stress`] in tests).
+pub fn check_block_with(
+    block: &MainnetBlock,
+    engine: EngineKind,
+    options: &RunOptions,
+) -> Result<BlockCheck, EngineError> {
     let vm = EvmVm::new(&block.block);
     let started = Instant::now();
-    let (outcome, metrics) = engine.execute(&vm, &block.pre_state, threads)?;
+    let (outcome, metrics) = engine.run(&vm, &block.pre_state, options)?;
     let elapsed = started.elapsed();
     let root = receipts_root(block.spec(), &outcome.tx_outcomes);
     Ok(BlockCheck {

@@ -8,10 +8,10 @@
 mod common;
 
 use common::describe_difference;
-use parex_engine::EngineKind;
+use parex_engine::{EngineKind, RunOptions};
 use parex_evm::EvmVm;
 use parex_workloads::mainnet::{Source, builtin_dir};
-use parex_workloads::verify::check_block;
+use parex_workloads::verify::{check_block, check_block_with};
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, synthetic};
 
 const THREADS: [usize; 3] = [1, 2, 8];
@@ -71,7 +71,7 @@ fn every_engine_equals_sequential_on_every_workload() {
                         spec.seed
                     );
                     let (actual, _) = engine
-                        .execute(&vm, &w.pre_state, threads)
+                        .run(&vm, &w.pre_state, &RunOptions::stress(threads))
                         .unwrap_or_else(|e| panic!("{what}: {e}"));
                     assert!(
                         actual == expected,
@@ -113,7 +113,7 @@ fn every_engine_equals_sequential_and_the_header_on_every_mainnet_block() {
             for threads in THREADS {
                 for run in 0..MAINNET_REPEATS {
                     let what = format!("block {n}, {engine} on {threads} threads, run {run}");
-                    let check = check_block(block, engine, threads)
+                    let check = check_block_with(block, engine, &RunOptions::stress(threads))
                         .unwrap_or_else(|e| panic!("{what}: {e}"));
                     assert!(
                         check.passed(),

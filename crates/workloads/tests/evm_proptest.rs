@@ -23,7 +23,7 @@ use alloy_sol_types::SolCall;
 use common::describe_difference;
 use parex_core::outcome::EvmBlockOutcome;
 use parex_core::{AccountInfo, AccountValue, InMemoryStorage, StateKey, StateValue, TxStatus};
-use parex_engine::EngineKind;
+use parex_engine::{EngineKind, RunOptions};
 use parex_evm::{EvmBlock, EvmTx, EvmVm, MAINNET_CHAIN_ID};
 use parex_workloads::contracts::{self, ParexToken};
 use proptest::prelude::*;
@@ -724,7 +724,7 @@ fn assert_engines_agree(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
         for threads in [1, 2, 4, 8] {
             for run in 0..5 {
                 let (actual, _) = engine
-                    .execute(&vm, state, threads)
+                    .run(&vm, state, &RunOptions::stress(threads))
                     .unwrap_or_else(|e| panic!("{engine} on {threads} threads: {e}"));
                 assert!(
                     actual == expected,
@@ -774,7 +774,7 @@ proptest! {
         for engine in parallel_engines() {
             for threads in [2, 4] {
                 let (actual, _) = engine
-                    .execute(&vm, state, threads)
+                    .run(&vm, state, &RunOptions::stress(threads))
                     .map_err(|e| TestCaseError::fail(format!("{engine} on {threads} threads failed: {e}")))?;
                 prop_assert!(
                     actual == expected,

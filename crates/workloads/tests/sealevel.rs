@@ -110,7 +110,7 @@ fn run<V: Vm<Key = StateKey, Value = StateValue>>(
     sealevel::execute_with(
         vm,
         &w.pre_state,
-        &RunOptions::threads(threads),
+        &RunOptions::stress(threads),
         Options {
             hints,
             adaptive: false,
