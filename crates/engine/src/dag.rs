@@ -559,17 +559,6 @@ struct Report {
     validation_time: Duration,
 }
 
-/// Stops the other workers if this one unwinds, so that the block fails instead of hanging.
-struct FailOnPanic<'a>(&'a AtomicBool);
-
-impl Drop for FailOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.store(true, SeqCst);
-        }
-    }
-}
-
 /// Hints a worker publishes at once.
 const PUBLISH_CHUNK: usize = 16;
 
@@ -579,7 +568,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     fn work(&self, id: usize) -> Report {
-        let _fail = FailOnPanic(&self.failed);
+        let _fail = crate::workers::SetOnPanic(&self.failed);
         let n = self.records.len();
         let mut trace = self.tracer.recorder(id);
         let mut report = Report::default();

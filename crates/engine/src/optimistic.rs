@@ -92,17 +92,6 @@ struct Shared<'a, V: Vm, S> {
     tracer: Tracer,
 }
 
-/// Sets `stop` if the holder unwinds, so that no worker waits forever on it.
-struct StopOnPanic<'a>(&'a AtomicBool);
-
-impl Drop for StopOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
 /// What one worker did.
 #[derive(Default)]
 struct WorkerReport {
@@ -145,7 +134,7 @@ where
         tracer: Tracer::new(run.trace),
     };
     let mut reports = crate::workers::run(workers, |id| {
-        let _stop = StopOnPanic(&shared.stop);
+        let _stop = crate::workers::SetOnPanic(&shared.stop);
         if id == 0 {
             let report = shared.merge();
             shared.stop.store(true, Ordering::SeqCst);

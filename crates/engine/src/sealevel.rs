@@ -60,7 +60,10 @@
 //! `ADAPT_AFTER` voids: the declarations miss what the transactions touch, as for
 //! contract calls without access lists), only the frontier runs from then on, which
 //! spares the wasted runs; it is reported as `frontier_only`. It changes nothing
-//! but speed.
+//! but speed. Before that, the declarations of the first 64 transactions are compared
+//! with their predecessors': when most conflict (a chain, where locks would hand the
+//! transactions out one at a time), the block runs in order as `sequential` does
+//! (`sequential_fallback`).
 //!
 //! Locks are held until commit, and commits wait for every earlier transaction, so a
 //! transaction that conflicts with an earlier one waits for that one *and* everything
@@ -190,6 +193,14 @@ where
     let n = vm.tx_count();
     let tracer = Tracer::new(run.trace);
 
+    if options.adaptive && n >= CHAIN_SAMPLE && mostly_chained(vm, storage) {
+        // Locks would hand the transactions out one by one anyway, with the lock table's
+        // and the in-order commit's cost on top: run the block in order.
+        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
+        metrics.extra = vec![("sequential_fallback", 1)];
+        return Ok((outcome, metrics));
+    }
+
     let hint_started = Instant::now();
     let pre = match options.hints {
         Hints::Declared => None,
@@ -284,6 +295,7 @@ where
         ("frontier_runs", sched.frontier_runs),
         ("invalidated", sched.invalidated),
         ("preexec_reused", preexec_reused),
+        ("sequential_fallback", 0),
         ("frontier_only", u64::from(frontier_only)),
         ("declared_keys", declared_keys),
         ("hint_us", hint_time.as_micros() as u64),
@@ -300,6 +312,33 @@ where
 
 // ---------------------------------------------------------------------------------------
 // Step 1: declarations.
+
+/// Transactions whose declarations are judged before anything else is done...
+const CHAIN_SAMPLE: usize = 64;
+/// ...and the share of them that must conflict with their predecessor's declaration for
+/// the block to count as a chain.
+const CHAIN_SHARE: f64 = 0.75;
+
+/// Whether most of the first `CHAIN_SAMPLE` transactions declare a key that their
+/// immediate predecessor declares incompatibly (a chain of dependent transactions: each
+/// would wait for the one before it). Costs `CHAIN_SAMPLE` declarations on this thread.
+fn mostly_chained<V, S>(vm: &V, storage: &S) -> bool
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let mut previous = normalize(vm.declared_access(0, &mut PreBlock(storage)));
+    let mut chained = 0;
+    for tx in 1..CHAIN_SAMPLE {
+        let current = normalize(vm.declared_access(tx, &mut PreBlock(storage)));
+        let conflicts = current.iter().any(|(key, kind)| {
+            declared_kind(&previous, key).is_some_and(|other| !other.compatible(*kind))
+        });
+        chained += usize::from(conflicts);
+        previous = current;
+    }
+    chained as f64 >= CHAIN_SHARE * (CHAIN_SAMPLE - 1) as f64
+}
 
 /// Every transaction's declaration, in block order, computed on `threads` workers.
 fn declare<V, S>(
@@ -739,17 +778,6 @@ struct WorkerStats {
     commit: Duration,
 }
 
-/// Stops the other workers if this one unwinds.
-struct HaltOnPanic<'a>(&'a AtomicBool);
-
-impl Drop for HaltOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.store(true, Relaxed);
-        }
-    }
-}
-
 /// The result of one run: usable, or void (an undeclared access).
 enum Run<V: Vm> {
     Finished(Finished<V>),
@@ -767,7 +795,7 @@ where
 
     /// One worker's loop: take the lowest ready transaction, run it, hand in the result.
     fn work(&self, id: usize) -> WorkerStats {
-        let _halt = HaltOnPanic(&self.halt);
+        let _halt = crate::workers::SetOnPanic(&self.halt);
         let mut trace = self.tracer.recorder(id);
         let mut stats = WorkerStats::default();
         let backoff = Backoff::new();

@@ -1,6 +1,7 @@
 //! How many workers a block gets, and running them.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Duration;
 
 /// With storage reads slower than this, workers mostly wait on storage, and engines run
@@ -30,12 +31,24 @@ pub fn count(
     workers.min(txs).max(1)
 }
 
+/// Sets its flag if the holder unwinds: a worker holds one so that, if it panics, the
+/// others see the flag and stop instead of waiting forever for its work.
+pub struct SetOnPanic<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, SeqCst);
+        }
+    }
+}
+
 /// Runs `workers` copies of `work` (each given its worker id, `0..workers`; the calling
 /// thread is worker 0) and returns their results in worker order. Workers that fit in
 /// rayon's global pool run there, sparing a thread spawn per block; more (engines that
 /// overlap slow storage reads) get threads of their own. A panicking worker's panic is
 /// resumed on the caller once the others have ended: engines that share work between
-/// workers must make the others stop when one unwinds (see `block_stm::HaltOnPanic`).
+/// workers must make the others stop when one unwinds (see [`SetOnPanic`]).
 pub fn run<R, F>(workers: usize, work: F) -> Vec<R>
 where
     R: Send,

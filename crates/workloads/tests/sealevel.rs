@@ -215,3 +215,27 @@ fn wrong_declarations_stay_exact() {
         }
     }
 }
+
+#[test]
+fn a_declared_chain_runs_in_order_and_other_blocks_do_not() {
+    for (kind, fallback) in [(WorkloadKind::Chain, 1), (WorkloadKind::Raw, 0)] {
+        let w = workload(kind, 300, 0.0, 9);
+        let vm = EvmVm::new(&w.block);
+        let (expected, _) = EngineKind::Sequential
+            .execute(&vm, &w.pre_state, 1)
+            .unwrap();
+        for engine in [EngineKind::Sealevel, EngineKind::SealevelPreexec] {
+            let (outcome, m) = engine.execute(&vm, &w.pre_state, 2).unwrap();
+            assert!(
+                outcome == expected,
+                "{engine} on {kind}: {}",
+                describe_difference(&expected, &outcome)
+            );
+            assert_eq!(
+                m.extra("sequential_fallback"),
+                Some(fallback),
+                "{engine} on {kind}: {m:?}"
+            );
+        }
+    }
+}
