@@ -18,7 +18,9 @@
 //! Adapting to dependent blocks: each worker watches its own share of failed validations
 //! and dependency waits; once most of its executions are wasted (a chain of dependent
 //! transactions, where speculation only adds work), the block is handed to the
-//! `sequential` engine, after at most a few dozen executions per worker. This is the
+//! `sequential` engine, after at most a few dozen executions per worker; a block whose
+//! first 64 transactions' declared accesses ([`Vm::declared_access`]) already conflict
+//! each with the one before (a chain) goes there before any speculation. This is the
 //! engine's only fallback; it is counted in the metrics (`sequential_fallback`).
 //!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
@@ -194,6 +196,17 @@ where
 {
     let threads = run.threads.max(1);
     let n = vm.tx_count();
+    if options.adaptive && crate::sealevel::declared_chain(vm, storage) {
+        // The declarations already say the block is a chain: skip the speculation.
+        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
+        metrics.extra = vec![
+            ("sequential_fallback", 1),
+            ("workers", 1),
+            ("dependency_retries", 0),
+            ("storage_reads", 0),
+        ];
+        return Ok((outcome, metrics));
+    }
     let engine = BlockStm {
         vm,
         storage,

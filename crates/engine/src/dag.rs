@@ -393,6 +393,10 @@ where
         )?;
         metrics.executions += sample as u64;
         metrics.reexecutions += sample as u64;
+        // The engine that ran the block may report its own fallback; this one's counts.
+        metrics
+            .extra
+            .retain(|(name, _)| *name != "sequential_fallback");
         metrics.extra.push((
             "sequential_fallback",
             u64::from(fallback == Fallback::Sequential),

@@ -24,7 +24,9 @@
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
 //! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
-//! the merger speculates only while most checks pass.
+//! the merger speculates only while most checks pass. A block whose first
+//! transactions' declared accesses ([`Vm::declared_access`]) already form a chain runs
+//! in order from the start (`sequential_fallback`).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -120,6 +122,12 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
+    if crate::sealevel::declared_chain(vm, storage) {
+        // The declarations already say the block is a chain: merge checks would all fail.
+        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
+        metrics.extra = vec![("sequential_fallback", 1)];
+        return Ok((outcome, metrics));
+    }
     let workers = run.workers(n, storage);
     let shared = Shared {
         vm,
@@ -154,6 +162,7 @@ where
     metrics.extra = vec![
         ("merge_reexecutions", merge.merge_reexecutions),
         ("merger_speculations", merge.own_speculations),
+        ("sequential_fallback", 0),
         ("serial_switch", u64::from(merge.serial_switch)),
         ("workers", workers as u64),
     ];

@@ -193,7 +193,7 @@ where
     let n = vm.tx_count();
     let tracer = Tracer::new(run.trace);
 
-    if options.adaptive && n >= CHAIN_SAMPLE && mostly_chained(vm, storage) {
+    if options.adaptive && declared_chain(vm, storage) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
         // and the in-order commit's cost on top: run the block in order.
         let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
@@ -319,14 +319,19 @@ const CHAIN_SAMPLE: usize = 64;
 /// the block to count as a chain.
 const CHAIN_SHARE: f64 = 0.75;
 
-/// Whether most of the first `CHAIN_SAMPLE` transactions declare a key that their
-/// immediate predecessor declares incompatibly (a chain of dependent transactions: each
-/// would wait for the one before it). Costs `CHAIN_SAMPLE` declarations on this thread.
-fn mostly_chained<V, S>(vm: &V, storage: &S) -> bool
+/// Whether the block starts as a chain: most of its first `CHAIN_SAMPLE` transactions
+/// declare ([`Vm::declared_access`]) a key that their immediate predecessor declares
+/// incompatibly, so each would wait for the one before it. False for smaller blocks.
+/// Costs `CHAIN_SAMPLE` declarations on the calling thread (block-stm and optimistic use
+/// it too, to run such blocks in order from the start).
+pub(crate) fn declared_chain<V, S>(vm: &V, storage: &S) -> bool
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    if vm.tx_count() < CHAIN_SAMPLE {
+        return false;
+    }
     let mut previous = normalize(vm.declared_access(0, &mut PreBlock(storage)));
     let mut chained = 0;
     for tx in 1..CHAIN_SAMPLE {

@@ -224,7 +224,13 @@ fn a_declared_chain_runs_in_order_and_other_blocks_do_not() {
         let (expected, _) = EngineKind::Sequential
             .execute(&vm, &w.pre_state, 1)
             .unwrap();
-        for engine in [EngineKind::Sealevel, EngineKind::SealevelPreexec] {
+        // block-stm and optimistic use the same up-front check of the declarations.
+        for engine in [
+            EngineKind::Sealevel,
+            EngineKind::SealevelPreexec,
+            EngineKind::BlockStm,
+            EngineKind::Optimistic,
+        ] {
             let (outcome, m) = engine.execute(&vm, &w.pre_state, 2).unwrap();
             assert!(
                 outcome == expected,
