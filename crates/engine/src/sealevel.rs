@@ -189,9 +189,10 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    let threads = run.threads.max(1);
     let n = vm.tx_count();
     let tracer = Tracer::new(run.trace);
+    // Hints and declarations run on as many workers as the block gets.
+    let threads = run.workers(n, storage);
 
     if options.adaptive && declared_chain(vm, storage) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
@@ -323,13 +324,15 @@ const CHAIN_SHARE: f64 = 0.75;
 /// declare ([`Vm::declared_access`]) a key that their immediate predecessor declares
 /// incompatibly, so each would wait for the one before it. False for smaller blocks.
 /// Costs `CHAIN_SAMPLE` declarations on the calling thread (block-stm and optimistic use
-/// it too, to run such blocks in order from the start).
+/// it too, to run such blocks in order from the start); never judged on slow storage.
 pub(crate) fn declared_chain<V, S>(vm: &V, storage: &S) -> bool
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    if vm.tx_count() < CHAIN_SAMPLE {
+    // With slow storage the sample's serial reads would cost more than speculation on a
+    // chain wastes (that waste overlaps the reads too).
+    if vm.tx_count() < CHAIN_SAMPLE || storage.read_latency() >= crate::workers::SLOW_READ {
         return false;
     }
     let mut previous = normalize(vm.declared_access(0, &mut PreBlock(storage)));
