@@ -248,36 +248,9 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    const CLAIM: usize = 4;
-    let next = AtomicUsize::new(range.start);
-    let per_worker = crate::workers::run(workers.clamp(1, range.len().max(1)), |id| {
-        let mut trace = tracer.recorder(id);
-        let mut done = Vec::new();
-        let started = Instant::now();
-        loop {
-            let first = next.fetch_add(CLAIM, SeqCst);
-            if first >= range.end {
-                break;
-            }
-            for tx in first..(first + CLAIM).min(range.end) {
-                let span = trace.start();
-                done.push((tx, Hint::new(preexecute(vm, storage, tx), hasher)));
-                trace.record(SpanKind::Hint, Some(tx), span);
-            }
-        }
-        tracer.submit(trace);
-        (done, started.elapsed())
-    });
-    let time = per_worker.iter().map(|(_, t)| *t).sum();
-    let mut slots: Vec<Option<Hint<V>>> = (0..range.len()).map(|_| None).collect();
-    for (tx, hint) in per_worker.into_iter().flat_map(|(done, _)| done) {
-        slots[tx - range.start] = Some(hint);
-    }
-    let hints = slots
-        .into_iter()
-        .map(|h| h.expect("every transaction is claimed by one worker"))
-        .collect();
-    (hints, time)
+    crate::workers::map_claimed(workers, range, 4, tracer, SpanKind::Hint, |tx| {
+        Hint::new(preexecute(vm, storage, tx), hasher)
+    })
 }
 
 /// What to run instead of the DAG, when its sample says it cannot pay.

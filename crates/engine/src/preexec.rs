@@ -6,7 +6,6 @@
 //! whose reads was written earlier in the block; for the others it is a prediction.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, VmExecution};
 
@@ -30,9 +29,6 @@ impl<V: Vm> PreExecution<V> {
     }
 }
 
-/// Transactions a worker claims at once (fewer trips to the shared counter).
-const CLAIM: usize = 4;
-
 /// Pre-executes every transaction of `vm`'s block on `storage` with `threads` workers,
 /// recording [`SpanKind::Hint`] spans into `tracer`. Results are in block order.
 pub fn run<V, S>(vm: &V, storage: &S, threads: usize, tracer: &Tracer) -> Vec<PreExecution<V>>
@@ -40,33 +36,11 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    let n = vm.tx_count();
-    let next = AtomicUsize::new(0);
-    let per_worker = crate::workers::run(threads.clamp(1, n.max(1)), |id| {
-        let mut trace = tracer.recorder(id);
-        let mut done = Vec::new();
-        loop {
-            let first = next.fetch_add(CLAIM, Relaxed);
-            if first >= n {
-                break;
-            }
-            for tx in first..(first + CLAIM).min(n) {
-                let span = trace.start();
-                done.push((tx, preexecute(vm, storage, tx)));
-                trace.record(SpanKind::Hint, Some(tx), span);
-            }
-        }
-        tracer.submit(trace);
-        done
-    });
-    let mut slots: Vec<Option<PreExecution<V>>> = (0..n).map(|_| None).collect();
-    for (tx, pre) in per_worker.into_iter().flatten() {
-        slots[tx] = Some(pre);
-    }
-    slots
-        .into_iter()
-        .map(|s| s.expect("every transaction is claimed by one worker"))
-        .collect()
+    let range = 0..vm.tx_count();
+    crate::workers::map_claimed(threads, range, 4, tracer, SpanKind::Hint, |tx| {
+        preexecute(vm, storage, tx)
+    })
+    .0
 }
 
 /// Executes `tx` alone on the pre-block state.

@@ -86,7 +86,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasher;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -360,43 +360,24 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    let n = vm.tx_count();
-    let next = AtomicUsize::new(0);
-    let per_worker = crate::workers::run(threads.clamp(1, n.max(1)), |id| {
-        let mut trace = tracer.recorder(id);
-        let mut done = Vec::new();
-        loop {
-            let first = next.fetch_add(CLAIM, Relaxed);
-            if first >= n {
-                break;
-            }
-            for tx in first..(first + CLAIM).min(n) {
-                let span = trace.start();
-                let mut keys = vm.declared_access(tx, &mut PreBlock(storage));
-                if let Some(pre) = pre.and_then(|p| p.get(tx)) {
-                    keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
-                    if let Ok(execution) = &pre.result {
-                        keys.extend(execution.writes.iter().map(|(k, w)| {
-                            let kind = match w {
-                                Write::Put(_) => AccessKind::Write,
-                                Write::Delta(_) => AccessKind::Delta,
-                            };
-                            (k.clone(), kind)
-                        }));
-                    }
-                }
-                done.push((tx, normalize(keys)));
-                trace.record(SpanKind::Hint, Some(tx), span);
+    let range = 0..vm.tx_count();
+    crate::workers::map_claimed(threads, range, CLAIM, tracer, SpanKind::Hint, |tx| {
+        let mut keys = vm.declared_access(tx, &mut PreBlock(storage));
+        if let Some(pre) = pre.and_then(|p| p.get(tx)) {
+            keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
+            if let Ok(execution) = &pre.result {
+                keys.extend(execution.writes.iter().map(|(k, w)| {
+                    let kind = match w {
+                        Write::Put(_) => AccessKind::Write,
+                        Write::Delta(_) => AccessKind::Delta,
+                    };
+                    (k.clone(), kind)
+                }));
             }
         }
-        tracer.submit(trace);
-        done
-    });
-    let mut declared: Vec<Declaration<V::Key>> = (0..n).map(|_| Box::default()).collect();
-    for (tx, declaration) in per_worker.into_iter().flatten() {
-        declared[tx] = declaration;
-    }
-    declared
+        normalize(keys)
+    })
+    .0
 }
 
 /// Sorts by key and merges repeated keys into one, of the joined kind.

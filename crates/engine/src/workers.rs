@@ -1,8 +1,11 @@
 //! How many workers a block gets, and running them.
 
+use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use crate::trace::{SpanKind, Tracer};
 
 /// With storage reads slower than this, workers mostly wait on storage, and engines run
 /// `WORKERS_PER_THREAD_IF_SLOW` of them per thread so that reads overlap.
@@ -29,6 +32,52 @@ pub fn count(
         threads.min(txs.div_ceil(MIN_TXS_PER_WORKER))
     };
     workers.min(txs).max(1)
+}
+
+/// Maps `f` over `range` on `workers` workers, which claim `claim` consecutive indices at
+/// a time (one trip to the shared counter each) and record a `kind` span per index into `tracer`. Returns the results in index
+/// order and the time the workers spent, summed. (The hint and declaration passes.)
+pub fn map_claimed<R, F>(
+    workers: usize,
+    range: Range<usize>,
+    claim: usize,
+    tracer: &Tracer,
+    kind: SpanKind,
+    f: F,
+) -> (Vec<R>, Duration)
+where
+    R: Send,
+    F: Fn(usize) -> R + Sync,
+{
+    let next = AtomicUsize::new(range.start);
+    let per_worker = run(workers.clamp(1, range.len().max(1)), |id| {
+        let started = Instant::now();
+        let mut trace = tracer.recorder(id);
+        let mut done = Vec::new();
+        loop {
+            let first = next.fetch_add(claim, Relaxed);
+            if first >= range.end {
+                break;
+            }
+            for i in first..(first + claim).min(range.end) {
+                let span = trace.start();
+                done.push((i, f(i)));
+                trace.record(kind, Some(i), span);
+            }
+        }
+        tracer.submit(trace);
+        (done, started.elapsed())
+    });
+    let time = per_worker.iter().map(|(_, t)| *t).sum();
+    let mut slots: Vec<Option<R>> = (0..range.len()).map(|_| None).collect();
+    for (i, r) in per_worker.into_iter().flat_map(|(done, _)| done) {
+        slots[i - range.start] = Some(r);
+    }
+    let results = slots
+        .into_iter()
+        .map(|r| r.expect("every index is claimed by one worker"))
+        .collect();
+    (results, time)
 }
 
 /// Sets its flag if the holder unwinds: a worker holds one so that, if it panics, the
