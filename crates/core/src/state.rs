@@ -20,30 +20,39 @@ pub enum StateKey {
     Code(B256),
 }
 
-/// Keys are hashed on every state access of every engine: feed the hasher one contiguous
-/// buffer (one pass) instead of field by field. Equal keys give equal buffers.
+/// Keys are hashed on every state access of every engine: feed the hasher whole words
+/// (one multiply each in the usual hashers) rather than a byte buffer. Equal keys feed
+/// equal words; the variants feed different word counts and tags.
 impl std::hash::Hash for StateKey {
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut buf = [0u8; 57];
-        let len = match self {
-            StateKey::Account(a) => {
-                buf[..20].copy_from_slice(a.as_slice());
-                20
-            }
+        #[inline(always)]
+        fn address<H: std::hash::Hasher>(a: &Address, tag: u32, state: &mut H) {
+            let bytes: &[u8; 20] = a.as_ref();
+            let (head, tail) = bytes.split_at(16);
+            state.write_u128(u128::from_le_bytes(head.try_into().expect("16 bytes")));
+            let tail = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+            state.write_u64(u64::from(tail) | (u64::from(tag) << 32));
+        }
+        #[inline(always)]
+        fn word<H: std::hash::Hasher>(limbs: &[u64; 4], state: &mut H) {
+            state.write_u128(u128::from(limbs[0]) | (u128::from(limbs[1]) << 64));
+            state.write_u128(u128::from(limbs[2]) | (u128::from(limbs[3]) << 64));
+        }
+        match self {
+            StateKey::Account(a) => address(a, 0, state),
             StateKey::Slot(a, generation, slot) => {
-                buf[..20].copy_from_slice(a.as_slice());
-                buf[20..24].copy_from_slice(&generation.to_le_bytes());
-                buf[24..56].copy_from_slice(&slot.to_le_bytes::<32>());
-                56
+                // Generations are small: the tag keeps them apart from `Account`'s 0.
+                address(a, generation.wrapping_add(1), state);
+                word(slot.as_limbs(), state);
             }
             StateKey::Code(h) => {
-                buf[..32].copy_from_slice(h.as_slice());
-                buf[32] = 0xc0;
-                33
+                let limbs = std::array::from_fn(|i| {
+                    u64::from_le_bytes(h.0[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+                });
+                word(&limbs, state);
             }
-        };
-        state.write(&buf[..len]);
+        }
     }
 }
 

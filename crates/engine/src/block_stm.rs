@@ -31,17 +31,19 @@
 //! and validated like any other; once done, the lowest transaction whose final output is
 //! an error is exactly where serial execution fails, and that error is returned.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crossbeam::utils::Backoff;
 use parex_core::{
-    BlockOutcome, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError, Write,
+    BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write,
 };
 
+use crate::chunk::ChunkVm;
 use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
 use crate::scheduler::{Scheduler, Task};
 use crate::trace::{Recorder, SpanKind, Tracer};
@@ -74,7 +76,6 @@ struct BlockStm<'a, V: Vm, S> {
     memory: MvMemory<V::Key, V::Value, V::Delta>,
     scheduler: Scheduler,
     slots: Box<[Mutex<TxSlot<V>>]>,
-    storage_reads: AtomicU64,
     /// Set when a worker finds speculation mostly wasted (see the module documentation).
     gave_up: AtomicBool,
     adaptive: bool,
@@ -92,6 +93,8 @@ struct Worker<V: Vm> {
     keys: KeySet<V>,
     metrics: Metrics,
     dependency_retries: u64,
+    /// Pre-block values this worker loaded (a shared counter would bounce between cores).
+    storage_reads: u64,
     clock: PhaseClock,
     trace: Recorder,
 }
@@ -162,12 +165,36 @@ pub struct Options {
     /// Hand blocks on which speculation is mostly wasted to `sequential` (see the module
     /// documentation). Tests turn it off to exercise conflict handling on any block.
     pub adaptive: bool,
+    /// Transactions per scheduled unit ([`ChunkVm`]); `None`: chosen from the block's
+    /// size and the storage (see [`chunk_size`]).
+    pub chunk_size: Option<usize>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { adaptive: true }
+        Self {
+            adaptive: true,
+            chunk_size: None,
+        }
     }
+}
+
+/// Each worker should find at least this many chunks to draw from (load balance)...
+const CHUNKS_PER_WORKER: usize = 64;
+/// ...and a chunk has at most this many transactions (a conflict re-executes a chunk).
+const MAX_CHUNK: usize = 16;
+
+/// Transactions per chunk for `txs` transactions on `workers` workers: 1 (plain
+/// Block-STM) on slow storage, where every read in flight counts, and on small blocks;
+/// otherwise as many as keeps `CHUNKS_PER_WORKER` chunks per worker, up to `MAX_CHUNK`.
+pub fn chunk_size(txs: usize, workers: usize, slow_storage: bool) -> usize {
+    if slow_storage {
+        return 1;
+    }
+    if let Some(size) = std::env::var("PAREX_CHUNK").ok().and_then(|s| s.parse().ok()) {
+        return size;
+    }
+    (txs / (workers.max(1) * CHUNKS_PER_WORKER)).clamp(1, MAX_CHUNK)
 }
 
 /// Executes the block with Block-STM on `run.threads` workers (adaptive).
@@ -194,7 +221,6 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    let threads = run.threads.max(1);
     let n = vm.tx_count();
     if options.adaptive && crate::sealevel::declared_chain(vm, storage) {
         // The declarations already say the block is a chain: skip the speculation.
@@ -202,15 +228,77 @@ where
         metrics.extra = vec![
             ("sequential_fallback", 1),
             ("workers", 1),
+            ("chunk_size", 1),
             ("dependency_retries", 0),
             ("storage_reads", 0),
         ];
         return Ok((outcome, metrics));
     }
+    let workers = run.workers(n, storage);
+    let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
+    let chunk = options
+        .chunk_size
+        .unwrap_or_else(|| chunk_size(n, workers, slow_storage))
+        .max(1);
+    // Spreading the final state assembly of small blocks over threads costs more than
+    // it saves.
+    let finalize_threads = if n < 2048 { 1 } else { run.threads.max(1) };
+    let sizes = Sizes {
+        keys: 3 * n,
+        workers,
+        finalize_threads,
+    };
+    if chunk == 1 {
+        let (outcome, mut metrics) = execute_units(vm, storage, run, options.adaptive, sizes)?;
+        metrics.extra.insert(2, ("chunk_size", 1));
+        return Ok((outcome, metrics));
+    }
+    let chunks = ChunkVm::new(vm, chunk);
+    let (outcome, mut metrics) = execute_units(&chunks, storage, run, options.adaptive, sizes)?;
+    let tx_outcomes = crate::chunk::flatten_outputs(vm, outcome.tx_outcomes)?;
+    metrics.executions = chunks.tx_executions();
+    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
+    metrics.extra.insert(2, ("chunk_size", chunk as u64));
+    Ok((
+        BlockOutcome {
+            tx_outcomes,
+            state_diff: outcome.state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// What [`execute_units`] sizes from the block's transactions (not its units).
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Expected keys in the multi-version memory.
+    keys: usize,
+    workers: usize,
+    /// Threads that assemble the final state.
+    finalize_threads: usize,
+}
+
+/// Block-STM over the units of `vm` (transactions, or chunks of them).
+fn execute_units<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    adaptive: bool,
+    Sizes {
+        keys,
+        workers,
+        finalize_threads,
+    }: Sizes,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
     let engine = BlockStm {
         vm,
         storage,
-        memory: MvMemory::new(2 * n),
+        memory: MvMemory::new(keys, storage.read_latency() >= crate::workers::SLOW_READ),
         scheduler: Scheduler::new(n),
         slots: (0..n)
             .map(|_| {
@@ -221,18 +309,17 @@ where
                 })
             })
             .collect(),
-        storage_reads: AtomicU64::new(0),
         gave_up: AtomicBool::new(false),
-        adaptive: options.adaptive,
+        adaptive,
         tracer: Tracer::new(run.trace),
     };
-    let workers = run.workers(n, storage);
     let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
     let finalize_started = Instant::now();
     let mut finalize_trace = engine.tracer.recorder(0);
     let finalize_span = finalize_trace.start();
     let mut metrics = Metrics::default();
     let mut dependency_retries = 0;
+    let mut storage_reads = 0;
     for w in worker_metrics {
         metrics.executions += w.executions;
         metrics.validations += w.validations;
@@ -241,10 +328,10 @@ where
         metrics.execution_time += w.execution_time;
         metrics.validation_time += w.validation_time;
         metrics.scheduling_time += w.scheduling_time;
-        dependency_retries += w.extra.first().map_or(0, |e| e.1);
+        dependency_retries += w.extra("dependency_retries").unwrap_or(0);
+        storage_reads += w.extra("storage_reads").unwrap_or(0);
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
-    let storage_reads = engine.storage_reads.load(Relaxed);
     if engine.gave_up.load(Relaxed) {
         let speculative = metrics.executions;
         let (outcome, serial) = crate::sequential::execute(vm, storage, &RunOptions::threads(1))?;
@@ -284,8 +371,7 @@ where
     vm.finalize_outputs(&mut outputs)?;
     let state_diff = memory
         .into_final_values(
-            // Spreading small blocks over threads costs more than it saves.
-            if n < 2048 { 1 } else { threads },
+            finalize_threads,
             |k| storage.read(k),
             |k, v, d| vm.apply_delta(k, v, d),
         )
@@ -341,6 +427,7 @@ where
             keys: Vec::new(),
             metrics: Metrics::default(),
             dependency_retries: 0,
+            storage_reads: 0,
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
@@ -375,7 +462,10 @@ where
         w.clock.write_to(&mut w.metrics);
         self.tracer
             .submit(std::mem::replace(&mut w.trace, Recorder::off()));
-        w.metrics.extra = vec![("dependency_retries", w.dependency_retries)];
+        w.metrics.extra = vec![
+            ("dependency_retries", w.dependency_retries),
+            ("storage_reads", w.storage_reads),
+        ];
         w.metrics
     }
 
@@ -385,10 +475,6 @@ where
         self.adaptive && mostly_wasted(m.executions, m.validation_failures + m.dependency_waits)
     }
 
-    fn load(&self, key: &V::Key) -> Result<Option<V::Value>, StorageError> {
-        self.storage_reads.fetch_add(1, Relaxed);
-        self.storage.read(key)
-    }
 
     /// Executes `tx`'s `incarnation`, records it, and reports it to the scheduler.
     fn try_execute(
@@ -406,6 +492,7 @@ where
                 tx,
                 reads: &mut w.reads,
                 blocked: None,
+                storage_reads: &mut w.storage_reads,
             };
             let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
             let blocked = view.blocked;
@@ -530,6 +617,8 @@ struct View<'a, 'e, V: Vm, S> {
     reads: &'a mut ReadSet<V>,
     /// Set once a read meets an estimate: the execution is void from then on.
     blocked: Option<TxIndex>,
+    /// The worker's count of pre-block values loaded.
+    storage_reads: &'a mut u64,
 }
 
 impl<V, S> ReadView<V::Key, V::Value> for View<'_, '_, V, S>
@@ -542,12 +631,18 @@ where
             return Err(ReadError::Blocked { blocking_tx });
         }
         let engine = self.engine;
-        match engine.memory.read(
+        let loads = Cell::new(0);
+        let read = engine.memory.read(
             key,
             self.tx,
-            |k| engine.load(k),
+            |k| {
+                loads.set(loads.get() + 1);
+                engine.storage.read(k)
+            },
             |k, v, d| engine.vm.apply_delta(k, v, d),
-        ) {
+        );
+        *self.storage_reads += loads.get();
+        match read {
             Read::Value(value, origin) => {
                 self.reads.push(ReadRecord {
                     key: key.clone(),

@@ -390,7 +390,10 @@ where
         vm,
         storage,
         // Sized for every key the hints write, and some more.
-        memory: MvMemory::new(n + hints.iter().map(|h| h.writes.len()).sum::<usize>()),
+        memory: MvMemory::new(
+            n + hints.iter().map(|h| h.writes.len()).sum::<usize>(),
+            storage.read_latency() >= crate::workers::SLOW_READ,
+        ),
         records: hints
             .into_iter()
             .enumerate()

@@ -6,6 +6,7 @@
 
 pub mod analyze;
 pub mod block_stm;
+pub mod chunk;
 pub mod dag;
 pub mod metrics;
 pub mod mv_memory;
@@ -142,6 +143,17 @@ impl EngineKind {
     {
         if options.threads == 0 {
             return Err(EngineError::Config("threads must be at least 1".into()));
+        }
+        if self != EngineKind::Sequential
+            && options.threads > 1
+            && options.workers(vm.tx_count(), storage) == 1
+        {
+            // Too small a block to repay a second worker (see `workers::count`): with
+            // one worker every engine would execute in block order, so `sequential`
+            // does it, without any engine's bookkeeping.
+            let (outcome, mut metrics) = sequential::execute(vm, storage, options)?;
+            metrics.extra = vec![("sequential_fallback", 1), ("workers", 1)];
+            return Ok((outcome, metrics));
         }
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),

@@ -71,6 +71,8 @@ pub enum Read<V> {
 
 struct KeyState<K, V, D> {
     key: K,
+    /// The key's hash (tables grow without hashing keys again).
+    hash: u64,
     /// Sorted by transaction index, at most one entry per transaction; most keys have
     /// a single writer, whose entry is kept inline.
     versions: SmallVec<[(TxIndex, Entry<V, D>); 1]>,
@@ -82,6 +84,9 @@ type Shard<K, V, D> = CachePadded<Mutex<HashTable<KeyState<K, V, D>>>>;
 pub struct MvMemory<K, V, D> {
     shards: Box<[Shard<K, V, D>]>,
     hasher: DefaultHashBuilder,
+    /// Load pre-block values while holding the shard lock (storage is fast: a second
+    /// trip to the shard would cost more than the read).
+    load_under_lock: bool,
 }
 
 /// Most shards a memory has; small blocks get fewer (creating shards is not free).
@@ -134,8 +139,9 @@ where
     V: Clone + PartialEq + Send,
     D: Clone + Send,
 {
-    /// An empty memory, sized for about `keys` keys.
-    pub fn new(keys: usize) -> Self {
+    /// An empty memory, sized for about `keys` keys, over storage whose reads are slow
+    /// (`slow_storage`: loaded outside the shard locks) or fast.
+    pub fn new(keys: usize, slow_storage: bool) -> Self {
         let shards = (keys / 16).next_power_of_two().clamp(1, MAX_SHARDS);
         let per_shard = keys.div_ceil(shards);
         Self {
@@ -143,6 +149,7 @@ where
                 .map(|_| CachePadded::new(Mutex::new(HashTable::with_capacity(per_shard))))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
+            load_under_lock: !slow_storage,
         }
     }
 
@@ -162,9 +169,10 @@ where
         key: &K,
     ) -> &'t mut KeyState<K, V, D> {
         table
-            .entry(hash, |s| s.key == *key, |s| self.hasher.hash_one(&s.key))
+            .entry(hash, |s| s.key == *key, |s| s.hash)
             .or_insert_with(|| KeyState {
                 key: key.clone(),
+                hash,
                 versions: SmallVec::new(),
                 base: Base::Unloaded,
             })
@@ -194,6 +202,12 @@ where
                 let end = versions.partition_point(|(t, _)| *t < tx);
                 let (bottom, first_delta) = walk(versions, end);
                 let resolved = first_delta != end;
+                if self.load_under_lock
+                    && matches!(bottom, Bottom::Storage)
+                    && matches!(state.base, Base::Unloaded)
+                {
+                    state.base = Base::Loaded(load(key));
+                }
                 match bottom {
                     Bottom::Blocked(t) => return Read::Blocked(t),
                     Bottom::Write(i) => {

@@ -1,0 +1,238 @@
+//! [`ChunkVm`]: runs of consecutive transactions presented to an engine as one
+//! transaction each, so that the engine's per-transaction costs (scheduling, read-set
+//! bookkeeping, validation, multi-version entries) are paid once per chunk.
+//!
+//! Executing chunk `c` executes its transactions in block order on a chunk-local overlay
+//! of the engine's view, exactly as `sequential` does on its cache: a read the chunk's
+//! earlier transactions answer (a value they wrote or read) stays local; any other read
+//! goes to the engine's view and becomes part of the chunk's read set. The chunk's writes
+//! are the net effect of its transactions on each key they changed: the last full value
+//! (with the deltas after it applied) or, for a key that only received deltas, their
+//! merge (so that a fee credit by every transaction stays one commutative delta).
+//!
+//! Invariant: a chunk's execution is a pure function of the chunk's index and the values
+//! its reads return, because each transaction's is (the [`Vm`] contract); so an engine
+//! that is exact for transactions is exact for chunks, and the outputs, flattened in
+//! order, are the transactions' outputs. Dependencies inside a chunk cost nothing; a
+//! conflict with an earlier chunk re-executes the whole chunk.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use alloy_primitives::map::DefaultHashBuilder;
+use parex_core::{Execution, ReadError, ReadView, TxIndex, Vm, VmError, VmExecution, Write};
+
+/// A block's transactions in chunks of `size` (the last one may be shorter).
+pub struct ChunkVm<'a, V> {
+    inner: &'a V,
+    size: usize,
+    /// Transactions executed so far, re-executions included.
+    executions: AtomicU64,
+}
+
+impl<'a, V: Vm> ChunkVm<'a, V> {
+    /// Chunks of `size` transactions (at least 1) of `inner`'s block.
+    pub fn new(inner: &'a V, size: usize) -> Self {
+        Self {
+            inner,
+            size: size.max(1),
+            executions: AtomicU64::new(0),
+        }
+    }
+
+    /// The transactions of chunk `chunk`.
+    pub fn txs(&self, chunk: TxIndex) -> Range<TxIndex> {
+        let start = chunk * self.size;
+        start..(start + self.size).min(self.inner.tx_count())
+    }
+
+    /// Transactions executed so far by this VM, re-executions included.
+    pub fn tx_executions(&self) -> u64 {
+        self.executions.load(Relaxed)
+    }
+}
+
+/// What a chunk did to one key so far.
+struct Local<V, D> {
+    /// The key's current value as the chunk's next transaction sees it; `None` while the
+    /// chunk has only sent deltas to a key it never read.
+    value: Option<Option<V>>,
+    /// The chunk's net write: `Some(None)` a full value (`value`), `Some(Some(d))` only
+    /// deltas, merged; `None` if it only read the key.
+    written: Option<Option<D>>,
+}
+
+/// The engine's view of the state before the chunk, with the chunk's own effects on top.
+struct Overlay<'v, V: Vm, R> {
+    vm: &'v V,
+    outer: &'v mut R,
+    local: HashMap<V::Key, Local<V::Value, V::Delta>, DefaultHashBuilder>,
+}
+
+impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overlay<'_, V, R> {
+    fn read(&mut self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
+        match self.local.entry(key.clone()) {
+            Entry::Occupied(mut e) => {
+                let local = e.get_mut();
+                if let Some(value) = &local.value {
+                    return Ok(value.clone());
+                }
+                // Only deltas so far: read the base, then resolve them on top of it.
+                let base = self.outer.read(key)?;
+                let Some(Some(delta)) = &local.written else {
+                    unreachable!("a key with no known value has only deltas")
+                };
+                let value = self.vm.apply_delta(key, base, delta);
+                local.value = Some(value.clone());
+                Ok(value)
+            }
+            Entry::Vacant(e) => {
+                let value = self.outer.read(key)?;
+                e.insert(Local {
+                    value: Some(value.clone()),
+                    written: None,
+                });
+                Ok(value)
+            }
+        }
+    }
+}
+
+impl<V: Vm, R> Overlay<'_, V, R> {
+    /// Applies one transaction's write to the chunk's state.
+    fn apply(&mut self, key: V::Key, write: Write<V::Value, V::Delta>) {
+        match write {
+            Write::Put(value) => {
+                let local = Local {
+                    value: Some(Some(value)),
+                    written: Some(None),
+                };
+                self.local.insert(key, local);
+            }
+            Write::Delta(delta) => {
+                let local = self.local.entry(key.clone()).or_insert(Local {
+                    value: None,
+                    written: None,
+                });
+                if let Some(value) = local.value.take() {
+                    local.value = Some(self.vm.apply_delta(&key, value, &delta));
+                }
+                match &mut local.written {
+                    Some(Some(merged)) => self.vm.merge_deltas(merged, &delta),
+                    Some(None) => {}
+                    written @ None => *written = Some(Some(delta)),
+                }
+            }
+        }
+    }
+
+    /// The chunk's net writes.
+    fn into_writes(self, chunk: TxIndex) -> Result<Vec<(V::Key, Write<V::Value, V::Delta>)>, VmError> {
+        let mut writes = Vec::with_capacity(self.local.len());
+        for (key, local) in self.local {
+            match local.written {
+                None => {}
+                Some(Some(delta)) => writes.push((key, Write::Delta(delta))),
+                Some(None) => match local.value {
+                    Some(Some(value)) => writes.push((key, Write::Put(value))),
+                    // A delta resolved a written value to "absent": no write can say that.
+                    _ => {
+                        return Err(VmError::Internal {
+                            tx: chunk,
+                            message: format!(
+                                "a delta left {key:?} absent after a full write in its chunk"
+                            ),
+                        });
+                    }
+                },
+            }
+        }
+        Ok(writes)
+    }
+}
+
+impl<V: Vm> Vm for ChunkVm<'_, V> {
+    type Key = V::Key;
+    type Value = V::Value;
+    type Delta = V::Delta;
+    /// The outputs of the chunk's transactions, in order.
+    type Output = Vec<V::Output>;
+
+    fn tx_count(&self) -> usize {
+        self.inner.tx_count().div_ceil(self.size)
+    }
+
+    fn execute<R: ReadView<Self::Key, Self::Value>>(
+        &self,
+        chunk: TxIndex,
+        view: &mut R,
+    ) -> Result<VmExecution<Self>, VmError> {
+        let txs = self.txs(chunk);
+        let mut overlay = Overlay {
+            vm: self.inner,
+            outer: view,
+            local: HashMap::with_capacity_and_hasher(4 * txs.len(), Default::default()),
+        };
+        let mut outputs = Vec::with_capacity(txs.len());
+        let run = || {
+            for tx in txs {
+                // A panic names its own transaction, not the chunk.
+                let execution =
+                    catch_unwind(AssertUnwindSafe(|| self.inner.execute(tx, &mut overlay)))
+                        .unwrap_or_else(|panic| {
+                            Err(VmError::Internal {
+                                tx,
+                                message: crate::panic_message(&panic),
+                            })
+                        });
+                let execution = match execution {
+                    Ok(execution) => execution,
+                    Err(e) => return Err((e, outputs.len() as u64 + 1)),
+                };
+                for (key, write) in execution.writes {
+                    overlay.apply(key, write);
+                }
+                outputs.push(execution.output);
+            }
+            Ok(())
+        };
+        // One update of the shared counter per chunk.
+        if let Err((e, executed)) = run() {
+            self.executions.fetch_add(executed, Relaxed);
+            return Err(e);
+        }
+        self.executions.fetch_add(outputs.len() as u64, Relaxed);
+        Ok(Execution {
+            writes: overlay.into_writes(chunk)?,
+            output: outputs,
+        })
+    }
+
+    fn apply_delta(
+        &self,
+        key: &Self::Key,
+        value: Option<Self::Value>,
+        delta: &Self::Delta,
+    ) -> Option<Self::Value> {
+        self.inner.apply_delta(key, value, delta)
+    }
+
+    fn merge_deltas(&self, earlier: &mut Self::Delta, later: &Self::Delta) {
+        self.inner.merge_deltas(earlier, later);
+    }
+
+    /// Outputs are finalized by the caller, once flattened (see [`flatten_outputs`]).
+    fn finalize_outputs(&self, _outputs: &mut [Self::Output]) -> Result<(), VmError> {
+        Ok(())
+    }
+}
+
+/// The transactions' outputs in block order, finalized by the inner VM.
+pub fn flatten_outputs<V: Vm>(inner: &V, chunks: Vec<Vec<V::Output>>) -> Result<Vec<V::Output>, VmError> {
+    let mut outputs: Vec<V::Output> = chunks.into_iter().flatten().collect();
+    inner.finalize_outputs(&mut outputs)?;
+    Ok(outputs)
+}
