@@ -62,8 +62,12 @@ pub struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Skip the built-in mainnet blocks.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "blocks")]
     no_mainnet: bool,
+    /// Only these built-in mainnet blocks, comma-separated block numbers (and no synthetic
+    /// workload unless --workloads names some).
+    #[arg(long, value_delimiter = ',')]
+    blocks: Vec<u64>,
     /// Seed of the workload generators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -129,6 +133,8 @@ impl Plan {
         dedup_in_order(&mut threads);
         let mut workloads = if !args.workloads.is_empty() {
             args.workloads.clone()
+        } else if !args.blocks.is_empty() {
+            Vec::new()
         } else {
             use WorkloadKind::*;
             let mut w = vec![(Raw, 0.0), (Erc20, 0.0), (Swap, 0.0)];
@@ -609,7 +615,25 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let groups = synthetic_groups + mainnet_source.as_ref().map_or(0, |s| s.len());
+    if let Some(source) = &mainnet_source {
+        let have = source.numbers();
+        if let Some(missing) = args.blocks.iter().find(|n| !have.contains(n)) {
+            bail!(
+                "the built-in mainnet data set has no block {missing} (it has {} blocks, {} to {})",
+                have.len(),
+                have.first().copied().unwrap_or(0),
+                have.last().copied().unwrap_or(0)
+            );
+        }
+    }
+    let mainnet_blocks = mainnet_source.as_ref().map_or(0, |s| {
+        if args.blocks.is_empty() {
+            s.len()
+        } else {
+            args.blocks.len()
+        }
+    });
+    let groups = synthetic_groups + mainnet_blocks;
     eprintln!(
         "bench: engines {}; threads {:?}; {} synthetic cells{}; {} timed runs per engine after a warm-up",
         plan.engines
@@ -619,9 +643,9 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
             .join(", "),
         plan.threads,
         synthetic_groups,
-        mainnet_source
-            .as_ref()
-            .map_or(String::new(), |s| format!(" + {} mainnet blocks", s.len())),
+        mainnet_source.as_ref().map_or(String::new(), |_| format!(
+            " + {mainnet_blocks} mainnet blocks"
+        )),
         plan.repeat,
     );
     let bar = ProgressBar::new((groups * runs_per_group) as u64);
@@ -667,7 +691,8 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     if let Some(source) = &mainnet_source {
-        for (number, loaded) in source.load_all() {
+        let wanted = &args.blocks;
+        for (number, loaded) in source.load_where(|n| wanted.is_empty() || wanted.contains(&n)) {
             let block = loaded.with_context(|| format!("cannot load mainnet block {number}"))?;
             let report =
                 analyze_block(format!("block {number}"), &block.block, &block.pre_state, 0)?;

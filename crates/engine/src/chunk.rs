@@ -130,7 +130,10 @@ impl<V: Vm, R> Overlay<'_, V, R> {
     }
 
     /// The chunk's net writes.
-    fn into_writes(self, chunk: TxIndex) -> Result<Vec<(V::Key, Write<V::Value, V::Delta>)>, VmError> {
+    fn into_writes(
+        self,
+        chunk: TxIndex,
+    ) -> Result<Vec<(V::Key, Write<V::Value, V::Delta>)>, VmError> {
         let mut writes = Vec::with_capacity(self.local.len());
         for (key, local) in self.local {
             match local.written {
@@ -231,7 +234,10 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
 }
 
 /// The transactions' outputs in block order, finalized by the inner VM.
-pub fn flatten_outputs<V: Vm>(inner: &V, chunks: Vec<Vec<V::Output>>) -> Result<Vec<V::Output>, VmError> {
+pub fn flatten_outputs<V: Vm>(
+    inner: &V,
+    chunks: Vec<Vec<V::Output>>,
+) -> Result<Vec<V::Output>, VmError> {
     let mut outputs: Vec<V::Output> = chunks.into_iter().flatten().collect();
     inner.finalize_outputs(&mut outputs)?;
     Ok(outputs)

@@ -146,6 +146,7 @@ impl EngineKind {
         }
         if self != EngineKind::Sequential
             && options.threads > 1
+            && !options.spread_small_blocks
             && options.workers(vm.tx_count(), storage) == 1
         {
             // Too small a block to repay a second worker (see `workers::count`): with

@@ -111,7 +111,10 @@ where
         let results = Mutex::new(Vec::with_capacity(workers));
         let work = &work;
         let results_ref = &results;
-        rayon::scope(|scope| {
+        // Worker 0 runs right here (an ordinary `scope` from outside the pool would hand
+        // the whole scope to a pool thread and put this one to sleep: two wake-ups per
+        // block, which cost more than a small block's execution).
+        rayon::in_place_scope(|scope| {
             for id in 1..workers {
                 scope.spawn(move |_| {
                     let r = work(id);

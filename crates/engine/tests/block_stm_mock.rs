@@ -139,7 +139,8 @@ fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
         .collect()
 }
 
-/// Runs block-stm with 1, 2, 4, 8 threads, `repeat` times each, against sequential.
+/// Runs block-stm with 1, 2, 4, 8 threads, one transaction or chunks of three per
+/// scheduled unit, `repeat` times each, against sequential.
 fn check(vm: &MockVm, keys: u32, repeat: usize) {
     let storage = storage_for(keys);
     let expected = sequential::execute(vm, &storage, &RunOptions::threads(1))
@@ -147,13 +148,19 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
         .map_err(|e| e.to_string());
     for threads in [1, 2, 4, 8] {
         for _ in 0..repeat {
-            for adaptive in [false, true] {
-                let options = block_stm::Options { adaptive };
+            for (adaptive, chunk) in [(false, 1), (true, 1), (false, 3), (true, 3)] {
+                let options = block_stm::Options {
+                    adaptive,
+                    chunk_size: Some(chunk),
+                };
                 let got =
                     block_stm::execute_with(vm, &storage, &RunOptions::stress(threads), options)
                         .map(|(o, _)| o)
                         .map_err(|e| e.to_string());
-                assert_eq!(got, expected, "threads {threads}, adaptive {adaptive}");
+                assert_eq!(
+                    got, expected,
+                    "threads {threads}, adaptive {adaptive}, chunk {chunk}"
+                );
             }
         }
     }
@@ -287,7 +294,10 @@ fn metrics_are_filled() {
         txs,
         fail_modulo: 0,
     };
-    let options = block_stm::Options { adaptive: false };
+    let options = block_stm::Options {
+        adaptive: false,
+        chunk_size: Some(1),
+    };
     let (_, m) =
         block_stm::execute_with(&vm, &storage_for(3), &RunOptions::threads(4), options).unwrap();
     assert!(m.executions >= 200);

@@ -9,7 +9,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
 use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
-use parex_engine::{EngineKind, Metrics, RunOptions, VmOutcome, dag, optimistic, sequential};
+use parex_engine::{
+    EngineKind, Metrics, RunOptions, VmOutcome, block_stm, dag, optimistic, sequential,
+};
 use proptest::prelude::*;
 
 type Key = u32;
@@ -218,6 +220,23 @@ fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<I
                 .map(|(o, _)| o)
                 .map_err(|e| e.to_string());
                 assert_eq!(got, expected, "{engine} on {threads} threads");
+            }
+        }
+        if engine == EngineKind::BlockStm {
+            // Chunks of transactions as scheduled units: a panic or error in a chunk
+            // must still name its own transaction.
+            for threads in [1, 2, 4] {
+                let options = block_stm::Options {
+                    adaptive: false,
+                    chunk_size: Some(4),
+                };
+                let got = catch_unwind(AssertUnwindSafe(|| {
+                    block_stm::execute_with(vm, &storage, &RunOptions::stress(threads), options)
+                }))
+                .unwrap_or_else(|_| panic!("chunked block-stm on {threads} threads panicked"))
+                .map(|(o, _)| o)
+                .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "chunked block-stm on {threads} threads");
             }
         }
         if engine == EngineKind::Dag {

@@ -426,9 +426,15 @@ fn dispatch_empty_block_and_trace() {
             txs: vec![],
             fail_modulo: 0,
         };
-        let (outcome, m) = kind.execute(&vm, &storage_for(1), 4).unwrap();
+        let (outcome, m) = kind
+            .run(&vm, &storage_for(1), &RunOptions::stress(4))
+            .unwrap();
         assert!(outcome.tx_outcomes.is_empty() && outcome.state_diff.is_empty());
         assert_eq!(m.extra("declaration_coverage_pct"), Some(100));
+        // Without the stress setting, a block too small for two workers runs in order.
+        let (outcome, m) = kind.execute(&vm, &storage_for(1), 4).unwrap();
+        assert!(outcome.tx_outcomes.is_empty());
+        assert_eq!(m.extra("sequential_fallback"), Some(1), "{m:?}");
     }
     let vm = independent(Declare::Partial(0b11));
     let options = RunOptions {

@@ -189,6 +189,14 @@ impl Source {
 
     /// Loads every block (in number order), sharing the hash and code tables.
     pub fn load_all(&self) -> Vec<(u64, Result<MainnetBlock, DataError>)> {
+        self.load_where(|_| true)
+    }
+
+    /// Loads the blocks whose number `wanted` accepts (in number order).
+    pub fn load_where(
+        &self,
+        wanted: impl Fn(u64) -> bool,
+    ) -> Vec<(u64, Result<MainnetBlock, DataError>)> {
         let shared = match self.shared_tables() {
             Ok(s) => s,
             Err(e) => {
@@ -196,6 +204,7 @@ impl Source {
                 return self
                     .numbers()
                     .into_iter()
+                    .filter(|&n| wanted(n))
                     .map(|n| {
                         (
                             n,
@@ -211,6 +220,7 @@ impl Source {
         self.numbers()
             .into_iter()
             .enumerate()
+            .filter(|&(_, n)| wanted(n))
             .map(|(i, n)| (n, self.load_one(i, &shared)))
             .collect()
     }

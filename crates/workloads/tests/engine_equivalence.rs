@@ -8,7 +8,7 @@
 mod common;
 
 use common::describe_difference;
-use parex_engine::{EngineKind, RunOptions};
+use parex_engine::{EngineKind, RunOptions, block_stm};
 use parex_evm::EvmVm;
 use parex_workloads::mainnet::{Source, builtin_dir};
 use parex_workloads::verify::{check_block, check_block_with};
@@ -85,7 +85,65 @@ fn every_engine_equals_sequential_on_every_workload() {
                     );
                 }
             }
+            // Block-STM over chunks of transactions (what it does on large blocks).
+            for threads in [2, 8] {
+                let options = block_stm::Options {
+                    chunk_size: Some(5),
+                    ..block_stm::Options::default()
+                };
+                let what = format!(
+                    "block-stm in chunks of 5 on {threads} threads, {kind} hot {hot_ratio}"
+                );
+                let (actual, _) = block_stm::execute_with(
+                    &vm,
+                    &w.pre_state,
+                    &RunOptions::stress(threads),
+                    options,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(
+                    actual == expected,
+                    "{what} differs from sequential:\n{}",
+                    describe_difference(&expected, &actual)
+                );
+            }
         }
+    }
+}
+
+/// Blocks large enough for block-stm to schedule chunks of transactions on its own.
+#[test]
+fn block_stm_chunks_large_blocks_exactly() {
+    for (kind, hot_ratio) in [
+        (WorkloadKind::Raw, 0.0),
+        (WorkloadKind::Erc20, 0.0),
+        (WorkloadKind::Mix, 0.5),
+    ] {
+        let spec = WorkloadSpec {
+            kind,
+            size: Size::Txs(6000),
+            accounts: None,
+            hot_ratio,
+            seed: 7,
+        };
+        let w = synthetic::generate(&spec).expect("workload");
+        let vm = EvmVm::new(&w.block);
+        let (expected, _) = EngineKind::Sequential
+            .execute(&vm, &w.pre_state, 1)
+            .unwrap();
+        let (actual, metrics) = EngineKind::BlockStm
+            .run(&vm, &w.pre_state, &RunOptions::threads(2))
+            .unwrap();
+        assert!(
+            metrics.extra("chunk_size").is_some_and(|c| c > 1),
+            "{kind}: {metrics:?}"
+        );
+        assert_eq!(metrics.executions, 6000 + metrics.reexecutions);
+        assert!(
+            actual == expected,
+            "{kind} hot {hot_ratio} differs from sequential:\n{}",
+            describe_difference(&expected, &actual)
+        );
     }
 }
 

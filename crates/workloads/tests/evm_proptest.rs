@@ -23,7 +23,7 @@ use alloy_sol_types::SolCall;
 use common::describe_difference;
 use parex_core::outcome::EvmBlockOutcome;
 use parex_core::{AccountInfo, AccountValue, InMemoryStorage, StateKey, StateValue, TxStatus};
-use parex_engine::{EngineKind, RunOptions};
+use parex_engine::{EngineKind, RunOptions, block_stm};
 use parex_evm::{EvmBlock, EvmTx, EvmVm, MAINNET_CHAIN_ID};
 use parex_workloads::contracts::{self, ParexToken};
 use proptest::prelude::*;
@@ -785,6 +785,16 @@ proptest! {
                 prop_assert_eq!(actual.state_diff_hash(), expected.state_diff_hash());
             }
         }
+        // Block-STM over chunks of three transactions.
+        let options = block_stm::Options { chunk_size: Some(3), ..block_stm::Options::default() };
+        let (actual, _) = block_stm::execute_with(&vm, state, &RunOptions::stress(2), options)
+            .map_err(|e| TestCaseError::fail(format!("chunked block-stm failed: {e}")))?;
+        prop_assert!(
+            actual == expected,
+            "chunked block-stm differs from sequential ({:?}, {} txs):\n{}",
+            spec, block.txs.len(),
+            describe_difference(&expected, &actual)
+        );
     }
 }
 
