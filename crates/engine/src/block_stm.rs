@@ -23,6 +23,14 @@
 //! each with the one before (a chain) goes there before any speculation. This is the
 //! engine's only fallback; it is counted in the metrics (`sequential_fallback`).
 //!
+//! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
+//! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk executes its
+//! transactions in order on a local overlay and publishes their net writes (the fee
+//! credits of all of them as one delta), so scheduling, read-set, validation and
+//! multi-version costs are paid per chunk and dependencies inside a chunk cost nothing;
+//! a conflict with an earlier chunk re-executes the chunk. Everything above holds with
+//! "chunk" for "transaction" (a chunk's execution is a pure function of what it reads).
+//!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
 //! many more workers than threads, so that reads overlap while the cores stay busy.
 //!
@@ -41,7 +49,6 @@ use std::time::{Duration, Instant};
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
-use crate::chunk::ChunkVm;
 use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read};
 use crate::scheduler::{Scheduler, Task};
 use crate::trace::{Recorder, SpanKind, Tracer};
@@ -77,10 +84,13 @@ struct BlockStm<'a, V: Vm, S> {
     /// Set when a worker finds speculation mostly wasted (see the module documentation).
     gave_up: AtomicBool,
     adaptive: bool,
+    /// See [`judge_after`].
+    judge_after: u64,
     tracer: Tracer,
 }
 
-/// A worker judges speculation after this many executions of its own...
+/// A worker judges speculation after this many executions of its own (fewer on small
+/// blocks: see [`judge_after`])...
 const JUDGE_AFTER: u64 = 48;
 /// ...and gives up when at least this share of them failed validation or had to wait.
 const GIVE_UP_WASTE: f64 = 0.3;
@@ -163,8 +173,8 @@ pub struct Options {
     /// Hand blocks on which speculation is mostly wasted to `sequential` (see the module
     /// documentation). Tests turn it off to exercise conflict handling on any block.
     pub adaptive: bool,
-    /// Transactions per scheduled unit ([`ChunkVm`]); `None`: chosen from the block's
-    /// size and the storage (see [`chunk_size`]).
+    /// Transactions per scheduled unit ([`crate::chunk::ChunkVm`]); `None`: chosen from the block's
+    /// size and the storage (see [`crate::chunk::chunk_size`]).
     pub chunk_size: Option<usize>,
 }
 
@@ -175,27 +185,6 @@ impl Default for Options {
             chunk_size: None,
         }
     }
-}
-
-/// Blocks smaller than this run one transaction per unit: their transactions tend to
-/// depend on near neighbours (nonce sequences, runs of calls to one contract), which
-/// chunks turn into conflicts between chunks (measured on mainnet block 17666333, 961
-/// transactions: 1.1 re-executions per transaction in chunks of 7, 0.1 without).
-const CHUNK_FROM_TXS: usize = 4096;
-/// Each worker should find at least this many chunks to draw from (load balance)...
-const CHUNKS_PER_WORKER: usize = 64;
-/// ...and a chunk has at most this many transactions (a conflict re-executes a chunk).
-const MAX_CHUNK: usize = 16;
-
-/// Transactions per chunk for `txs` transactions on `workers` workers: 1 (plain
-/// Block-STM) on slow storage, where every read in flight counts, and below
-/// `CHUNK_FROM_TXS` transactions; otherwise as many as keeps `CHUNKS_PER_WORKER` chunks
-/// per worker, up to `MAX_CHUNK`.
-pub fn chunk_size(txs: usize, workers: usize, slow_storage: bool) -> usize {
-    if slow_storage || txs < CHUNK_FROM_TXS {
-        return 1;
-    }
-    (txs / (workers.max(1) * CHUNKS_PER_WORKER)).clamp(1, MAX_CHUNK)
 }
 
 /// Executes the block with Block-STM on `run.threads` workers (adaptive).
@@ -239,7 +228,7 @@ where
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     let chunk = options
         .chunk_size
-        .unwrap_or_else(|| chunk_size(n, workers, slow_storage))
+        .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))
         .max(1);
     // Spreading the final state assembly of small blocks over threads costs more than
     // it saves.
@@ -251,22 +240,13 @@ where
     };
     if chunk == 1 {
         let (outcome, mut metrics) = execute_units(vm, storage, run, options.adaptive, sizes)?;
-        metrics.extra.insert(2, ("chunk_size", 1));
+        metrics.extra.push(("chunk_size", 1));
         return Ok((outcome, metrics));
     }
-    let chunks = ChunkVm::new(vm, chunk);
-    let (outcome, mut metrics) = execute_units(&chunks, storage, run, options.adaptive, sizes)?;
-    let tx_outcomes = crate::chunk::flatten_outputs(vm, outcome.tx_outcomes)?;
-    metrics.executions = chunks.tx_executions();
-    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
-    metrics.extra.insert(2, ("chunk_size", chunk as u64));
-    Ok((
-        BlockOutcome {
-            tx_outcomes,
-            state_diff: outcome.state_diff,
-        },
-        metrics,
-    ))
+    let chunked = crate::chunk::run_chunked(vm, chunk, |chunks| {
+        execute_units(chunks, storage, run, options.adaptive, sizes).map(Some)
+    })?;
+    Ok(chunked.unwrap_or_else(|_| unreachable!("block-stm never abandons its chunks")))
 }
 
 /// What [`execute_units`] sizes from the block's transactions (not its units).
@@ -312,6 +292,7 @@ where
             .collect(),
         gave_up: AtomicBool::new(false),
         adaptive,
+        judge_after: judge_after(n, workers),
         tracer: Tracer::new(run.trace),
     };
     let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
@@ -396,12 +377,19 @@ where
     ))
 }
 
-/// The fallback rule: judged once per `JUDGE_AFTER` executions of a worker, true when at
+/// The fallback rule: judged once per `judge_after` executions of a worker, true when at
 /// least `GIVE_UP_WASTE` of them failed validation or waited on a dependency.
-fn mostly_wasted(executions: u64, wasted: u64) -> bool {
-    executions >= JUDGE_AFTER
-        && executions % JUDGE_AFTER < 4
+fn mostly_wasted(executions: u64, wasted: u64, judge_after: u64) -> bool {
+    executions >= judge_after
+        && executions % judge_after < 4
         && wasted as f64 >= GIVE_UP_WASTE * executions as f64
+}
+
+/// Executions per worker between judgements, for `units` units on `workers` workers: a
+/// quarter of a worker's share, between 8 and `JUDGE_AFTER` (a small block judged after
+/// 48 executions per worker would be mostly executed, and wasted, by then).
+fn judge_after(units: usize, workers: usize) -> u64 {
+    ((units / (4 * workers.max(1))) as u64).clamp(8, JUDGE_AFTER)
 }
 
 /// Stops the other workers if this one unwinds, so that the block fails instead of hanging.
@@ -473,7 +461,12 @@ where
     /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
     /// of them (only its own counters: no shared traffic).
     fn speculation_wasted(&self, m: &Metrics) -> bool {
-        self.adaptive && mostly_wasted(m.executions, m.validation_failures + m.dependency_waits)
+        self.adaptive
+            && mostly_wasted(
+                m.executions,
+                m.validation_failures + m.dependency_waits,
+                self.judge_after,
+            )
     }
 
     /// Executes `tx`'s `incarnation`, records it, and reports it to the scheduler.
@@ -664,15 +657,21 @@ mod tests {
 
     #[test]
     fn fallback_rule() {
+        const J: u64 = JUDGE_AFTER;
         // Too early to judge, however bad.
-        assert!(!mostly_wasted(JUDGE_AFTER - 1, JUDGE_AFTER - 1));
+        assert!(!mostly_wasted(J - 1, J - 1, J));
         // A chain: about half the executions fail.
-        assert!(mostly_wasted(JUDGE_AFTER, JUDGE_AFTER / 2));
-        assert!(mostly_wasted(2 * JUDGE_AFTER + 1, JUDGE_AFTER));
+        assert!(mostly_wasted(J, J / 2, J));
+        assert!(mostly_wasted(2 * J + 1, J, J));
         // Ordinary contention is tolerated.
-        assert!(!mostly_wasted(JUDGE_AFTER, JUDGE_AFTER / 10));
-        assert!(!mostly_wasted(10 * JUDGE_AFTER, JUDGE_AFTER));
-        // Judged only near multiples of JUDGE_AFTER (cheap to check on every task).
-        assert!(!mostly_wasted(JUDGE_AFTER + 10, JUDGE_AFTER));
+        assert!(!mostly_wasted(J, J / 10, J));
+        assert!(!mostly_wasted(10 * J, J, J));
+        // Judged only near multiples of the period (cheap to check on every task).
+        assert!(!mostly_wasted(J + 10, J, J));
+        // Small blocks are judged sooner.
+        assert_eq!(judge_after(108, 2), 13);
+        assert!(mostly_wasted(13, 6, judge_after(108, 2)));
+        assert_eq!(judge_after(20, 2), 8);
+        assert_eq!(judge_after(100_000, 2), J);
     }
 }

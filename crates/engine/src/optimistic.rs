@@ -21,6 +21,14 @@
 //! pre-executions are never committed: only the merger's in-order execution can fail
 //! the block, with the error serial execution would hit.
 //!
+//! Chunks: on large blocks (see [`crate::chunk::chunk_size`]) the unit is a run of
+//! consecutive transactions ([`crate::chunk::ChunkVm`]), so the merger checks and applies
+//! one chunk's net reads and writes instead of each transaction's. A stale chunk is
+//! re-executed whole by the merger, so when at least `CHUNK_STALE_SHARE` of the first
+//! `CHUNK_JUDGE_AFTER` chunks are stale (contention), the block starts over one
+//! transaction per unit (`chunks_abandoned` in the metrics; the start is counted as
+//! wasted executions).
+//!
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
 //! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
@@ -51,6 +59,12 @@ const DONE: u8 = 2;
 const JUDGE_AFTER: u64 = 32;
 /// ...and the share of failed checks at which it stops speculating.
 const SERIAL_SHARE: f64 = 0.75;
+
+/// In chunks ([`crate::chunk`]), the merger judges after this many merges whether...
+const CHUNK_JUDGE_AFTER: u64 = 32;
+/// ...at least this share of chunks were stale; if so the block starts over one
+/// transaction per unit (a stale chunk is re-executed whole, serially, by the merger).
+const CHUNK_STALE_SHARE: f64 = 0.1;
 
 /// How far (in transactions, per worker) pre-executors may run ahead of the merger.
 const LOOKAHEAD_PER_WORKER: usize = 64;
@@ -91,6 +105,8 @@ struct Shared<'a, V: Vm, S> {
     serial: AtomicBool,
     /// Everyone stops: the merger is finished, failed or a worker panicked.
     stop: AtomicBool,
+    /// Units are chunks: the merger may abandon them (see `CHUNK_STALE_SHARE`).
+    chunked: bool,
     tracer: Tracer,
 }
 
@@ -107,6 +123,8 @@ struct MergeReport<V: Vm> {
     merge_reexecutions: u64,
     own_speculations: u64,
     serial_switch: bool,
+    /// The merger gave up on chunks (the block runs again unchunked).
+    abandoned: bool,
     result: Result<Merged<V>, VmError>,
     garbage: Garbage<V>,
 }
@@ -129,6 +147,45 @@ where
         return Ok((outcome, metrics));
     }
     let workers = run.workers(n, storage);
+    let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
+    let size = crate::chunk::chunk_size(n, workers, slow_storage);
+    let mut wasted = None;
+    if size > 1 {
+        let started = Instant::now();
+        let chunked = crate::chunk::run_chunked(vm, size, |chunks| {
+            execute_units(chunks, storage, run, workers, true)
+        })?;
+        match chunked {
+            Ok(done) => return Ok(done),
+            Err(executions) => wasted = Some((started.elapsed(), executions)),
+        }
+    }
+    let (outcome, mut metrics) =
+        execute_units(vm, storage, run, workers, false)?.expect("unchunked runs finish");
+    if let Some((time, executions)) = wasted {
+        // The chunked start counts as wasted execution.
+        metrics.execution_time += time;
+        metrics.executions += executions;
+        metrics.reexecutions += executions;
+        metrics.extra.push(("chunks_abandoned", 1));
+    }
+    Ok((outcome, metrics))
+}
+
+/// The engine over the units of `vm` (transactions, or chunks of them: `chunked`) on
+/// `workers`; `None` if the merger abandoned the chunks.
+fn execute_units<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    workers: usize,
+    chunked: bool,
+) -> Result<Option<(VmOutcome<V>, Metrics)>, EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
     let shared = Shared {
         vm,
         storage,
@@ -139,6 +196,7 @@ where
         lookahead: LOOKAHEAD_PER_WORKER * workers,
         serial: AtomicBool::new(false),
         stop: AtomicBool::new(false),
+        chunked,
         tracer: Tracer::new(run.trace),
     };
     let mut reports = crate::workers::run(workers, |id| {
@@ -153,6 +211,9 @@ where
     });
     let mut merge = reports[0].1.take().expect("worker 0 merges");
     drop(std::mem::take(&mut merge.garbage));
+    if merge.abandoned {
+        return Ok(None);
+    }
     let mut metrics = merge.metrics;
     for (worker, _) in &reports {
         metrics.executions += worker.executions;
@@ -187,13 +248,13 @@ where
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();
     metrics.trace = tracer.finish();
-    Ok((
+    Ok(Some((
         BlockOutcome {
             tx_outcomes: outputs,
             state_diff,
         },
         metrics,
-    ))
+    )))
 }
 
 /// Which of `pres` (executions of transactions `0..pres.len()` on a stale state, in
@@ -302,7 +363,16 @@ where
             garbage: Vec::new(),
         };
         let started = Instant::now();
+        let mut abandoned = false;
         let result = (0..n).try_for_each(|tx| {
+            if self.chunked
+                && merger.metrics.validations == CHUNK_JUDGE_AFTER
+                && merger.metrics.validation_failures as f64
+                    >= CHUNK_STALE_SHARE * CHUNK_JUDGE_AFTER as f64
+            {
+                abandoned = true;
+                return Err(VmError::Read(ReadError::Aborted));
+            }
             if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
                 // Size the merged state for the block from the keys per transaction
                 // so far (as `sequential` does): growing it step by step costs more.
@@ -338,6 +408,7 @@ where
             merge_reexecutions,
             own_speculations,
             serial_switch,
+            abandoned,
             result: result.map(|()| (cache, outputs)),
             garbage,
         }

@@ -111,9 +111,10 @@ fn every_engine_equals_sequential_on_every_workload() {
     }
 }
 
-/// Blocks large enough for block-stm to schedule chunks of transactions on its own.
+/// Blocks large enough for block-stm and optimistic to schedule chunks of transactions
+/// on their own (optimistic abandons them under contention).
 #[test]
-fn block_stm_chunks_large_blocks_exactly() {
+fn chunking_engines_run_large_blocks_exactly() {
     for (kind, hot_ratio) in [
         (WorkloadKind::Raw, 0.0),
         (WorkloadKind::Erc20, 0.0),
@@ -131,19 +132,23 @@ fn block_stm_chunks_large_blocks_exactly() {
         let (expected, _) = EngineKind::Sequential
             .execute(&vm, &w.pre_state, 1)
             .unwrap();
-        let (actual, metrics) = EngineKind::BlockStm
-            .run(&vm, &w.pre_state, &RunOptions::threads(2))
-            .unwrap();
-        assert!(
-            metrics.extra("chunk_size").is_some_and(|c| c > 1),
-            "{kind}: {metrics:?}"
-        );
-        assert_eq!(metrics.executions, 6000 + metrics.reexecutions);
-        assert!(
-            actual == expected,
-            "{kind} hot {hot_ratio} differs from sequential:\n{}",
-            describe_difference(&expected, &actual)
-        );
+        for engine in [EngineKind::BlockStm, EngineKind::Optimistic] {
+            let (actual, metrics) = engine
+                .run(&vm, &w.pre_state, &RunOptions::threads(2))
+                .unwrap();
+            let chunked = metrics.extra("chunk_size").is_some_and(|c| c > 1);
+            let abandoned = metrics.extra("chunks_abandoned") == Some(1);
+            assert!(
+                chunked || (abandoned && engine == EngineKind::Optimistic),
+                "{engine}, {kind}: {metrics:?}"
+            );
+            assert_eq!(metrics.executions, 6000 + metrics.reexecutions);
+            assert!(
+                actual == expected,
+                "{engine}, {kind} hot {hot_ratio} differs from sequential:\n{}",
+                describe_difference(&expected, &actual)
+            );
+        }
     }
 }
 
