@@ -158,10 +158,7 @@ impl<V: Vm, R> Overlay<'_, V, R> {
     }
 
     /// The chunk's net writes.
-    fn into_writes(
-        self,
-        chunk: TxIndex,
-    ) -> Result<Writes<V>, VmError> {
+    fn into_writes(self, chunk: TxIndex) -> Result<Writes<V>, VmError> {
         let mut writes = Vec::with_capacity(self.local.len());
         for (key, local) in self.local {
             match local.written {
