@@ -615,9 +615,11 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
     } else {
         None
     };
+    let mut wanted_blocks = args.blocks.clone();
+    dedup_in_order(&mut wanted_blocks);
     if let Some(source) = &mainnet_source {
         let have = source.numbers();
-        if let Some(missing) = args.blocks.iter().find(|n| !have.contains(n)) {
+        if let Some(missing) = wanted_blocks.iter().find(|n| !have.contains(n)) {
             bail!(
                 "the built-in mainnet data set has no block {missing} (it has {} blocks, {} to {})",
                 have.len(),
@@ -627,10 +629,10 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     let mainnet_blocks = mainnet_source.as_ref().map_or(0, |s| {
-        if args.blocks.is_empty() {
+        if wanted_blocks.is_empty() {
             s.len()
         } else {
-            args.blocks.len()
+            wanted_blocks.len()
         }
     });
     let groups = synthetic_groups + mainnet_blocks;
@@ -691,7 +693,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     if let Some(source) = &mainnet_source {
-        let wanted = &args.blocks;
+        let wanted = &wanted_blocks;
         for (number, loaded) in source.load_where(|n| wanted.is_empty() || wanted.contains(&n)) {
             let block = loaded.with_context(|| format!("cannot load mainnet block {number}"))?;
             let report =

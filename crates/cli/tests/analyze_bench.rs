@@ -307,6 +307,39 @@ fn bench_rejects_bad_input() {
         &parex(&["bench", "--json", "/nonexistent/dir/b.json"]),
         "cannot write",
     );
+    assert_clean_failure(&parex(&["bench", "--blocks", "1"]), "has no block 1");
+    assert_clean_failure(
+        &parex(&["bench", "--blocks", "46147", "--no-mainnet"]),
+        "cannot be used with",
+    );
+}
+
+#[test]
+fn bench_runs_only_the_blocks_asked_for() {
+    let path = temp("bench-blocks");
+    let o = parex(&[
+        "bench",
+        "--blocks",
+        "46147,930196,46147",
+        "--engines",
+        "block-stm",
+        "--threads",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let j = read_json(&path);
+    let mut blocks: Vec<u64> = j["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["block"].as_u64().expect("only mainnet cells"))
+        .collect();
+    blocks.dedup();
+    assert_eq!(blocks, [46147, 930196]);
 }
 
 #[test]
