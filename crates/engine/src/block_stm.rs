@@ -209,7 +209,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if options.adaptive && crate::sealevel::declared_chain(vm, storage) {
+    if options.adaptive && crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain: skip the speculation.
         let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
         metrics.extra = vec![

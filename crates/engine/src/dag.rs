@@ -345,7 +345,7 @@ where
     let workers = run.workers(n, storage);
     let tracer = Tracer::new(run.trace);
 
-    if options.adaptive && crate::sealevel::declared_chain(vm, storage) {
+    if options.adaptive && crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain (one sender's nonce
         // sequence, say, whose hints on the pre-block state would all be invalid).
         let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;

@@ -8,6 +8,7 @@ pub mod analyze;
 pub mod block_stm;
 pub mod chunk;
 pub mod dag;
+mod declared;
 pub mod metrics;
 pub mod mv_memory;
 pub mod optimistic;

@@ -140,7 +140,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if crate::sealevel::declared_chain(vm, storage) {
+    if crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain: merge checks would all fail.
         let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
         metrics.extra = vec![("sequential_fallback", 1)];

@@ -96,14 +96,13 @@ use parex_core::{
     Write,
 };
 
+use crate::declared::{Declaration, PreBlock, declared_chain, declared_kind, normalize};
 use crate::preexec::PreExecution;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
 type Hasher = alloy_primitives::map::DefaultHashBuilder;
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
-/// A transaction's declaration, sorted by key, each key once.
-type Declaration<K> = Box<[(K, AccessKind)]>;
 
 /// Where declarations come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -314,40 +313,6 @@ where
 // ---------------------------------------------------------------------------------------
 // Step 1: declarations.
 
-/// Transactions whose declarations are judged before anything else is done...
-const CHAIN_SAMPLE: usize = 64;
-/// ...and the share of them that must conflict with their predecessor's declaration for
-/// the block to count as a chain.
-const CHAIN_SHARE: f64 = 0.75;
-
-/// Whether the block starts as a chain: most of its first `CHAIN_SAMPLE` transactions
-/// declare ([`Vm::declared_access`]) a key that their immediate predecessor declares
-/// incompatibly, so each would wait for the one before it. False for smaller blocks.
-/// Costs `CHAIN_SAMPLE` declarations on the calling thread (block-stm and optimistic use
-/// it too, to run such blocks in order from the start); never judged on slow storage.
-pub(crate) fn declared_chain<V, S>(vm: &V, storage: &S) -> bool
-where
-    V: Vm,
-    S: Storage<Key = V::Key, Value = V::Value>,
-{
-    // With slow storage the sample's serial reads would cost more than speculation on a
-    // chain wastes (that waste overlaps the reads too).
-    if vm.tx_count() < CHAIN_SAMPLE || storage.read_latency() >= crate::workers::SLOW_READ {
-        return false;
-    }
-    let mut previous = normalize(vm.declared_access(0, &mut PreBlock(storage)));
-    let mut chained = 0;
-    for tx in 1..CHAIN_SAMPLE {
-        let current = normalize(vm.declared_access(tx, &mut PreBlock(storage)));
-        let conflicts = current.iter().any(|(key, kind)| {
-            declared_kind(&previous, key).is_some_and(|other| !other.compatible(*kind))
-        });
-        chained += usize::from(conflicts);
-        previous = current;
-    }
-    chained as f64 >= CHAIN_SHARE * (CHAIN_SAMPLE - 1) as f64
-}
-
 /// Every transaction's declaration, in block order, computed on `threads` workers.
 fn declare<V, S>(
     vm: &V,
@@ -378,36 +343,6 @@ where
         normalize(keys)
     })
     .0
-}
-
-/// Sorts by key and merges repeated keys into one, of the joined kind.
-fn normalize<K: Ord>(mut keys: Vec<(K, AccessKind)>) -> Declaration<K> {
-    keys.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Vec<(K, AccessKind)> = Vec::with_capacity(keys.len());
-    for (key, kind) in keys {
-        match out.last_mut() {
-            Some((last, existing)) if *last == key => *existing = existing.join(kind),
-            _ => out.push((key, kind)),
-        }
-    }
-    out.into_boxed_slice()
-}
-
-/// The kind `key` is declared with in `declaration`, if it is.
-fn declared_kind<K: Ord>(declaration: &[(K, AccessKind)], key: &K) -> Option<AccessKind> {
-    declaration
-        .binary_search_by(|(k, _)| k.cmp(key))
-        .ok()
-        .map(|i| declaration[i].1)
-}
-
-/// The pre-block state, for declarations.
-struct PreBlock<'a, S>(&'a S);
-
-impl<S: Storage> ReadView<S::Key, S::Value> for PreBlock<'_, S> {
-    fn read(&mut self, key: &S::Key) -> Result<Option<S::Value>, ReadError> {
-        Ok(self.0.read(key)?)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1057,20 +992,5 @@ mod tests {
         assert_eq!(granted, vec![0, 1]);
         let (_, granted) = queue(&[(0, Write), (1, Delta)]);
         assert_eq!(granted, vec![0]);
-    }
-
-    #[test]
-    fn declarations_are_normalized() {
-        use AccessKind::{Delta, Read, Write};
-        let d = normalize(vec![
-            (3, Read),
-            (1, Delta),
-            (3, Read),
-            (1, Read),
-            (2, Write),
-        ]);
-        assert_eq!(&*d, &[(1, Write), (2, Write), (3, Read)]);
-        assert_eq!(declared_kind(&d, &2), Some(Write));
-        assert_eq!(declared_kind(&d, &4), None);
     }
 }
