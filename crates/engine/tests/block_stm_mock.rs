@@ -7,137 +7,12 @@
 //! each is run with 1, 2, 4 and 8 threads, repeatedly, and must give exactly the
 //! sequential outcome (or the same error).
 
-use std::hint::black_box;
-
-use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
 use parex_engine::{EngineKind, RunOptions, block_stm, sequential};
 use proptest::prelude::*;
 
-type Key = u32;
-type Value = u64;
-type Delta = u64;
+mod mock;
 
-#[derive(Clone, Debug)]
-struct MockTx {
-    /// Keys read unconditionally, in order.
-    reads: Vec<Key>,
-    /// Read only when the first value read is odd.
-    extra_read: Key,
-    /// Candidate keys for full writes (each written or not depending on what was read).
-    writes: Vec<Key>,
-    /// Keys credited with a delta.
-    deltas: Vec<Key>,
-    /// Busy work, to vary execution times.
-    work: u32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct MockOutput {
-    seen: u64,
-    gas: u64,
-    cumulative: u64,
-}
-
-struct MockVm {
-    txs: Vec<MockTx>,
-    /// Fail with `BadData` when the digest of the values read is 0 modulo this (0: never).
-    fail_modulo: u64,
-}
-
-fn mix(mut h: u64, v: u64) -> u64 {
-    h ^= v
-        .wrapping_add(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(h << 6)
-        .wrapping_add(h >> 2);
-    h.wrapping_mul(0xff51_afd7_ed55_8ccd)
-}
-
-impl Vm for MockVm {
-    type Key = Key;
-    type Value = Value;
-    type Delta = Delta;
-    type Output = MockOutput;
-
-    fn tx_count(&self) -> usize {
-        self.txs.len()
-    }
-
-    fn execute<R: ReadView<Key, Value>>(
-        &self,
-        tx: TxIndex,
-        view: &mut R,
-    ) -> Result<Execution<Key, Value, Delta, MockOutput>, VmError> {
-        let t = &self.txs[tx];
-        let mut h = tx as u64;
-        let mut first = None;
-        for key in &t.reads {
-            let v = view.read(key)?;
-            first.get_or_insert(v.unwrap_or(0));
-            h = mix(h, v.map_or(u64::MAX, |v| v));
-        }
-        if first.is_some_and(|v| v % 2 == 1) {
-            let v = view.read(&t.extra_read)?;
-            h = mix(h, v.map_or(7, |v| v.wrapping_mul(3)));
-        }
-        let mut spin = h;
-        for _ in 0..t.work {
-            spin = black_box(mix(spin, 1));
-        }
-        if self.fail_modulo != 0 && h.is_multiple_of(self.fail_modulo) {
-            return Err(VmError::BadData(format!("transaction {tx} saw digest {h}")));
-        }
-        let mut writes: Vec<(Key, Write<Value, Delta>)> = Vec::new();
-        for (i, key) in t.writes.iter().enumerate() {
-            // The write set depends on the values read: some keys are skipped.
-            if (h >> (i % 48)) & 3 != 0 && !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Put(mix(h, *key as u64) % 1000)));
-            }
-        }
-        for (i, key) in t.deltas.iter().enumerate() {
-            if !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Delta((h >> (i % 32)) % 50)));
-            }
-        }
-        Ok(Execution {
-            writes,
-            output: MockOutput {
-                seen: h,
-                gas: h % 100,
-                cumulative: 0,
-            },
-        })
-    }
-
-    fn apply_delta(&self, _key: &Key, value: Option<Value>, delta: &Delta) -> Option<Value> {
-        match value {
-            Some(v) => Some(v.wrapping_add(*delta)),
-            // A zero credit to an absent key leaves it absent.
-            None if *delta == 0 => None,
-            None => Some(*delta),
-        }
-    }
-
-    fn merge_deltas(&self, earlier: &mut Delta, later: &Delta) {
-        *earlier = earlier.wrapping_add(*later);
-    }
-
-    fn finalize_outputs(&self, outputs: &mut [MockOutput]) -> Result<(), VmError> {
-        let mut cumulative = 0;
-        for o in outputs {
-            cumulative += o.gas;
-            o.cumulative = cumulative;
-        }
-        Ok(())
-    }
-}
-
-fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
-    // Two keys in three exist before the block.
-    (0..keys)
-        .filter(|k| k % 3 != 2)
-        .map(|k| (k, (k as u64 * 37) % 101))
-        .collect()
-}
+use mock::*;
 
 /// Runs block-stm with 1, 2, 4, 8 threads, one transaction or chunks of three per
 /// scheduled unit, `repeat` times each, against sequential.
@@ -185,6 +60,7 @@ fn tx_strategy(
             writes,
             deltas,
             work,
+            declared: Vec::new(),
         })
 }
 
@@ -198,26 +74,26 @@ proptest! {
     /// Few keys: nearly every transaction conflicts with its neighbours.
     #[test]
     fn heavy_conflicts(txs in block_strategy(4, 120, 1)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 4, 3);
+        check(&vm(txs), 4, 3);
     }
 
     /// A moderate key space: some conflicts, many independent transactions.
     #[test]
     fn mixed_conflicts(txs in block_strategy(64, 200, 1)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 64, 2);
+        check(&vm(txs), 64, 2);
     }
 
     /// Many deltas on few keys, read now and then.
     #[test]
     fn delta_heavy(txs in prop::collection::vec(tx_strategy(6, 1, 1, 3), 0..=150)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 6, 3);
+        check(&vm(txs), 6, 3);
     }
 
     /// Speculative reads make some executions fail; only a failure that serial
     /// execution has may surface, and it must be the same one.
     #[test]
     fn spurious_and_real_errors(txs in block_strategy(8, 100, 1), fail_modulo in 40u64..400) {
-        check(&MockVm { txs, fail_modulo }, 8, 3);
+        check(&MockVm { txs, fail_modulo, ..MockVm::default() }, 8, 3);
     }
 }
 
@@ -231,12 +107,13 @@ fn chain() {
             writes: vec![i + 1; 8],
             deltas: vec![],
             work: 2000,
+            declared: Vec::new(),
         })
         .collect();
     check(
         &MockVm {
             txs,
-            fail_modulo: 0,
+            ..MockVm::default()
         },
         301,
         3,
@@ -253,12 +130,13 @@ fn no_conflicts_with_shared_delta() {
             writes: vec![2 * i + 1, 2 * i + 2, 2 * i + 1, 2 * i + 2],
             deltas: vec![0],
             work: 100,
+            declared: Vec::new(),
         })
         .collect();
     check(
         &MockVm {
             txs,
-            fail_modulo: 0,
+            ..MockVm::default()
         },
         4002,
         2,
@@ -272,7 +150,7 @@ fn dispatch_and_empty_block() {
     assert!(EngineKind::ALL.contains(&kind));
     let vm = MockVm {
         txs: vec![],
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     let (outcome, _) = kind.execute(&vm, &storage_for(1), 4).unwrap();
     assert!(outcome.tx_outcomes.is_empty() && outcome.state_diff.is_empty());
@@ -288,11 +166,12 @@ fn metrics_are_filled() {
             writes: vec![i % 3; 4],
             deltas: vec![],
             work: 20,
+            declared: Vec::new(),
         })
         .collect();
     let vm = MockVm {
         txs,
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     let options = block_stm::Options {
         adaptive: false,
@@ -324,9 +203,10 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
                 writes: vec![0],
                 deltas: vec![],
                 work: 200,
+                declared: Vec::new(),
             })
             .collect(),
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     // Two workers must really run side by side (tests share rayon's global pool).
     let pool = rayon::ThreadPoolBuilder::new()
@@ -350,9 +230,10 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
                 writes: vec![i],
                 deltas: vec![],
                 work: 200,
+                declared: Vec::new(),
             })
             .collect(),
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     let storage = storage_for(2000);
     let (_, m) = block_stm::execute(&independent, &storage, &RunOptions::threads(2)).unwrap();

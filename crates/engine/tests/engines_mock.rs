@@ -4,156 +4,18 @@
 //! spuriously (stale reads) or that serial execution hits too. Only the serial failure
 //! may surface, and it must be the same one (a panic becomes `VmError::Internal`).
 
-use std::hint::black_box;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
-use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
+use parex_core::{InMemoryStorage, TxIndex, VmError};
 use parex_engine::{
     EngineKind, Metrics, RunOptions, VmOutcome, block_stm, dag, optimistic, sequential,
 };
 use proptest::prelude::*;
 
-type Key = u32;
-type Value = u64;
-type Delta = u64;
+mod mock;
 
-#[derive(Clone, Debug)]
-struct MockTx {
-    /// Keys read unconditionally, in order.
-    reads: Vec<Key>,
-    /// Read only when the first value read is odd (a read set that depends on values).
-    extra_read: Key,
-    /// Candidate keys for full writes (each written or not depending on what was read).
-    writes: Vec<Key>,
-    /// Keys credited with a delta.
-    deltas: Vec<Key>,
-    /// Busy work, to vary execution times.
-    work: u32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct MockOutput {
-    seen: u64,
-    gas: u64,
-    cumulative: u64,
-}
-
-struct MockVm {
-    txs: Vec<MockTx>,
-    /// Fail with `BadData` when the digest of the values read is 0 modulo this (0: never).
-    fail_modulo: u64,
-    /// Panic when the digest is 1 modulo this (0: never).
-    panic_modulo: u64,
-}
-
-const PANIC_PREFIX: &str = "mock panic at transaction ";
-
-fn mix(mut h: u64, v: u64) -> u64 {
-    h ^= v
-        .wrapping_add(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(h << 6)
-        .wrapping_add(h >> 2);
-    h.wrapping_mul(0xff51_afd7_ed55_8ccd)
-}
-
-impl Vm for MockVm {
-    type Key = Key;
-    type Value = Value;
-    type Delta = Delta;
-    type Output = MockOutput;
-
-    fn tx_count(&self) -> usize {
-        self.txs.len()
-    }
-
-    fn execute<R: ReadView<Key, Value>>(
-        &self,
-        tx: TxIndex,
-        view: &mut R,
-    ) -> Result<Execution<Key, Value, Delta, MockOutput>, VmError> {
-        let t = &self.txs[tx];
-        let mut h = tx as u64;
-        let mut first = None;
-        for key in &t.reads {
-            let v = view.read(key)?;
-            first.get_or_insert(v.unwrap_or(0));
-            h = mix(h, v.map_or(u64::MAX, |v| v));
-        }
-        if first.is_some_and(|v| v % 2 == 1) {
-            let v = view.read(&t.extra_read)?;
-            h = mix(h, v.map_or(7, |v| v.wrapping_mul(3)));
-        }
-        let mut spin = h;
-        for _ in 0..t.work {
-            spin = black_box(mix(spin, 1));
-        }
-        if self.fail_modulo != 0 && h.is_multiple_of(self.fail_modulo) {
-            return Err(VmError::BadData(format!("transaction {tx} saw digest {h}")));
-        }
-        if self.panic_modulo != 0 && h % self.panic_modulo == 1 {
-            panic!("{PANIC_PREFIX}{tx}");
-        }
-        let mut writes: Vec<(Key, Write<Value, Delta>)> = Vec::new();
-        for (i, key) in t.writes.iter().enumerate() {
-            // The write set depends on the values read: some keys are skipped.
-            if (h >> (i % 48)) & 3 != 0 && !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Put(mix(h, *key as u64) % 1000)));
-            }
-        }
-        for (i, key) in t.deltas.iter().enumerate() {
-            if !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Delta((h >> (i % 32)) % 50)));
-            }
-        }
-        Ok(Execution {
-            writes,
-            output: MockOutput {
-                seen: h,
-                gas: h % 100,
-                cumulative: 0,
-            },
-        })
-    }
-
-    fn apply_delta(&self, _key: &Key, value: Option<Value>, delta: &Delta) -> Option<Value> {
-        match value {
-            Some(v) => Some(v.wrapping_add(*delta)),
-            // A zero credit to an absent key leaves it absent.
-            None if *delta == 0 => None,
-            None => Some(*delta),
-        }
-    }
-
-    fn merge_deltas(&self, earlier: &mut Delta, later: &Delta) {
-        *earlier = earlier.wrapping_add(*later);
-    }
-
-    fn finalize_outputs(&self, outputs: &mut [MockOutput]) -> Result<(), VmError> {
-        let mut cumulative = 0;
-        for o in outputs {
-            cumulative += o.gas;
-            o.cumulative = cumulative;
-        }
-        Ok(())
-    }
-}
-
-fn vm(txs: Vec<MockTx>) -> MockVm {
-    MockVm {
-        txs,
-        fail_modulo: 0,
-        panic_modulo: 0,
-    }
-}
-
-fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
-    // Two keys in three exist before the block.
-    (0..keys)
-        .filter(|k| k % 3 != 2)
-        .map(|k| (k, (k as u64 * 37) % 101))
-        .collect()
-}
+use mock::*;
 
 /// Silences the mock's own (expected) panics; other panics print as usual.
 fn quiet_mock_panics() {
@@ -271,6 +133,7 @@ fn tx_strategy(
             writes,
             deltas,
             work,
+            declared: Vec::new(),
         })
 }
 
@@ -291,6 +154,7 @@ fn chains(txs: u32, run: u32) -> Vec<MockTx> {
                 writes: vec![key + 1; 8],
                 deltas: vec![0],
                 work: 300,
+                declared: Vec::new(),
             }
         })
         .collect()
@@ -350,6 +214,7 @@ fn chain() {
             writes: vec![i + 1; 8],
             deltas: vec![0],
             work: 1000,
+            declared: Vec::new(),
         })
         .collect();
     check(&vm(txs), 301, 2);
@@ -369,6 +234,7 @@ fn no_conflicts_with_shared_delta() {
             writes: vec![2 * i + 1, 2 * i + 2, 2 * i + 1, 2 * i + 2],
             deltas: vec![0],
             work: 100,
+            declared: Vec::new(),
         })
         .collect();
     check(&vm(txs), 4002, 2);
@@ -410,6 +276,7 @@ fn optimistic_metrics() {
             writes: vec![i],
             deltas: vec![1000],
             work: 300,
+            declared: Vec::new(),
         })
         .collect());
     let storage = storage_for(1001);
@@ -428,6 +295,7 @@ fn optimistic_metrics() {
             writes: vec![0; 4],
             deltas: vec![],
             work: 300,
+            declared: Vec::new(),
         })
         .collect());
     let storage = storage_for(1);
@@ -472,6 +340,7 @@ fn dag_metrics() {
                     writes: vec![(r / 25) % 5, (r / 125) % 5],
                     deltas: vec![],
                     work: 0,
+                    declared: Vec::new(),
                 }
             })
             .collect();
@@ -497,6 +366,7 @@ fn dag_metrics() {
             writes: vec![0],
             deltas: vec![],
             work: 300,
+            declared: Vec::new(),
         })
         .collect());
     let storage = storage_for(1);

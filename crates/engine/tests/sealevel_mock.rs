@@ -8,135 +8,14 @@
 //! outcome must still be exactly the sequential one (or the same error), with 1, 2, 4
 //! and 8 threads, with declared and with pre-execution hints.
 
-use std::hint::black_box;
-
-use parex_core::{AccessKind, Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
+use parex_core::AccessKind;
 use parex_engine::sealevel::{self, Hints, Options};
 use parex_engine::{EngineKind, Metrics, RunOptions, sequential};
 use proptest::prelude::*;
 
-type Key = u32;
-type Value = u64;
-type Delta = u64;
+mod mock;
 
-#[derive(Clone, Debug)]
-struct MockTx {
-    reads: Vec<Key>,
-    /// Read only when the first value read is odd.
-    extra_read: Key,
-    /// Candidate keys for full writes (each written or not depending on what was read).
-    writes: Vec<Key>,
-    deltas: Vec<Key>,
-    work: u32,
-    /// What the transaction declares (see [`Declare`]).
-    declared: Vec<(Key, AccessKind)>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct MockOutput {
-    seen: u64,
-    gas: u64,
-    cumulative: u64,
-}
-
-struct MockVm {
-    txs: Vec<MockTx>,
-    /// Fail with `BadData` when the digest of the values read is 0 modulo this (0: never).
-    fail_modulo: u64,
-}
-
-fn mix(mut h: u64, v: u64) -> u64 {
-    h ^= v
-        .wrapping_add(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(h << 6)
-        .wrapping_add(h >> 2);
-    h.wrapping_mul(0xff51_afd7_ed55_8ccd)
-}
-
-impl Vm for MockVm {
-    type Key = Key;
-    type Value = Value;
-    type Delta = Delta;
-    type Output = MockOutput;
-
-    fn tx_count(&self) -> usize {
-        self.txs.len()
-    }
-
-    fn execute<R: ReadView<Key, Value>>(
-        &self,
-        tx: TxIndex,
-        view: &mut R,
-    ) -> Result<Execution<Key, Value, Delta, MockOutput>, VmError> {
-        let t = &self.txs[tx];
-        let mut h = tx as u64;
-        let mut first = None;
-        for key in &t.reads {
-            let v = view.read(key)?;
-            first.get_or_insert(v.unwrap_or(0));
-            h = mix(h, v.map_or(u64::MAX, |v| v));
-        }
-        if first.is_some_and(|v| v % 2 == 1) {
-            let v = view.read(&t.extra_read)?;
-            h = mix(h, v.map_or(7, |v| v.wrapping_mul(3)));
-        }
-        let mut spin = h;
-        for _ in 0..t.work {
-            spin = black_box(mix(spin, 1));
-        }
-        if self.fail_modulo != 0 && h.is_multiple_of(self.fail_modulo) {
-            return Err(VmError::BadData(format!("transaction {tx} saw digest {h}")));
-        }
-        let mut writes: Vec<(Key, Write<Value, Delta>)> = Vec::new();
-        for (i, key) in t.writes.iter().enumerate() {
-            if (h >> (i % 48)) & 3 != 0 && !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Put(mix(h, *key as u64) % 1000)));
-            }
-        }
-        for (i, key) in t.deltas.iter().enumerate() {
-            if !writes.iter().any(|(k, _)| k == key) {
-                writes.push((*key, Write::Delta((h >> (i % 32)) % 50)));
-            }
-        }
-        Ok(Execution {
-            writes,
-            output: MockOutput {
-                seen: h,
-                gas: h % 100,
-                cumulative: 0,
-            },
-        })
-    }
-
-    fn apply_delta(&self, _key: &Key, value: Option<Value>, delta: &Delta) -> Option<Value> {
-        match value {
-            Some(v) => Some(v.wrapping_add(*delta)),
-            None if *delta == 0 => None,
-            None => Some(*delta),
-        }
-    }
-
-    fn merge_deltas(&self, earlier: &mut Delta, later: &Delta) {
-        *earlier = earlier.wrapping_add(*later);
-    }
-
-    fn finalize_outputs(&self, outputs: &mut [MockOutput]) -> Result<(), VmError> {
-        let mut cumulative = 0;
-        for o in outputs {
-            cumulative += o.gas;
-            o.cumulative = cumulative;
-        }
-        Ok(())
-    }
-
-    fn declared_access<R: ReadView<Key, Value>>(
-        &self,
-        tx: TxIndex,
-        _pre_block: &mut R,
-    ) -> Vec<(Key, AccessKind)> {
-        self.txs[tx].declared.clone()
-    }
-}
+use mock::*;
 
 /// How a generated transaction declares its accesses.
 #[derive(Clone, Copy, Debug)]
@@ -207,13 +86,6 @@ fn declare(tx: &mut MockTx, how: Declare, unrelated: &[(Key, u8)]) {
             .collect(),
         Declare::Empty => Vec::new(),
     };
-}
-
-fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
-    (0..keys)
-        .filter(|k| k % 3 != 2)
-        .map(|k| (k, (k as u64 * 37) % 101))
-        .collect()
 }
 
 /// Outputs, sorted state diff and metrics of one run.
@@ -311,25 +183,25 @@ proptest! {
     /// Few keys: nearly every transaction conflicts with its neighbours.
     #[test]
     fn heavy_conflicts(txs in prop::collection::vec(tx_strategy(4, 1), 0..=100)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 4, 2);
+        check(&vm(txs), 4, 2);
     }
 
     /// A moderate key space: some conflicts, many independent transactions.
     #[test]
     fn mixed_conflicts(txs in prop::collection::vec(tx_strategy(64, 1), 0..=200)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 64, 2);
+        check(&vm(txs), 64, 2);
     }
 
     /// Many deltas on few keys, read now and then.
     #[test]
     fn delta_heavy(txs in prop::collection::vec(tx_strategy(6, 3), 0..=150)) {
-        check(&MockVm { txs, fail_modulo: 0 }, 6, 2);
+        check(&vm(txs), 6, 2);
     }
 
     /// Failures: only the one serial execution has may surface.
     #[test]
     fn errors(txs in prop::collection::vec(tx_strategy(8, 1), 0..=100), fail_modulo in 40u64..400) {
-        check(&MockVm { txs, fail_modulo }, 8, 2);
+        check(&MockVm { txs, fail_modulo, ..MockVm::default() }, 8, 2);
     }
 }
 
@@ -356,7 +228,7 @@ fn independent_with_work(how: Declare, work: u32) -> MockVm {
         .collect();
     MockVm {
         txs,
-        fail_modulo: 0,
+        ..MockVm::default()
     }
 }
 
@@ -407,7 +279,7 @@ fn chain_waits_for_locks() {
         .collect();
     let vm = MockVm {
         txs,
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     check(&vm, 301, 2);
     let (_, _, m) = run(&vm, 301, 4, Hints::Declared).unwrap();
@@ -424,7 +296,7 @@ fn dispatch_empty_block_and_trace() {
         assert!(EngineKind::ALL.contains(&kind));
         let vm = MockVm {
             txs: vec![],
-            fail_modulo: 0,
+            ..MockVm::default()
         };
         let (outcome, m) = kind
             .run(&vm, &storage_for(1), &RunOptions::stress(4))
@@ -488,7 +360,7 @@ fn undeclared_writes_of_the_frontier_invalidate_later_readers() {
     ];
     let vm = MockVm {
         txs,
-        fail_modulo: 0,
+        ..MockVm::default()
     };
     check(&vm, 4, 2);
     let pool = rayon::ThreadPoolBuilder::new()

@@ -1,0 +1,167 @@
+//! The mock VM that the engine tests share.
+//!
+//! Each mock transaction reads keys through the view (one only when the first value read
+//! is odd, so read sets depend on values), spins for a while, writes a subset of its
+//! candidate keys that depends on what it read (so the write set of a re-execution may
+//! differ from the previous one's), and credits deltas. It may fail or panic depending
+//! on what it read (so speculative executions hit failures serial execution does not),
+//! and it declares whatever its `declared` list says, right or wrong.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::hint::black_box;
+
+use parex_core::{AccessKind, Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
+
+pub type Key = u32;
+pub type Value = u64;
+pub type Delta = u64;
+
+#[derive(Clone, Debug, Default)]
+pub struct MockTx {
+    /// Keys read unconditionally, in order.
+    pub reads: Vec<Key>,
+    /// Read only when the first value read is odd (a read set that depends on values).
+    pub extra_read: Key,
+    /// Candidate keys for full writes (each written or not depending on what was read).
+    pub writes: Vec<Key>,
+    /// Keys credited with a delta.
+    pub deltas: Vec<Key>,
+    /// Busy work, to vary execution times.
+    pub work: u32,
+    /// What the transaction declares ([`Vm::declared_access`]), right or wrong.
+    pub declared: Vec<(Key, AccessKind)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MockOutput {
+    pub seen: u64,
+    pub gas: u64,
+    pub cumulative: u64,
+}
+
+#[derive(Default)]
+pub struct MockVm {
+    pub txs: Vec<MockTx>,
+    /// Fail with `BadData` when the digest of the values read is 0 modulo this (0: never).
+    pub fail_modulo: u64,
+    /// Panic when the digest is 1 modulo this (0: never).
+    pub panic_modulo: u64,
+}
+
+pub const PANIC_PREFIX: &str = "mock panic at transaction ";
+
+/// A block of these transactions that never fails.
+pub fn vm(txs: Vec<MockTx>) -> MockVm {
+    MockVm {
+        txs,
+        ..MockVm::default()
+    }
+}
+
+pub fn mix(mut h: u64, v: u64) -> u64 {
+    h ^= v
+        .wrapping_add(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(h << 6)
+        .wrapping_add(h >> 2);
+    h.wrapping_mul(0xff51_afd7_ed55_8ccd)
+}
+
+impl Vm for MockVm {
+    type Key = Key;
+    type Value = Value;
+    type Delta = Delta;
+    type Output = MockOutput;
+
+    fn tx_count(&self) -> usize {
+        self.txs.len()
+    }
+
+    fn execute<R: ReadView<Key, Value>>(
+        &self,
+        tx: TxIndex,
+        view: &mut R,
+    ) -> Result<Execution<Key, Value, Delta, MockOutput>, VmError> {
+        let t = &self.txs[tx];
+        let mut h = tx as u64;
+        let mut first = None;
+        for key in &t.reads {
+            let v = view.read(key)?;
+            first.get_or_insert(v.unwrap_or(0));
+            h = mix(h, v.map_or(u64::MAX, |v| v));
+        }
+        if first.is_some_and(|v| v % 2 == 1) {
+            let v = view.read(&t.extra_read)?;
+            h = mix(h, v.map_or(7, |v| v.wrapping_mul(3)));
+        }
+        let mut spin = h;
+        for _ in 0..t.work {
+            spin = black_box(mix(spin, 1));
+        }
+        if self.fail_modulo != 0 && h.is_multiple_of(self.fail_modulo) {
+            return Err(VmError::BadData(format!("transaction {tx} saw digest {h}")));
+        }
+        if self.panic_modulo != 0 && h % self.panic_modulo == 1 {
+            panic!("{PANIC_PREFIX}{tx}");
+        }
+        let mut writes: Vec<(Key, Write<Value, Delta>)> = Vec::new();
+        for (i, key) in t.writes.iter().enumerate() {
+            // The write set depends on the values read: some keys are skipped.
+            if (h >> (i % 48)) & 3 != 0 && !writes.iter().any(|(k, _)| k == key) {
+                writes.push((*key, Write::Put(mix(h, *key as u64) % 1000)));
+            }
+        }
+        for (i, key) in t.deltas.iter().enumerate() {
+            if !writes.iter().any(|(k, _)| k == key) {
+                writes.push((*key, Write::Delta((h >> (i % 32)) % 50)));
+            }
+        }
+        Ok(Execution {
+            writes,
+            output: MockOutput {
+                seen: h,
+                gas: h % 100,
+                cumulative: 0,
+            },
+        })
+    }
+
+    fn apply_delta(&self, _key: &Key, value: Option<Value>, delta: &Delta) -> Option<Value> {
+        match value {
+            Some(v) => Some(v.wrapping_add(*delta)),
+            // A zero credit to an absent key leaves it absent.
+            None if *delta == 0 => None,
+            None => Some(*delta),
+        }
+    }
+
+    fn merge_deltas(&self, earlier: &mut Delta, later: &Delta) {
+        *earlier = earlier.wrapping_add(*later);
+    }
+
+    fn finalize_outputs(&self, outputs: &mut [MockOutput]) -> Result<(), VmError> {
+        let mut cumulative = 0;
+        for o in outputs {
+            cumulative += o.gas;
+            o.cumulative = cumulative;
+        }
+        Ok(())
+    }
+
+    fn declared_access<R: ReadView<Key, Value>>(
+        &self,
+        tx: TxIndex,
+        _pre_block: &mut R,
+    ) -> Vec<(Key, AccessKind)> {
+        self.txs[tx].declared.clone()
+    }
+}
+
+/// Pre-block state over keys `0..keys`: two keys in three exist before the block.
+pub fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
+    (0..keys)
+        .filter(|k| k % 3 != 2)
+        .map(|k| (k, (k as u64 * 37) % 101))
+        .collect()
+}
