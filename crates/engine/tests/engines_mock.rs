@@ -114,33 +114,6 @@ fn check_engines(vm: &MockVm, keys: u32, repeat: usize, engines: impl Iterator<I
     }
 }
 
-fn tx_strategy(
-    keys: u32,
-    max_reads: usize,
-    max_writes: usize,
-    max_deltas: usize,
-) -> impl Strategy<Value = MockTx> {
-    (
-        prop::collection::vec(0..keys, 0..=max_reads),
-        0..keys,
-        prop::collection::vec(0..keys, 0..=max_writes),
-        prop::collection::vec(0..keys, 0..=max_deltas),
-        0u32..2000,
-    )
-        .prop_map(|(reads, extra_read, writes, deltas, work)| MockTx {
-            reads,
-            extra_read,
-            writes,
-            deltas,
-            work,
-            declared: Vec::new(),
-        })
-}
-
-fn block_strategy(keys: u32, txs: usize, max_deltas: usize) -> impl Strategy<Value = Vec<MockTx>> {
-    prop::collection::vec(tx_strategy(keys, 4, 3, max_deltas), 0..=txs)
-}
-
 /// A block where transaction `i` reads what `i - 1` wrote for runs of `run` transactions
 /// (chains of adjacent dependencies), the runs independent of each other.
 fn chains(txs: u32, run: u32) -> Vec<MockTx> {

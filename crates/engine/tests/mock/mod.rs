@@ -13,6 +13,7 @@
 use std::hint::black_box;
 
 use parex_core::{AccessKind, Execution, InMemoryStorage, ReadView, TxIndex, Vm, VmError, Write};
+use proptest::prelude::*;
 
 pub type Key = u32;
 pub type Value = u64;
@@ -164,4 +165,37 @@ pub fn storage_for(keys: u32) -> InMemoryStorage<Key, Value> {
         .filter(|k| k % 3 != 2)
         .map(|k| (k, (k as u64 * 37) % 101))
         .collect()
+}
+
+/// A transaction over keys `0..keys` with up to this many reads, full writes and deltas.
+pub fn tx_strategy(
+    keys: u32,
+    max_reads: usize,
+    max_writes: usize,
+    max_deltas: usize,
+) -> impl Strategy<Value = MockTx> {
+    (
+        prop::collection::vec(0..keys, 0..=max_reads),
+        0..keys,
+        prop::collection::vec(0..keys, 0..=max_writes),
+        prop::collection::vec(0..keys, 0..=max_deltas),
+        0u32..2500,
+    )
+        .prop_map(|(reads, extra_read, writes, deltas, work)| MockTx {
+            reads,
+            extra_read,
+            writes,
+            deltas,
+            work,
+            declared: Vec::new(),
+        })
+}
+
+/// Up to `txs` transactions of up to 4 reads, 3 writes and `max_deltas` deltas.
+pub fn block_strategy(
+    keys: u32,
+    txs: usize,
+    max_deltas: usize,
+) -> impl Strategy<Value = Vec<MockTx>> {
+    prop::collection::vec(tx_strategy(keys, 4, 3, max_deltas), 0..=txs)
 }
