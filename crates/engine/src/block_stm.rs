@@ -30,6 +30,8 @@
 //! multi-version costs are paid per chunk and dependencies inside a chunk cost nothing;
 //! a conflict with an earlier chunk re-executes the chunk. Everything above holds with
 //! "chunk" for "transaction" (a chunk's execution is a pure function of what it reads).
+//! In the metrics of a chunked block, `executions` and `reexecutions` count transactions;
+//! `validations`, `validation_failures` and `dependency_waits` count chunks.
 //!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
 //! many more workers than threads, so that reads overlap while the cores stay busy.
