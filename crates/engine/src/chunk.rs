@@ -29,10 +29,11 @@ use parex_core::{
 
 use crate::{EngineError, Metrics, VmOutcome};
 
-/// Blocks smaller than this run one transaction per unit (engines that chunk): their transactions tend to
-/// depend on near neighbours (nonce sequences, runs of calls to one contract), which
-/// chunks turn into conflicts between chunks (measured on mainnet block 17666333, 961
-/// transactions: 1.1 re-executions per transaction in chunks of 7, 0.1 without).
+/// Blocks smaller than this run one transaction per unit (in the engines that chunk):
+/// their transactions tend to depend on near neighbours (nonce sequences, runs of calls
+/// to one contract), which chunks turn into conflicts between chunks (measured on mainnet
+/// block 17666333, 961 transactions: 1.1 re-executions per transaction in chunks of 7,
+/// 0.1 without).
 const CHUNK_FROM_TXS: usize = 4096;
 /// Each worker should find at least this many chunks to draw from (load balance)...
 const CHUNKS_PER_WORKER: usize = 64;
@@ -157,8 +158,8 @@ impl<V: Vm, R> Overlay<'_, V, R> {
         }
     }
 
-    /// The chunk's net writes.
-    fn into_writes(self, chunk: TxIndex) -> Result<Writes<V>, VmError> {
+    /// The chunk's net writes (`first` names the chunk in an error).
+    fn into_writes(self, first: TxIndex) -> Result<Writes<V>, VmError> {
         let mut writes = Vec::with_capacity(self.local.len());
         for (key, local) in self.local {
             match local.written {
@@ -169,7 +170,7 @@ impl<V: Vm, R> Overlay<'_, V, R> {
                     // A delta resolved a written value to "absent": no write can say that.
                     _ => {
                         return Err(VmError::Internal {
-                            tx: chunk,
+                            tx: first,
                             message: format!(
                                 "a delta left {key:?} absent after a full write in its chunk"
                             ),
@@ -234,7 +235,7 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         }
         self.executions.fetch_add(outputs.len() as u64, Relaxed);
         Ok(Execution {
-            writes: overlay.into_writes(chunk)?,
+            writes: overlay.into_writes(self.txs(chunk).start)?,
             output: outputs,
         })
     }
