@@ -215,15 +215,13 @@ where
     let n = vm.tx_count();
     if options.adaptive && crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain: skip the speculation.
-        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
-        metrics.extra = vec![
-            ("sequential_fallback", 1),
+        let extra = [
             ("workers", 1),
             ("chunk_size", 1),
             ("dependency_retries", 0),
             ("storage_reads", 0),
         ];
-        return Ok((outcome, metrics));
+        return crate::sequential::in_order(vm, storage, run, &extra);
     }
     let workers = run.workers(n, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;

@@ -348,9 +348,7 @@ where
     if options.adaptive && crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain (one sender's nonce
         // sequence, say, whose hints on the pre-block state would all be invalid).
-        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
-        metrics.extra = vec![("sequential_fallback", 1), ("optimistic_fallback", 0)];
-        return Ok((outcome, metrics));
+        return crate::sequential::in_order(vm, storage, run, &[("optimistic_fallback", 0)]);
     }
 
     // Hints of a sample first: a chain is handed to `sequential` before hinting it all.

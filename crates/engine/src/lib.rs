@@ -153,9 +153,7 @@ impl EngineKind {
             // Too small a block to repay a second worker (see `workers::count`): with
             // one worker every engine would execute in block order, so `sequential`
             // does it, without any engine's bookkeeping.
-            let (outcome, mut metrics) = sequential::execute(vm, storage, options)?;
-            metrics.extra = vec![("sequential_fallback", 1), ("workers", 1)];
-            return Ok((outcome, metrics));
+            return sequential::in_order(vm, storage, options, &[("workers", 1)]);
         }
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),

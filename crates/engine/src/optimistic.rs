@@ -142,9 +142,7 @@ where
     let n = vm.tx_count();
     if crate::declared::declared_chain(vm, storage) {
         // The declarations already say the block is a chain: merge checks would all fail.
-        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
-        metrics.extra = vec![("sequential_fallback", 1)];
-        return Ok((outcome, metrics));
+        return crate::sequential::in_order(vm, storage, run, &[]);
     }
     let workers = run.workers(n, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
@@ -364,14 +362,15 @@ where
         };
         let started = Instant::now();
         let mut abandoned = false;
-        let result = (0..n).try_for_each(|tx| {
+        let mut result = Ok(());
+        for tx in 0..n {
             if self.chunked
                 && merger.metrics.validations == CHUNK_JUDGE_AFTER
                 && merger.metrics.validation_failures as f64
                     >= CHUNK_STALE_SHARE * CHUNK_JUDGE_AFTER as f64
             {
                 abandoned = true;
-                return Err(VmError::Read(ReadError::Aborted));
+                break;
             }
             if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
                 // Size the merged state for the block from the keys per transaction
@@ -382,10 +381,12 @@ where
                     .cache
                     .reserve(expected.saturating_sub(merger.cache.len()));
             }
-            let merged = self.merge_one(&mut merger, tx);
+            result = self.merge_one(&mut merger, tx);
             self.merged.store(tx + 1, Ordering::Relaxed);
-            merged
-        });
+            if result.is_err() {
+                break;
+            }
+        }
         // The merger's time, less its checks, counts as execution (it executes or
         // merges, or waits for the transaction to merge).
         merger.metrics.execution_time = started

@@ -196,9 +196,7 @@ where
     if options.adaptive && declared_chain(vm, storage) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
         // and the in-order commit's cost on top: run the block in order.
-        let (outcome, mut metrics) = crate::sequential::execute(vm, storage, run)?;
-        metrics.extra = vec![("sequential_fallback", 1)];
-        return Ok((outcome, metrics));
+        return crate::sequential::in_order(vm, storage, run, &[]);
     }
 
     let hint_started = Instant::now();

@@ -147,3 +147,23 @@ where
         metrics,
     ))
 }
+
+/// The block run in order by [`execute`] on behalf of another engine that judged
+/// speculation useless: its metrics say `sequential_fallback 1`, then `extra`.
+pub(crate) fn in_order<V, S>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    extra: &[(&'static str, u64)],
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let (outcome, mut metrics) = execute(vm, storage, run)?;
+    metrics.extra = [("sequential_fallback", 1)]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    Ok((outcome, metrics))
+}
