@@ -66,7 +66,7 @@ pub fn analyze_block(
     pre_state: &InMemoryStorage<StateKey, StateValue>,
     top: usize,
 ) -> Result<Report> {
-    let vm = EvmVm::new(block);
+    let vm = EvmVm::with_pre_block(block, pre_state);
     let analysis = analyze(&vm, pre_state, |o: &TxOutcome| o.gas_used, top)
         .with_context(|| format!("cannot execute {source}"))?;
     Ok(Report { source, analysis })

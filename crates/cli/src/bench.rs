@@ -270,7 +270,7 @@ impl Bench {
         storage: &S,
     ) {
         let runs = self.plan.runs();
-        let vm = EvmVm::new(group.block);
+        let vm = EvmVm::with_pre_block(group.block, storage);
         self.bar.set_message(group.label.clone());
         // Warm-up, and sequential's outcome as the reference.
         let reference = match EngineKind::Sequential.execute(&vm, storage, 1) {

@@ -46,17 +46,16 @@ pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
         trace: args.trace.is_some(),
         ..RunOptions::threads(args.engine.threads())
     };
-    let vm = EvmVm::new(&block.block);
+    // The VM reads the pre-block state through the same storage as the engine.
     let latency = Duration::from_micros(args.latency_us);
     let (outcome, metrics, wall) = if latency.is_zero() {
-        timed(engine, &vm, &block.pre_state, &options)?
+        let storage = &block.pre_state;
+        let vm = EvmVm::with_pre_block(&block.block, storage);
+        timed(engine, &vm, storage, &options)?
     } else {
-        timed(
-            engine,
-            &vm,
-            &LatencyStorage::new(&block.pre_state, latency),
-            &options,
-        )?
+        let storage = &LatencyStorage::new(&block.pre_state, latency);
+        let vm = EvmVm::with_pre_block(&block.block, storage);
+        timed(engine, &vm, storage, &options)?
     };
     let gas = outcome.gas_used();
     let gas_per_s = gas as f64 / wall.as_secs_f64();

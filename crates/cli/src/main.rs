@@ -328,17 +328,16 @@ fn cmd_run(args: RunArgs) -> Result<ExitCode> {
         trace: args.trace.is_some(),
         ..RunOptions::threads(threads)
     };
-    let vm = EvmVm::new(&workload.block);
+    // The VM reads the pre-block state through the same storage as the engine.
     let latency = Duration::from_micros(args.latency_us);
     let (outcome, metrics, wall) = if latency.is_zero() {
-        timed(engine, &vm, &workload.pre_state, &options)?
+        let storage = &workload.pre_state;
+        let vm = EvmVm::with_pre_block(&workload.block, storage);
+        timed(engine, &vm, storage, &options)?
     } else {
-        timed(
-            engine,
-            &vm,
-            &LatencyStorage::new(&workload.pre_state, latency),
-            &options,
-        )?
+        let storage = &LatencyStorage::new(&workload.pre_state, latency);
+        let vm = EvmVm::with_pre_block(&workload.block, storage);
+        timed(engine, &vm, storage, &options)?
     };
     let gas = outcome.gas_used();
     let gas_per_s = gas as f64 / wall.as_secs_f64();

@@ -147,6 +147,16 @@ pub trait Vm: Sync {
     /// Block-level post-processing of outputs in block order (e.g. cumulative gas).
     fn finalize_outputs(&self, outputs: &mut [Self::Output]) -> Result<(), VmError>;
 
+    /// A key that transaction `tx` is known, before it runs, to read first and to write
+    /// whenever it is valid: an Ethereum transaction's sender account (its nonce). Two
+    /// transactions with the same sequence key are ordered (a nonce sequence), so an
+    /// engine may make the later one wait for the earlier instead of speculating. A hint
+    /// like [`Vm::declared_access`]: engines stay exact whatever it says. Default: none.
+    fn sequence_key(&self, tx: TxIndex) -> Option<Self::Key> {
+        let _ = tx;
+        None
+    }
+
     /// The keys transaction `tx` declares it will access, and how (Solana-style access
     /// lists; used by the `sealevel` engine to take locks). `pre_block` reads the state
     /// *before the block* (e.g. to find an account's code or storage generation); what

@@ -42,12 +42,13 @@
 //! an error is exactly where serial execution fails, and that error is returned.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
@@ -102,6 +103,9 @@ struct Worker<V: Vm> {
     keys: KeySet<V>,
     metrics: Metrics,
     dependency_retries: u64,
+    /// Dependency waits on the transaction's own sequence key (see
+    /// [`BlockStm::seed_sequence_estimates`]): expected, and cheap (the key is read first).
+    sequence_waits: u64,
     /// Pre-block values this worker loaded (a shared counter would bounce between cores).
     storage_reads: u64,
     clock: PhaseClock,
@@ -238,12 +242,13 @@ where
         finalize_threads,
     };
     if chunk == 1 {
-        let (outcome, mut metrics) = execute_units(vm, storage, run, options.adaptive, sizes)?;
+        let (outcome, mut metrics) =
+            execute_units(vm, storage, run, options.adaptive, true, sizes)?;
         metrics.extra.push(("chunk_size", 1));
         return Ok((outcome, metrics));
     }
     let chunked = crate::chunk::run_chunked(vm, chunk, |chunks| {
-        execute_units(chunks, storage, run, options.adaptive, sizes).map(Some)
+        execute_units(chunks, storage, run, options.adaptive, false, sizes).map(Some)
     })?;
     Ok(chunked.unwrap_or_else(|_| unreachable!("block-stm never abandons its chunks")))
 }
@@ -264,6 +269,7 @@ fn execute_units<V, S>(
     storage: &S,
     run: &RunOptions,
     adaptive: bool,
+    sequence_dependencies: bool,
     Sizes {
         keys,
         workers,
@@ -294,12 +300,18 @@ where
         workers,
         tracer: Tracer::new(run.trace),
     };
+    let sequenced = if sequence_dependencies {
+        engine.seed_sequence_estimates()
+    } else {
+        0
+    };
     let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
     let finalize_started = Instant::now();
     let mut finalize_trace = engine.tracer.recorder(0);
     let finalize_span = finalize_trace.start();
     let mut metrics = Metrics::default();
     let mut dependency_retries = 0;
+    let mut sequence_waits = 0;
     let mut storage_reads = 0;
     for w in worker_metrics {
         metrics.executions += w.executions;
@@ -310,6 +322,7 @@ where
         metrics.validation_time += w.validation_time;
         metrics.scheduling_time += w.scheduling_time;
         dependency_retries += w.extra("dependency_retries").unwrap_or(0);
+        sequence_waits += w.extra("sequence_waits").unwrap_or(0);
         storage_reads += w.extra("storage_reads").unwrap_or(0);
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
@@ -328,6 +341,8 @@ where
             ("workers", workers as u64),
             ("dependency_retries", dependency_retries),
             ("storage_reads", storage_reads),
+            ("sequenced", sequenced),
+            ("sequence_waits", sequence_waits),
         ];
         return Ok((outcome, metrics));
     }
@@ -366,6 +381,8 @@ where
         ("workers", workers as u64),
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
+        ("sequenced", sequenced),
+        ("sequence_waits", sequence_waits),
     ];
     Ok((
         BlockOutcome {
@@ -411,6 +428,31 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    /// Makes each transaction that shares its sequence key ([`Vm::sequence_key`]) with an
+    /// earlier one wait for the nearest such: an estimate of that one's write is left
+    /// under the key (and the key counted as written by it, so that its first recorded
+    /// execution replaces or removes the estimate). Returns the transactions so ordered.
+    fn seed_sequence_estimates(&self) -> u64 {
+        let n = self.vm.tx_count();
+        let mut last: HashMap<V::Key, TxIndex, DefaultHashBuilder> =
+            HashMap::with_capacity_and_hasher(n, DefaultHashBuilder::default());
+        let mut sequenced = 0;
+        for tx in 0..n {
+            let Some(key) = self.vm.sequence_key(tx) else {
+                continue;
+            };
+            if let Some(earlier) = last.insert(key.clone(), tx) {
+                let mut slot = self.slots[earlier]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                slot.written.push(key.clone());
+                self.memory.write(key, earlier, Entry::Estimate);
+                sequenced += 1;
+            }
+        }
+        sequenced
+    }
+
     /// One worker's loop: run tasks until the scheduler is done. Returns its metrics.
     fn work(&self, id: usize) -> Metrics {
         let _halt = HaltOnPanic(&self.scheduler);
@@ -419,6 +461,7 @@ where
             keys: Vec::new(),
             metrics: Metrics::default(),
             dependency_retries: 0,
+            sequence_waits: 0,
             storage_reads: 0,
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
@@ -433,7 +476,7 @@ where
                     if self.scheduler.done() {
                         break;
                     }
-                    if self.speculation_wasted(&w.metrics) {
+                    if self.speculation_wasted(&w.metrics, w.sequence_waits) {
                         self.gave_up.store(true, Relaxed);
                         self.scheduler.halt();
                         break;
@@ -456,18 +499,20 @@ where
             .submit(std::mem::replace(&mut w.trace, Recorder::off()));
         w.metrics.extra = vec![
             ("dependency_retries", w.dependency_retries),
+            ("sequence_waits", w.sequence_waits),
             ("storage_reads", w.storage_reads),
         ];
         w.metrics
     }
 
     /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
-    /// of them (only its own counters: no shared traffic).
-    fn speculation_wasted(&self, m: &Metrics) -> bool {
+    /// of them (only its own counters: no shared traffic). Waits on a transaction's own
+    /// sequence key are not waste: they happen at its first read.
+    fn speculation_wasted(&self, m: &Metrics, sequence_waits: u64) -> bool {
         self.adaptive
             && mostly_wasted(
                 m.executions,
-                m.validation_failures + m.dependency_waits,
+                m.validation_failures + m.dependency_waits - sequence_waits,
                 self.workers,
             )
     }
@@ -488,10 +533,12 @@ where
                 tx,
                 reads: &mut w.reads,
                 blocked: None,
+                blocked_on_sequence: false,
                 storage_reads: &mut w.storage_reads,
             };
             let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
             let blocked = view.blocked;
+            let blocked_on_sequence = view.blocked_on_sequence;
             w.metrics.executions += 1;
             if let Some(blocking_tx) = blocked {
                 // Whatever the VM made of the blocked read, this execution is void.
@@ -499,6 +546,7 @@ where
                 w.trace.record(SpanKind::Blocked, Some(tx), span);
                 if self.scheduler.add_dependency(tx, blocking_tx) {
                     w.metrics.dependency_waits += 1;
+                    w.sequence_waits += u64::from(blocked_on_sequence);
                     return None;
                 }
                 w.dependency_retries += 1;
@@ -613,6 +661,8 @@ struct View<'a, 'e, V: Vm, S> {
     reads: &'a mut ReadSet<V>,
     /// Set once a read meets an estimate: the execution is void from then on.
     blocked: Option<TxIndex>,
+    /// Whether that read was of the transaction's own sequence key.
+    blocked_on_sequence: bool,
     /// The worker's count of pre-block values loaded.
     storage_reads: &'a mut u64,
 }
@@ -648,6 +698,7 @@ where
             }
             Read::Blocked(blocking_tx) => {
                 self.blocked = Some(blocking_tx);
+                self.blocked_on_sequence = engine.vm.sequence_key(self.tx).as_ref() == Some(key);
                 Err(ReadError::Blocked { blocking_tx })
             }
         }

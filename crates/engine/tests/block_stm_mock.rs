@@ -81,6 +81,7 @@ fn chain() {
             deltas: vec![],
             work: 2000,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect();
     check(
@@ -104,6 +105,7 @@ fn no_conflicts_with_shared_delta() {
             deltas: vec![0],
             work: 100,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect();
     check(
@@ -140,6 +142,7 @@ fn metrics_are_filled() {
             deltas: vec![],
             work: 20,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect();
     let vm = MockVm {
@@ -177,6 +180,7 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
                 deltas: vec![],
                 work: 200,
                 declared: Vec::new(),
+                sequence: None,
             })
             .collect(),
         ..MockVm::default()
@@ -204,6 +208,7 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
                 deltas: vec![],
                 work: 200,
                 declared: Vec::new(),
+                sequence: None,
             })
             .collect(),
         ..MockVm::default()
@@ -211,4 +216,51 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
     let storage = storage_for(2000);
     let (_, m) = block_stm::execute(&independent, &storage, &RunOptions::threads(2)).unwrap();
     assert_eq!(fallback(&m), Some(0), "{m:?}");
+}
+
+/// Sequence keys ([`parex_core::Vm::sequence_key`]) order the transactions that share
+/// one: interleaved nonce sequences of three senders wait for their predecessors
+/// instead of failing validation, and speculation is not judged wasted for it. Wrong
+/// hints (a sequence key the transaction never writes) must not hang or change results.
+#[test]
+fn sequence_keys_order_their_transactions() {
+    let extra = |m: &parex_engine::Metrics, name: &str| {
+        m.extra
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|e| e.1)
+            .unwrap_or_else(|| panic!("no {name} in {m:?}"))
+    };
+    let senders = 3u32;
+    let txs: Vec<MockTx> = (0..600u32)
+        .map(|i| {
+            let sender = i % senders;
+            MockTx {
+                reads: vec![sender, 100 + i],
+                extra_read: 0,
+                // Every third sender's hint is wrong: it never writes its "sender".
+                writes: if sender == 2 { vec![] } else { vec![sender] },
+                deltas: vec![],
+                work: 300,
+                declared: Vec::new(),
+                sequence: Some(sender),
+            }
+        })
+        .collect();
+    let block = vm(txs);
+    check(&block, 800, 2);
+    let storage = storage_for(800);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let (outcome, m) = pool
+        .install(|| block_stm::execute(&block, &storage, &RunOptions::threads(2)))
+        .unwrap();
+    assert_eq!(outcome, expected);
+    assert_eq!(extra(&m, "sequenced"), 600 - u64::from(senders), "{m:?}");
+    assert_eq!(extra(&m, "sequential_fallback"), 0, "{m:?}");
 }

@@ -128,6 +128,7 @@ fn chains(txs: u32, run: u32) -> Vec<MockTx> {
                 deltas: vec![0],
                 work: 300,
                 declared: Vec::new(),
+                sequence: None,
             }
         })
         .collect()
@@ -188,6 +189,7 @@ fn chain() {
             deltas: vec![0],
             work: 1000,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect();
     check(&vm(txs), 301, 2);
@@ -208,6 +210,7 @@ fn no_conflicts_with_shared_delta() {
             deltas: vec![0],
             work: 100,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect();
     check(&vm(txs), 4002, 2);
@@ -250,6 +253,7 @@ fn optimistic_metrics() {
             deltas: vec![1000],
             work: 300,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect());
     let storage = storage_for(1001);
@@ -269,6 +273,7 @@ fn optimistic_metrics() {
             deltas: vec![],
             work: 300,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect());
     let storage = storage_for(1);
@@ -314,6 +319,7 @@ fn dag_metrics() {
                     deltas: vec![],
                     work: 0,
                     declared: Vec::new(),
+                    sequence: None,
                 }
             })
             .collect();
@@ -340,6 +346,7 @@ fn dag_metrics() {
             deltas: vec![],
             work: 300,
             declared: Vec::new(),
+            sequence: None,
         })
         .collect());
     let storage = storage_for(1);

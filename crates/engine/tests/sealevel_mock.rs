@@ -170,6 +170,7 @@ fn tx_strategy(keys: u32, max_deltas: usize) -> impl Strategy<Value = MockTx> {
                     deltas,
                     work,
                     declared: Vec::new(),
+                    sequence: None,
                 };
                 declare(&mut tx, how, &unrelated);
                 tx
@@ -221,6 +222,7 @@ fn independent_with_work(how: Declare, work: u32) -> MockVm {
                 deltas: vec![0],
                 work,
                 declared: Vec::new(),
+                sequence: None,
             };
             declare(&mut tx, how, &[]);
             tx
@@ -272,6 +274,7 @@ fn chain_waits_for_locks() {
                 deltas: vec![],
                 work: 500,
                 declared: Vec::new(),
+                sequence: None,
             };
             declare(&mut tx, Declare::Exact, &[]);
             tx
@@ -348,6 +351,7 @@ fn undeclared_writes_of_the_frontier_invalidate_later_readers() {
             deltas: vec![],
             work: 3_000_000,
             declared: vec![(2, AccessKind::Read)],
+            sequence: None,
         },
         MockTx {
             reads: vec![1],
@@ -356,6 +360,7 @@ fn undeclared_writes_of_the_frontier_invalidate_later_readers() {
             deltas: vec![3],
             work: 0,
             declared: vec![(1, AccessKind::Read), (3, AccessKind::Delta)],
+            sequence: None,
         },
     ];
     let vm = MockVm {

@@ -124,6 +124,12 @@ impl ViewDb {
         self.accounts.clear();
     }
 
+    /// Serves `value` as the account of `address` in this execution, without a read
+    /// through the view (a credit-only recipient, [`crate::credit`]).
+    pub fn serve(&mut self, address: Address, value: AccountValue) {
+        self.accounts.insert(address, value);
+    }
+
     /// Forgets the attached view.
     pub fn detach(&mut self) {
         self.view = None;

@@ -6,7 +6,8 @@
 //!
 //! * the sender's account: `Write` (nonce, fee), and its code if it has any (EIP-7702
 //!   delegated senders);
-//! * a call's recipient: `Write` when value moves, when it has no code (a plain transfer
+//! * a call's recipient: `Delta` when it is credit-only (with the pre-block state known
+//!   to the VM, [`crate::credit`]); otherwise `Write` when value moves, when it has no code (a plain transfer
 //!   touches it) or when it sends to itself; `Read` for a zero-value call of a contract
 //!   (loading it for its code does not change it). Its code (`Read`), and for an EIP-7702
 //!   delegation the delegate's account and code (`Read`);
@@ -35,8 +36,14 @@ use crate::block::EvmBlock;
 pub fn declared_access<R: ReadView<StateKey, StateValue>>(
     block: &EvmBlock,
     tx: usize,
+    credits: bool,
     pre_block: &mut R,
 ) -> Vec<(StateKey, AccessKind)> {
+    let credit_only = if credits {
+        crate::credit::credit_only_recipient(block, false, tx, pre_block).map(|(to, _)| to)
+    } else {
+        None
+    };
     let Some(tx) = block.txs.get(tx) else {
         return Vec::new();
     };
@@ -47,6 +54,9 @@ pub fn declared_access<R: ReadView<StateKey, StateValue>>(
     };
     out.account(env.caller, AccessKind::Write);
     match env.kind {
+        TxKind::Call(to) if credit_only == Some(to) => {
+            out.add(StateKey::Account(to), AccessKind::Delta)
+        }
         TxKind::Call(to) => {
             let has_code = out.code_of(to);
             let kind = if env.value != U256::ZERO || !has_code || to == env.caller {

@@ -4,9 +4,12 @@
 //! (through a `revm::Database` adapter), and its state changes come back as writes of
 //! the account model ([`parex_core::StateKey`]). The beneficiary's fee is not credited
 //! inside revm: a custom handler captures it, and it leaves as a balance *delta*, so
-//! transactions do not depend on each other through the coinbase.
+//! transactions do not depend on each other through the coinbase. Given the pre-block
+//! state ([`EvmVm::with_pre_block`]), a plain transfer to a used externally owned
+//! account credits it as a delta too ([`credit`]).
 
 pub mod block;
+pub mod credit;
 mod db;
 pub mod declared;
 mod handler;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, U256};
 use parex_core::{
-    AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, ReadView, StateKey, StateValue,
-    TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
+    AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, ReadError, ReadView, StateKey,
+    StateValue, Storage, TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
 };
 use revm::context::{BlockEnv, CfgEnv, Context, Journal, TxEnv};
 use revm::context_interface::JournalTr;
@@ -37,14 +37,22 @@ thread_local! {
 /// another block's environment.
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(0);
 
+/// The pre-block state, as the VM may read it directly (for [`crate::credit`]).
+pub type PreBlockState<'b> = &'b dyn Storage<Key = StateKey, Value = StateValue>;
+
 /// Executes the transactions of one block with revm.
 pub struct EvmVm<'b> {
     block: &'b EvmBlock,
     cfg: CfgEnv,
     id: u64,
+    /// Where credit-only recipients are looked up ([`EvmVm::with_pre_block`]).
+    pre_block: Option<PreBlockState<'b>>,
+    /// Whether the block carries EIP-7702 authorizations ([`crate::credit`]).
+    authorizations: bool,
 }
 
 impl<'b> EvmVm<'b> {
+    /// A VM for `block` in which every state access goes through the engine's view.
     pub fn new(block: &'b EvmBlock) -> Self {
         let mut cfg = CfgEnv::new_with_spec(block.spec);
         cfg.chain_id = block.chain_id;
@@ -52,7 +60,31 @@ impl<'b> EvmVm<'b> {
             block,
             cfg,
             id: NEXT_VM_ID.fetch_add(1, Ordering::Relaxed),
+            pre_block: None,
+            authorizations: crate::credit::has_authorizations(block),
         }
+    }
+
+    /// A VM for `block` that also knows the state before it, `pre_block` (the storage
+    /// the engines run on): plain transfers to used externally owned accounts then
+    /// credit them as deltas instead of reading them ([`crate::credit`]). Outcomes are
+    /// the same as with [`EvmVm::new`]; fewer transactions depend on each other.
+    pub fn with_pre_block(block: &'b EvmBlock, pre_block: PreBlockState<'b>) -> Self {
+        Self {
+            pre_block: Some(pre_block),
+            ..Self::new(block)
+        }
+    }
+
+    /// The recipient of `tx` and its pre-block account, if it is credit-only.
+    fn credit_only_recipient(&self, tx: TxIndex) -> Option<(Address, AccountValue)> {
+        let storage = self.pre_block?;
+        crate::credit::credit_only_recipient(
+            self.block,
+            self.authorizations,
+            tx,
+            &mut StorageView(storage),
+        )
     }
 
     pub fn block(&self) -> &EvmBlock {
@@ -73,8 +105,14 @@ impl<'b> EvmVm<'b> {
         ctx.build_mainnet()
     }
 
-    /// Executes the transaction set in `evm`, whose database has the view attached.
-    fn run(&self, tx: TxIndex, evm: &mut ReusableEvm) -> Result<EvmExecution, VmError> {
+    /// Executes the transaction set in `evm`, whose database has the view attached
+    /// (and serves `credited`, a credit-only recipient, without reading it).
+    fn run(
+        &self,
+        tx: TxIndex,
+        evm: &mut ReusableEvm,
+        credited: Option<Address>,
+    ) -> Result<EvmExecution, VmError> {
         let tx_type = evm.ctx.tx.tx_type;
         let mut handler =
             FeeCapturingHandler::<_, EVMError<DbError>, EthFrame<EthInterpreter>>::default();
@@ -108,7 +146,13 @@ impl<'b> EvmVm<'b> {
             }
         };
         let state = evm.ctx.journaled_state.finalize();
-        let writes = self.writes_from_state(state, &mut evm.ctx.journaled_state.database, fee)?;
+        let writes = self.writes_from_state(
+            tx,
+            state,
+            &mut evm.ctx.journaled_state.database,
+            fee,
+            credited,
+        )?;
         let (status, gas_used, logs) = match result {
             ExecutionResult::Success { gas, logs, .. } => {
                 (TxStatus::Success, gas.tx_gas_used(), logs)
@@ -161,7 +205,11 @@ impl Vm for EvmVm<'_> {
         // SAFETY: detached below, before the borrow of `view` ends; a panic in between
         // drops `slot` (see above).
         unsafe { evm.ctx.journaled_state.database.attach(view) };
-        let outcome = self.run(tx, evm);
+        let credited = self.credit_only_recipient(tx).map(|(to, account)| {
+            evm.ctx.journaled_state.database.serve(to, account);
+            to
+        });
+        let outcome = self.run(tx, evm, credited);
         evm.ctx.journaled_state.database.detach();
         EVM.with(|cell| *cell.borrow_mut() = Some(slot));
         outcome
@@ -182,12 +230,20 @@ impl Vm for EvmVm<'_> {
     }
 
     /// See [`crate::declared`].
+    fn sequence_key(&self, tx: TxIndex) -> Option<StateKey> {
+        self.block
+            .txs
+            .get(tx)
+            .map(|t| StateKey::Account(t.env.caller))
+    }
+
     fn declared_access<R: ReadView<StateKey, StateValue>>(
         &self,
         tx: TxIndex,
         pre_block: &mut R,
     ) -> Vec<(StateKey, AccessKind)> {
-        crate::declared::declared_access(self.block, tx, pre_block)
+        let credits = self.pre_block.is_some() && !self.authorizations;
+        crate::declared::declared_access(self.block, tx, credits, pre_block)
     }
 
     fn finalize_outputs(&self, outputs: &mut [TxOutcome]) -> Result<(), VmError> {
@@ -209,12 +265,15 @@ impl Vm for EvmVm<'_> {
 impl EvmVm<'_> {
     /// Turns revm's state changes into writes of the account model, mirroring how revm's
     /// own caches commit them (selfdestruct, creation, EIP-161 removal), writing only what
-    /// changed, and adding the beneficiary's fee as a delta.
+    /// changed, and adding the beneficiary's fee (and a credit-only recipient's value,
+    /// `credited`) as a delta.
     fn writes_from_state(
         &self,
+        tx: TxIndex,
         state: EvmState,
         db: &mut ViewDb,
         fee: U256,
+        credited: Option<Address>,
     ) -> Result<Vec<(StateKey, Write_)>, VmError> {
         let mut writes = Vec::with_capacity(state.len() * 2);
         let beneficiary = self.block.env.beneficiary;
@@ -233,17 +292,58 @@ impl EvmVm<'_> {
                 beneficiary_written = true;
                 after = fee_delta.apply(Some(after));
             }
-            if after != before {
-                writes.push((
-                    StateKey::Account(address),
-                    Write::Put(StateValue::Account(after)),
-                ));
+            if after == before {
+                continue;
             }
+            let write = if credited == Some(address) {
+                Write::Delta(credit_of(tx, before, after, self.touch_creates())?)
+            } else {
+                Write::Put(StateValue::Account(after))
+            };
+            writes.push((StateKey::Account(address), write));
         }
         if !beneficiary_written {
             writes.push((StateKey::Account(beneficiary), Write::Delta(fee_delta)));
         }
         Ok(writes)
+    }
+}
+
+/// What a transaction did to a credit-only recipient (served its pre-block account,
+/// `before`), as a credit: only its balance can have grown ([`crate::credit`]).
+fn credit_of(
+    tx: TxIndex,
+    before: AccountValue,
+    after: AccountValue,
+    create_if_absent: bool,
+) -> Result<BalanceDelta, VmError> {
+    match (before.info, after.info) {
+        (Some(b), Some(a))
+            if a.nonce == b.nonce
+                && a.code_hash == b.code_hash
+                && a.balance >= b.balance
+                && after.storage_generation == before.storage_generation =>
+        {
+            Ok(BalanceDelta {
+                credit: a.balance - b.balance,
+                create_if_absent,
+            })
+        }
+        _ => Err(VmError::Internal {
+            tx,
+            message: format!(
+                "a credit-only recipient changed beyond its balance: {before:?} -> {after:?}"
+            ),
+        }),
+    }
+}
+
+/// The pre-block state as a read view (for [`crate::credit`]).
+struct StorageView<'b>(PreBlockState<'b>);
+
+impl ReadView<StateKey, StateValue> for StorageView<'_> {
+    fn read(&mut self, key: &StateKey) -> Result<Option<StateValue>, ReadError> {
+        Ok(self.0.read(key)?)
     }
 }
 

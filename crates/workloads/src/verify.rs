@@ -77,7 +77,7 @@ pub fn check_block_with(
     engine: EngineKind,
     options: &RunOptions,
 ) -> Result<BlockCheck, EngineError> {
-    let vm = EvmVm::new(&block.block);
+    let vm = EvmVm::with_pre_block(&block.block, &block.pre_state);
     let started = Instant::now();
     let (outcome, metrics) = engine.run(&vm, &block.pre_state, options)?;
     let elapsed = started.elapsed();

@@ -69,6 +69,21 @@ fn user(i: usize) -> Address {
     Address::new([0x10 + i as u8; 20])
 }
 
+/// Users 3..6 are used wallets: they have sent transactions before the block, so plain
+/// transfers to them are credit-only ([`parex_evm::credit`]) when the VM knows the
+/// pre-block state.
+const USED_WALLETS: std::ops::Range<usize> = 3..6;
+const USED_WALLET_NONCE: u64 = 3;
+
+/// An address's nonce before the block.
+fn pre_block_nonce(address: Address) -> u64 {
+    if USED_WALLETS.clone().any(|i| user(i) == address) {
+        USED_WALLET_NONCE
+    } else {
+        0
+    }
+}
+
 /// Accounts that do not exist before the block.
 fn fresh(i: usize) -> Address {
     Address::new([0xf0 + i as u8; 20])
@@ -188,7 +203,8 @@ fn world() -> &'static World {
         state.insert(StateKey::Account(DEPLOYER), account(1_000 * ETH, 0, None));
         for i in 0..USERS {
             let balance = if i < RICH_USERS { RICH } else { POOR };
-            state.insert(StateKey::Account(user(i)), account(balance, 0, None));
+            let nonce = pre_block_nonce(user(i));
+            state.insert(StateKey::Account(user(i)), account(balance, nonce, None));
         }
         state.insert(
             StateKey::Account(BENEFICIARY),
@@ -293,7 +309,10 @@ impl Txs {
         mode: NonceMode,
         legacy: bool,
     ) {
-        let next = self.nonces.entry(from).or_insert(0);
+        let next = self
+            .nonces
+            .entry(from)
+            .or_insert_with(|| pre_block_nonce(from));
         let nonce = match mode {
             NonceMode::Next => {
                 *next += 1;
@@ -701,13 +720,6 @@ fn build_block(spec: SpecId, gen_txs: &[GenTx]) -> EvmBlock {
 // ---------------------------------------------------------------------------------------
 // Comparing engines.
 
-fn parallel_engines() -> impl Iterator<Item = EngineKind> {
-    EngineKind::ALL
-        .iter()
-        .copied()
-        .filter(|&k| k != EngineKind::Sequential)
-}
-
 fn sequential(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
     EngineKind::Sequential
         .execute(&EvmVm::new(block), state, 1)
@@ -715,12 +727,14 @@ fn sequential(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
         .0
 }
 
-/// Runs `block` with every parallel engine at several thread counts, repeatedly, and
-/// asserts each equals sequential; returns sequential's outcome.
+/// Runs `block` with every engine (sequential included) at several thread counts,
+/// repeatedly, with a VM that knows the pre-block state (credit-only recipients), and
+/// asserts each equals sequential with a VM that reads everything through the engine;
+/// returns that outcome.
 fn assert_engines_agree(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
     let expected = sequential(block, state);
-    let vm = EvmVm::new(block);
-    for engine in parallel_engines() {
+    let vm = EvmVm::with_pre_block(block, state);
+    for engine in EngineKind::ALL.iter().copied() {
         for threads in [1, 2, 4, 8] {
             for run in 0..5 {
                 let (actual, _) = engine
@@ -767,11 +781,13 @@ proptest! {
     ) {
         let block = build_block(spec, &gen_txs);
         let state = &world().state;
-        let vm = EvmVm::new(&block);
+        // The reference reads everything through the engine's view; the engines run a VM
+        // that credits used wallets as deltas (sequential too: that must change nothing).
         let (expected, _) = EngineKind::Sequential
-            .execute(&vm, state, 1)
+            .execute(&EvmVm::new(&block), state, 1)
             .map_err(|e| TestCaseError::fail(format!("sequential failed: {e}")))?;
-        for engine in parallel_engines() {
+        let vm = EvmVm::with_pre_block(&block, state);
+        for engine in EngineKind::ALL.iter().copied() {
             for threads in [2, 4] {
                 let (actual, _) = engine
                     .run(&vm, state, &RunOptions::stress(threads))
@@ -947,6 +963,90 @@ fn selfdestruct_of_old_contracts_deletes_before_cancun_only() {
             "{spec:?}: the contract destroyed in its constructor does not exist"
         );
     }
+}
+
+/// The pre-block state as a read view that records the keys read (to call the VM
+/// directly).
+struct PreBlockView<'a>(&'a State, Vec<StateKey>);
+
+impl parex_core::ReadView<StateKey, StateValue> for PreBlockView<'_> {
+    fn read(&mut self, key: &StateKey) -> Result<Option<StateValue>, parex_core::ReadError> {
+        self.1.push(key.clone());
+        Ok(parex_core::Storage::read(self.0, key)?)
+    }
+}
+
+#[test]
+fn transfers_to_a_used_wallet_are_credits() {
+    use parex_core::{AccessKind, Vm, Write};
+    let w = world();
+    let wallet = user(USED_WALLETS.start);
+    let mut txs = Txs::new(SpecId::CANCUN);
+    txs.transfer(user(0), wallet, 1_000); // 0: credit-only
+    txs.transfer(user(1), wallet, 2_000); // 1: credit-only, independent of 0
+    txs.transfer(user(2), fresh(0), 7); // 2: a fresh recipient: read and written
+    txs.transfer(wallet, user(0), 10); // 3: the wallet sends: sees both credits
+    txs.transfer(user(6), wallet, 0); // 4: zero value: nothing to credit
+    txs.transfer(BENEFICIARY, wallet, 5); // 5
+    txs.transfer(user(7), BENEFICIARY, 5); // 6: the beneficiary is never credit-only
+    let block = txs.block();
+    let outcome = assert_engines_agree(&block, &w.state);
+    for (i, status) in statuses(&outcome).into_iter().enumerate() {
+        assert_eq!(*status, TxStatus::Success, "tx {i}");
+    }
+    let before = match w.state.get(&StateKey::Account(wallet)) {
+        Some(StateValue::Account(a)) => a.info.expect("exists"),
+        _ => unreachable!(),
+    };
+    let fee = |i: usize| U256::from(outcome.tx_outcomes[i].gas_used) * U256::from(GAS_PRICE);
+    let after = final_account(&outcome, wallet).info.expect("exists");
+    assert_eq!(after.nonce, USED_WALLET_NONCE + 1);
+    assert_eq!(
+        after.balance,
+        before.balance + U256::from(1_000 + 2_000 + 5) - U256::from(10) - fee(3)
+    );
+
+    // What the VM itself says: a delta (and a `Delta` declaration) only with the
+    // pre-block state, for a used wallet, and never a read of it.
+    let plain = EvmVm::new(&block);
+    let knowing = EvmVm::with_pre_block(&block, &w.state);
+    let wallet_key = StateKey::Account(wallet);
+    let write_of = |vm: &EvmVm, tx: usize, key: &StateKey| {
+        let mut view = PreBlockView(&w.state, Vec::new());
+        let execution = vm.execute(tx, &mut view).expect("executes");
+        let write = execution
+            .writes
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, w)| w);
+        (write, view.1.contains(key))
+    };
+    assert!(matches!(
+        write_of(&plain, 0, &wallet_key),
+        (Some(Write::Put(_)), true)
+    ));
+    match write_of(&knowing, 0, &wallet_key) {
+        (Some(Write::Delta(d)), false) => assert_eq!(d.credit, U256::from(1_000)),
+        other => panic!("expected a credit without a read, got {other:?}"),
+    }
+    assert!(matches!(
+        write_of(&knowing, 2, &StateKey::Account(fresh(0))),
+        (Some(Write::Put(_)), true)
+    ));
+    assert!(matches!(write_of(&knowing, 4, &wallet_key), (None, false)));
+    assert!(matches!(
+        write_of(&knowing, 6, &StateKey::Account(BENEFICIARY)),
+        (Some(Write::Put(_)), true)
+    ));
+    let declared = |vm: &EvmVm, tx: usize| {
+        vm.declared_access(tx, &mut PreBlockView(&w.state, Vec::new()))
+            .into_iter()
+            .find(|(k, _)| *k == wallet_key)
+            .map(|(_, kind)| kind)
+    };
+    assert_eq!(declared(&plain, 0), Some(AccessKind::Write));
+    assert_eq!(declared(&knowing, 0), Some(AccessKind::Delta));
+    assert_eq!(declared(&knowing, 3), Some(AccessKind::Write));
 }
 
 #[test]

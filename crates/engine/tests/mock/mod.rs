@@ -33,6 +33,8 @@ pub struct MockTx {
     pub work: u32,
     /// What the transaction declares ([`Vm::declared_access`]), right or wrong.
     pub declared: Vec<(Key, AccessKind)>,
+    /// Its sequence key ([`Vm::sequence_key`]), right or wrong.
+    pub sequence: Option<Key>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -150,6 +152,10 @@ impl Vm for MockVm {
         Ok(())
     }
 
+    fn sequence_key(&self, tx: TxIndex) -> Option<Key> {
+        self.txs[tx].sequence
+    }
+
     fn declared_access<R: ReadView<Key, Value>>(
         &self,
         tx: TxIndex,
@@ -180,14 +186,24 @@ pub fn tx_strategy(
         prop::collection::vec(0..keys, 0..=max_writes),
         prop::collection::vec(0..keys, 0..=max_deltas),
         0u32..2500,
+        prop::option::of(0..keys),
     )
-        .prop_map(|(reads, extra_read, writes, deltas, work)| MockTx {
-            reads,
-            extra_read,
-            writes,
-            deltas,
-            work,
-            declared: Vec::new(),
+        .prop_map(|(reads, extra_read, writes, deltas, work, sequence)| {
+            // A sequence key is mostly right (the first key read, written when a write
+            // candidate), sometimes arbitrary: it is only a hint.
+            let sequence = match (sequence, reads.first()) {
+                (Some(k), Some(&first)) if k % 4 != 0 => Some(first),
+                (s, _) => s,
+            };
+            MockTx {
+                reads,
+                extra_read,
+                writes,
+                deltas,
+                work,
+                declared: Vec::new(),
+                sequence,
+            }
         })
 }
 
