@@ -5,7 +5,8 @@
 //!    ([`crate::preexec`]), giving its reads (with values) and writes.
 //! 2. DAG: an edge `i -> j` when `j` reads a key whose nearest writer before `j` is `i`
 //!    (for a key updated by deltas, the deltas since the last full write and that
-//!    write). A transaction with no edge in keeps its pre-execution; the others are
+//!    write), and when `i` is the nearest before `j` with the same sequence key
+//!    ([`Vm::sequence_key`]: a nonce sequence). A transaction with no edge in keeps its pre-execution; the others are
 //!    executed once their predecessors have executed, on a multi-version memory
 //!    ([`MvMemory`]): runs of adjacent transactions whose only dependency is the
 //!    previous one (`i -> i+1`) form a group, executed by one worker in order.
@@ -123,10 +124,15 @@ struct Hint<V: Vm> {
     reads: Vec<u64>,
     /// Written keys, and whether the write is a full one (not a delta).
     writes: Vec<(u64, bool)>,
+    /// The transaction's sequence key ([`Vm::sequence_key`]): it depends on the previous
+    /// transaction with the same one (a nonce sequence), whatever the hints say (the
+    /// pre-execution of all but the first of a sequence is invalid on the pre-block
+    /// state, so it writes nothing).
+    sequence: Option<u64>,
 }
 
 impl<V: Vm> Hint<V> {
-    fn new(pre: PreExecution<V>, hasher: &DefaultHashBuilder) -> Self {
+    fn new(pre: PreExecution<V>, sequence: Option<V::Key>, hasher: &DefaultHashBuilder) -> Self {
         let reads = pre.reads.iter().map(|(k, _)| hasher.hash_one(k)).collect();
         let writes = match &pre.result {
             Ok(execution) => execution
@@ -136,7 +142,13 @@ impl<V: Vm> Hint<V> {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        Self { pre, reads, writes }
+        let sequence = sequence.map(|k| hasher.hash_one(&k));
+        Self {
+            pre,
+            reads,
+            writes,
+            sequence,
+        }
     }
 }
 
@@ -150,9 +162,13 @@ struct Writers {
 /// Per transaction, the transactions it depends on (sorted, distinct).
 fn predecessors<V: Vm>(hints: &[Hint<V>]) -> Vec<Vec<TxIndex>> {
     let mut writers: HashTable<Writers> = HashTable::with_capacity(hints.len() * 2);
+    let mut sequences: HashMap<u64, TxIndex> = HashMap::new();
     let mut preds = Vec::with_capacity(hints.len());
     for (j, hint) in hints.iter().enumerate() {
         let mut mine = Vec::new();
+        if let Some(sequence) = hint.sequence {
+            mine.extend(sequences.insert(sequence, j));
+        }
         for &hash in &hint.reads {
             if let Some(w) = writers.find(hash, |w| w.hash == hash) {
                 mine.extend(w.put);
@@ -251,7 +267,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     crate::workers::map_claimed(workers, range, 4, tracer, SpanKind::Hint, |tx| {
-        Hint::new(preexecute(vm, storage, tx), hasher)
+        Hint::new(preexecute(vm, storage, tx), vm.sequence_key(tx), hasher)
     })
 }
 
