@@ -43,7 +43,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
@@ -72,12 +71,7 @@ const LOOKAHEAD_PER_WORKER: usize = 64;
 /// Transactions merged before the merged state is sized for the whole block.
 const SIZING_SAMPLE: usize = 64;
 
-struct Cached<V> {
-    value: Option<V>,
-    written: bool,
-}
-
-type Cache<K, V> = HashMap<K, Cached<V>, DefaultHashBuilder>;
+use crate::sequential::{Cache, Entry as Cached};
 /// The merged state and the outputs in block order.
 type Merged<V> = (
     Cache<<V as Vm>::Key, <V as Vm>::Value>,
@@ -232,16 +226,7 @@ where
     let mut trace = tracer.recorder(0);
     let span = trace.start();
     vm.finalize_outputs(&mut outputs)?;
-    let state_diff = cache
-        .into_iter()
-        .filter_map(|(k, c)| {
-            if c.written {
-                c.value.map(|v| (k, v))
-            } else {
-                None
-            }
-        })
-        .collect();
+    let state_diff = crate::sequential::into_state_diff(cache);
     trace.record(SpanKind::Finalize, None, span);
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();

@@ -2,10 +2,10 @@
 //! credits it as a balance *delta* and does not read it, so the many transfers a block
 //! sends to one wallet (an exchange's deposit address, say) do not depend on each other.
 //!
-//! A transaction's recipient `to` is credit-only when, in the state *before the block*,
-//! `to` is an account with a nonce above zero and no code, `to` is neither the sender
-//! nor the block's beneficiary, and no transaction of the block carries EIP-7702
-//! authorizations. Then, throughout the block, `to` stays an existing account without
+//! A transaction's recipient `to` is credit-only when the transaction carries no calldata
+//! (a plain transfer), in the state *before the block* `to` is an account with a nonce
+//! above zero and no code, `to` is neither the sender nor the block's beneficiary, and no
+//! transaction of the block carries EIP-7702 authorizations. Then, throughout the block, `to` stays an existing account without
 //! code: a contract can only be created at an address whose nonce is zero (EIP-684), an
 //! account with a nonce is never empty (EIP-161 removal) and cannot self-destruct, and
 //! without authorizations no delegation can be set on it. So the transaction executes no
@@ -15,45 +15,85 @@
 //! and writing the difference as a [`BalanceDelta`] is therefore exact. (revm would
 //! reject a credit that overflows 256 bits; no balance can come near that, since all the
 //! ether in existence is below 2^90 wei.)
+//!
+//! Only recipients of two plain transfers or more in the block are looked up: credits
+//! commute with each other, not with a read, so a single credit gains nothing, and each
+//! lookup is a pre-block read (on a gigagas block of transfers to fresh accounts, that
+//! would add a twentieth to every engine's time for nothing). The candidates are
+//! counted from the block's transactions alone, when the VM is built.
 
+use alloy_primitives::map::{AddressMap, AddressSet};
 use alloy_primitives::{Address, TxKind};
 use parex_core::{AccountValue, ReadView, StateKey, StateValue};
+use revm::context::TxEnv;
 use revm::primitives::KECCAK_EMPTY;
 
 use crate::block::EvmBlock;
 
-/// Whether any transaction of `block` carries EIP-7702 authorizations (then no
-/// recipient is credit-only: an authorization can give an account code mid-block).
-pub fn has_authorizations(block: &EvmBlock) -> bool {
-    block
-        .txs
-        .iter()
-        .any(|tx| !tx.env.authorization_list.is_empty())
+/// Which recipients of a block may be credit-only (see the module documentation).
+#[derive(Clone, Debug, Default)]
+pub struct Credits {
+    /// Recipients of two plain transfers or more (none if the block carries EIP-7702
+    /// authorizations: an authorization can give an account code mid-block).
+    candidates: AddressSet,
 }
 
-/// The recipient of `block.txs[tx]` and its pre-block account, if the recipient is
-/// credit-only (see the module documentation; `authorizations` is
-/// [`has_authorizations`] of the block). Reads the recipient's account from `pre_block`.
-pub fn credit_only_recipient<R: ReadView<StateKey, StateValue> + ?Sized>(
-    block: &EvmBlock,
-    authorizations: bool,
-    tx: usize,
-    pre_block: &mut R,
-) -> Option<(Address, AccountValue)> {
-    if authorizations {
-        return None;
+impl Credits {
+    /// Counts the candidates of `block`.
+    pub fn new(block: &EvmBlock) -> Self {
+        let mut candidates = AddressSet::default();
+        if block
+            .txs
+            .iter()
+            .any(|tx| !tx.env.authorization_list.is_empty())
+        {
+            return Self { candidates };
+        }
+        let mut transfers: AddressMap<u32> = AddressMap::default();
+        for to in block
+            .txs
+            .iter()
+            .filter_map(|tx| plain_transfer_recipient(&tx.env, block))
+        {
+            let count = transfers.entry(to).or_insert(0);
+            *count += 1;
+            if *count == 2 {
+                candidates.insert(to);
+            }
+        }
+        Self { candidates }
     }
-    let env = &block.txs.get(tx)?.env;
-    let TxKind::Call(to) = env.kind else {
-        return None;
-    };
-    if to == env.caller || to == block.env.beneficiary {
-        return None;
+
+    /// The recipient of `block.txs[tx]` and its pre-block account, read from
+    /// `pre_block`, if the recipient is credit-only.
+    pub fn recipient<R: ReadView<StateKey, StateValue> + ?Sized>(
+        &self,
+        block: &EvmBlock,
+        tx: usize,
+        pre_block: &mut R,
+    ) -> Option<(Address, AccountValue)> {
+        let to = plain_transfer_recipient(&block.txs.get(tx)?.env, block)?;
+        if !self.candidates.contains(&to) {
+            return None;
+        }
+        let Ok(Some(StateValue::Account(account))) = pre_block.read(&StateKey::Account(to)) else {
+            return None;
+        };
+        let info = account.info?;
+        let no_code = info.code_hash == KECCAK_EMPTY || info.code_hash.is_zero();
+        (no_code && info.nonce > 0).then_some((to, account))
     }
-    let Ok(Some(StateValue::Account(account))) = pre_block.read(&StateKey::Account(to)) else {
-        return None;
-    };
-    let info = account.info?;
-    let no_code = info.code_hash == KECCAK_EMPTY || info.code_hash.is_zero();
-    (no_code && info.nonce > 0).then_some((to, account))
+}
+
+/// The recipient of a call without calldata that is neither its sender nor the block's
+/// beneficiary.
+fn plain_transfer_recipient(env: &TxEnv, block: &EvmBlock) -> Option<Address> {
+    match env.kind {
+        TxKind::Call(to)
+            if env.data.is_empty() && to != env.caller && to != block.env.beneficiary =>
+        {
+            Some(to)
+        }
+        _ => None,
+    }
 }

@@ -36,14 +36,12 @@ use crate::block::EvmBlock;
 pub fn declared_access<R: ReadView<StateKey, StateValue>>(
     block: &EvmBlock,
     tx: usize,
-    credits: bool,
+    credits: Option<&crate::credit::Credits>,
     pre_block: &mut R,
 ) -> Vec<(StateKey, AccessKind)> {
-    let credit_only = if credits {
-        crate::credit::credit_only_recipient(block, false, tx, pre_block).map(|(to, _)| to)
-    } else {
-        None
-    };
+    let credit_only = credits
+        .and_then(|c| c.recipient(block, tx, pre_block))
+        .map(|(to, _)| to);
     let Some(tx) = block.txs.get(tx) else {
         return Vec::new();
     };

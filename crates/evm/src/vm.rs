@@ -21,6 +21,7 @@ use revm::primitives::hardfork::SpecId;
 use revm::state::{Account, EvmState};
 
 use crate::block::EvmBlock;
+use crate::credit::Credits;
 use crate::db::{DbError, ViewDb};
 use crate::handler::FeeCapturingHandler;
 
@@ -45,10 +46,9 @@ pub struct EvmVm<'b> {
     block: &'b EvmBlock,
     cfg: CfgEnv,
     id: u64,
-    /// Where credit-only recipients are looked up ([`EvmVm::with_pre_block`]).
-    pre_block: Option<PreBlockState<'b>>,
-    /// Whether the block carries EIP-7702 authorizations ([`crate::credit`]).
-    authorizations: bool,
+    /// Where credit-only recipients are looked up, and which may be
+    /// ([`EvmVm::with_pre_block`]).
+    credits: Option<(PreBlockState<'b>, Credits)>,
 }
 
 impl<'b> EvmVm<'b> {
@@ -60,8 +60,7 @@ impl<'b> EvmVm<'b> {
             block,
             cfg,
             id: NEXT_VM_ID.fetch_add(1, Ordering::Relaxed),
-            pre_block: None,
-            authorizations: crate::credit::has_authorizations(block),
+            credits: None,
         }
     }
 
@@ -71,20 +70,15 @@ impl<'b> EvmVm<'b> {
     /// the same as with [`EvmVm::new`]; fewer transactions depend on each other.
     pub fn with_pre_block(block: &'b EvmBlock, pre_block: PreBlockState<'b>) -> Self {
         Self {
-            pre_block: Some(pre_block),
+            credits: Some((pre_block, Credits::new(block))),
             ..Self::new(block)
         }
     }
 
     /// The recipient of `tx` and its pre-block account, if it is credit-only.
     fn credit_only_recipient(&self, tx: TxIndex) -> Option<(Address, AccountValue)> {
-        let storage = self.pre_block?;
-        crate::credit::credit_only_recipient(
-            self.block,
-            self.authorizations,
-            tx,
-            &mut StorageView(storage),
-        )
+        let (storage, credits) = self.credits.as_ref()?;
+        credits.recipient(self.block, tx, &mut StorageView(*storage))
     }
 
     pub fn block(&self) -> &EvmBlock {
@@ -242,7 +236,7 @@ impl Vm for EvmVm<'_> {
         tx: TxIndex,
         pre_block: &mut R,
     ) -> Vec<(StateKey, AccessKind)> {
-        let credits = self.pre_block.is_some() && !self.authorizations;
+        let credits = self.credits.as_ref().map(|(_, c)| c);
         crate::declared::declared_access(self.block, tx, credits, pre_block)
     }
 
