@@ -24,14 +24,15 @@
 //! Chunks: on large blocks (see [`crate::chunk::chunk_size`]) the unit is a run of
 //! consecutive transactions ([`crate::chunk::ChunkVm`]), so the merger checks and applies
 //! one chunk's net reads and writes instead of each transaction's. A stale chunk is
-//! re-executed whole by the merger, so when at least `CHUNK_STALE_SHARE` of the first
-//! `CHUNK_JUDGE_AFTER` chunks are stale (contention), the block starts over one
-//! transaction per unit (`chunks_abandoned` in the metrics; the start is counted as
+//! re-executed whole by the merger, so when at least `CHUNK_STALE_SHARE` of a window of
+//! `CHUNK_JUDGE_AFTER` chunks are stale (contention; judged on the first `CHUNK_WINDOWS`
+//! windows), the block starts over one transaction per unit (`chunks_abandoned` in the metrics; the start is counted as
 //! wasted executions).
 //!
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
-//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
+//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics;
+//! judged on single transactions only: stale chunks are abandoned first);
 //! the merger speculates only while most checks pass. A block whose first
 //! transactions' declared accesses ([`Vm::declared_access`]) already form a chain runs
 //! in order from the start (`sequential_fallback`).
@@ -64,6 +65,9 @@ const CHUNK_JUDGE_AFTER: u64 = 32;
 /// ...at least this share of chunks were stale; if so the block starts over one
 /// transaction per unit (a stale chunk is re-executed whole, serially, by the merger).
 const CHUNK_STALE_SHARE: f64 = 0.1;
+/// Windows of `CHUNK_JUDGE_AFTER` chunks judged so (at most this many chunks' merged work
+/// is thrown away by a restart: 4096 transactions at 16 per chunk).
+const CHUNK_WINDOWS: u64 = 8;
 
 /// How far (in transactions, per worker) pre-executors may run ahead of the merger.
 const LOOKAHEAD_PER_WORKER: usize = 64;
@@ -347,15 +351,24 @@ where
         };
         let started = Instant::now();
         let mut abandoned = false;
+        // Chunks are judged on each window of `CHUNK_JUDGE_AFTER` checks, for the first
+        // `CHUNK_WINDOWS` windows: a pre-executed chunk goes stale when any earlier one
+        // wrote what it read, so the stale share grows along the block, and the first
+        // window alone can miss contention that the rest of the block has.
+        let mut windows = if self.chunked { CHUNK_WINDOWS } else { 0 };
+        let (mut window_checks, mut window_stale) = (0, 0);
         let mut result = Ok(());
         for tx in 0..n {
-            if self.chunked
-                && merger.metrics.validations == CHUNK_JUDGE_AFTER
-                && merger.metrics.validation_failures as f64
-                    >= CHUNK_STALE_SHARE * CHUNK_JUDGE_AFTER as f64
-            {
-                abandoned = true;
-                break;
+            let m = &merger.metrics;
+            if windows > 0 && m.validations >= window_checks + CHUNK_JUDGE_AFTER {
+                windows -= 1;
+                let checked = m.validations - window_checks;
+                let stale = m.validation_failures - window_stale;
+                if stale as f64 >= CHUNK_STALE_SHARE * checked as f64 {
+                    abandoned = true;
+                    break;
+                }
+                (window_checks, window_stale) = (m.validations, m.validation_failures);
             }
             if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
                 // Size the merged state for the block from the keys per transaction
@@ -416,7 +429,10 @@ where
                     if !valid {
                         m.metrics.validation_failures += 1;
                     }
+                    // Stale chunks are judged by the abandonment rule first (a block
+                    // that must go serial does so one transaction per unit, after it).
                     if !m.serial_switch
+                        && !self.chunked
                         && m.metrics.validations >= JUDGE_AFTER
                         && m.metrics.validation_failures as f64
                             >= SERIAL_SHARE * m.metrics.validations as f64

@@ -1036,7 +1036,11 @@ fn transfers_to_a_used_wallet_are_credits() {
     // A used wallet credited once in the block is read as usual (a lone credit commutes
     // with nothing, so it is not worth a pre-block lookup).
     assert!(matches!(
-        write_of(&knowing, 4, &StateKey::Account(user(USED_WALLETS.start + 1))),
+        write_of(
+            &knowing,
+            4,
+            &StateKey::Account(user(USED_WALLETS.start + 1))
+        ),
         (Some(Write::Put(_)), true)
     ));
     assert!(matches!(
