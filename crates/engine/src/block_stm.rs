@@ -7,6 +7,9 @@
 //! *validate* `i` by re-reading its read set and comparing origins. A failed validation
 //! aborts the incarnation: its writes become estimates and `i` runs again. A read that
 //! meets an estimate of `j < i` suspends `i` on `j` (no spinning) until `j` finishes.
+//! Transactions sharing a sequence key ([`Vm::sequence_key`], the sender of a nonce
+//! sequence) start ordered: before any execution, the earlier one's write of the key is
+//! an estimate (a hint: its first execution replaces or removes it).
 //!
 //! Invariants: (1) a transaction's recorded read set and writes belong to the same,
 //! latest incarnation; (2) when the scheduler reports done, every transaction's latest
