@@ -16,7 +16,7 @@ pub mod vm;
 
 pub use outcome::{BlockOutcome, TxOutcome, TxStatus};
 pub use state::{AccountInfo, AccountValue, BalanceDelta, StateKey, StateValue};
-pub use storage::{InMemoryStorage, LatencyStorage, Storage, StorageError};
+pub use storage::{InMemoryStorage, LatencyStorage, PreBlockView, Storage, StorageError};
 pub use vm::{
     AccessKind, Execution, ReadError, ReadView, TxIndex, Vm, VmError, VmExecution, Write,
 };

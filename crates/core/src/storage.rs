@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
+use crate::vm::{ReadError, ReadView};
+
 /// Reading the pre-block state failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[error("storage read failed: {0}")]
@@ -20,6 +22,16 @@ pub trait Storage: Send + Sync {
     /// reads in flight: with slow reads, more workers than cores.
     fn read_latency(&self) -> Duration {
         Duration::ZERO
+    }
+}
+
+/// The pre-block state as a [`ReadView`] (reads go straight to storage): what a VM's
+/// declarations and other pre-block lookups read through.
+pub struct PreBlockView<'a, S: ?Sized>(pub &'a S);
+
+impl<S: Storage + ?Sized> ReadView<S::Key, S::Value> for PreBlockView<'_, S> {
+    fn read(&mut self, key: &S::Key) -> Result<Option<S::Value>, ReadError> {
+        Ok(self.0.read(key)?)
     }
 }
 

@@ -2,7 +2,7 @@
 //! it runs: each transaction's declaration in normal form, and whether the block starts
 //! as a chain (every parallel engine checks that first and runs a chain in order).
 
-use parex_core::{AccessKind, ReadError, ReadView, Storage, Vm};
+use parex_core::{AccessKind, PreBlockView, Storage, Vm};
 
 /// A transaction's declaration, sorted by key, each key once.
 pub(crate) type Declaration<K> = Box<[(K, AccessKind)]>;
@@ -28,10 +28,10 @@ where
     if vm.tx_count() < CHAIN_SAMPLE || storage.read_latency() >= crate::workers::SLOW_READ {
         return false;
     }
-    let mut previous = normalize(vm.declared_access(0, &mut PreBlock(storage)));
+    let mut previous = normalize(vm.declared_access(0, &mut PreBlockView(storage)));
     let mut chained = 0;
     for tx in 1..CHAIN_SAMPLE {
-        let current = normalize(vm.declared_access(tx, &mut PreBlock(storage)));
+        let current = normalize(vm.declared_access(tx, &mut PreBlockView(storage)));
         let conflicts = current.iter().any(|(key, kind)| {
             declared_kind(&previous, key).is_some_and(|other| !other.compatible(*kind))
         });
@@ -63,15 +63,6 @@ pub(crate) fn declared_kind<K: Ord>(
         .binary_search_by(|(k, _)| k.cmp(key))
         .ok()
         .map(|i| declaration[i].1)
-}
-
-/// The pre-block state, for declarations.
-pub(crate) struct PreBlock<'a, S>(pub(crate) &'a S);
-
-impl<S: Storage> ReadView<S::Key, S::Value> for PreBlock<'_, S> {
-    fn read(&mut self, key: &S::Key) -> Result<Option<S::Value>, ReadError> {
-        Ok(self.0.read(key)?)
-    }
 }
 
 #[cfg(test)]

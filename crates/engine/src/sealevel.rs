@@ -92,11 +92,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam::utils::Backoff;
 use parex_core::{
-    AccessKind, BlockOutcome, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError,
-    Write,
+    AccessKind, BlockOutcome, PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex,
+    Vm, VmError, Write,
 };
 
-use crate::declared::{Declaration, PreBlock, declared_chain, declared_kind, normalize};
+use crate::declared::{Declaration, declared_chain, declared_kind, normalize};
 use crate::preexec::PreExecution;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -325,7 +325,7 @@ where
 {
     let range = 0..vm.tx_count();
     crate::workers::map_claimed(threads, range, CLAIM, tracer, SpanKind::Hint, |tx| {
-        let mut keys = vm.declared_access(tx, &mut PreBlock(storage));
+        let mut keys = vm.declared_access(tx, &mut PreBlockView(storage));
         if let Some(pre) = pre.and_then(|p| p.get(tx)) {
             keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
             if let Ok(execution) = &pre.result {

@@ -5,8 +5,8 @@
 //! A transaction's recipient `to` is credit-only when the transaction carries no calldata
 //! (a plain transfer), in the state *before the block* `to` is an account with a nonce
 //! above zero and no code, `to` is neither the sender nor the block's beneficiary, and no
-//! transaction of the block carries EIP-7702 authorizations. Then, throughout the block, `to` stays an existing account without
-//! code: a contract can only be created at an address whose nonce is zero (EIP-684), an
+//! transaction of the block carries EIP-7702 authorizations. Then, throughout the block,
+//! `to` stays an existing account without code: a contract can only be created at an address whose nonce is zero (EIP-684), an
 //! account with a nonce is never empty (EIP-161 removal) and cannot self-destruct, and
 //! without authorizations no delegation can be set on it. So the transaction executes no
 //! code at `to`, and all it does to `to` is add the value to its balance, whatever that

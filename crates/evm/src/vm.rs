@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, U256};
 use parex_core::{
-    AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, ReadError, ReadView, StateKey,
-    StateValue, Storage, TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
+    AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, PreBlockView, ReadView,
+    StateKey, StateValue, Storage, TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
 };
 use revm::context::{BlockEnv, CfgEnv, Context, Journal, TxEnv};
 use revm::context_interface::JournalTr;
@@ -78,7 +78,7 @@ impl<'b> EvmVm<'b> {
     /// The recipient of `tx` and its pre-block account, if it is credit-only.
     fn credit_only_recipient(&self, tx: TxIndex) -> Option<(Address, AccountValue)> {
         let (storage, credits) = self.credits.as_ref()?;
-        credits.recipient(self.block, tx, &mut StorageView(*storage))
+        credits.recipient(self.block, tx, &mut PreBlockView(*storage))
     }
 
     pub fn block(&self) -> &EvmBlock {
@@ -223,7 +223,7 @@ impl Vm for EvmVm<'_> {
         earlier.merge(later);
     }
 
-    /// See [`crate::declared`].
+    /// The sender's account (its nonce orders its transactions).
     fn sequence_key(&self, tx: TxIndex) -> Option<StateKey> {
         self.block
             .txs
@@ -231,6 +231,7 @@ impl Vm for EvmVm<'_> {
             .map(|t| StateKey::Account(t.env.caller))
     }
 
+    /// See [`crate::declared`].
     fn declared_access<R: ReadView<StateKey, StateValue>>(
         &self,
         tx: TxIndex,
@@ -329,15 +330,6 @@ fn credit_of(
                 "a credit-only recipient changed beyond its balance: {before:?} -> {after:?}"
             ),
         }),
-    }
-}
-
-/// The pre-block state as a read view (for [`crate::credit`]).
-struct StorageView<'b>(PreBlockState<'b>);
-
-impl ReadView<StateKey, StateValue> for StorageView<'_> {
-    fn read(&mut self, key: &StateKey) -> Result<Option<StateValue>, ReadError> {
-        Ok(self.0.read(key)?)
     }
 }
 
