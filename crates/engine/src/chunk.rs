@@ -85,20 +85,26 @@ impl<'a, V: Vm> ChunkVm<'a, V> {
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
 
 /// What a chunk did to one key so far.
-struct Local<V, D> {
+pub(crate) struct Local<V, D> {
     /// The key's current value as the chunk's next transaction sees it; `None` while the
     /// chunk has only sent deltas to a key it never read.
-    value: Option<Option<V>>,
+    pub(crate) value: Option<Option<V>>,
     /// The chunk's net write: `Some(None)` a full value (`value`), `Some(Some(d))` only
     /// deltas, merged; `None` if it only read the key.
-    written: Option<Option<D>>,
+    pub(crate) written: Option<Option<D>>,
+    /// The chunk read the key's value from the outer view (its execution depends on it).
+    pub(crate) read_outside: bool,
 }
 
+/// A chunk's keys, by key.
+pub(crate) type LocalMap<V> =
+    HashMap<<V as Vm>::Key, Local<<V as Vm>::Value, <V as Vm>::Delta>, DefaultHashBuilder>;
+
 /// The engine's view of the state before the chunk, with the chunk's own effects on top.
-struct Overlay<'v, V: Vm, R> {
-    vm: &'v V,
-    outer: &'v mut R,
-    local: HashMap<V::Key, Local<V::Value, V::Delta>, DefaultHashBuilder>,
+pub(crate) struct Overlay<'v, V: Vm, R> {
+    pub(crate) vm: &'v V,
+    pub(crate) outer: &'v mut R,
+    pub(crate) local: LocalMap<V>,
 }
 
 impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overlay<'_, V, R> {
@@ -111,6 +117,7 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overla
                 }
                 // Only deltas so far: read the base, then resolve them on top of it.
                 let base = self.outer.read(key)?;
+                local.read_outside = true;
                 let Some(Some(delta)) = &local.written else {
                     unreachable!("a key with no known value has only deltas")
                 };
@@ -123,6 +130,7 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overla
                 e.insert(Local {
                     value: Some(value.clone()),
                     written: None,
+                    read_outside: true,
                 });
                 Ok(value)
             }
@@ -130,21 +138,32 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overla
     }
 }
 
-impl<V: Vm, R> Overlay<'_, V, R> {
+impl<V: Vm, R: ReadView<V::Key, V::Value>> Overlay<'_, V, R> {
     /// Applies one transaction's write to the chunk's state.
     fn apply(&mut self, key: V::Key, write: Write<V::Value, V::Delta>) {
         match write {
             Write::Put(value) => {
-                let local = Local {
-                    value: Some(Some(value)),
-                    written: Some(None),
-                };
-                self.local.insert(key, local);
+                match self.local.entry(key) {
+                    // Keeps whether the key was read before (the chunk depends on that).
+                    Entry::Occupied(mut e) => {
+                        let local = e.get_mut();
+                        local.value = Some(Some(value));
+                        local.written = Some(None);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(Local {
+                            value: Some(Some(value)),
+                            written: Some(None),
+                            read_outside: false,
+                        });
+                    }
+                }
             }
             Write::Delta(delta) => {
                 let local = self.local.entry(key.clone()).or_insert(Local {
                     value: None,
                     written: None,
+                    read_outside: false,
                 });
                 if let Some(value) = local.value.take() {
                     local.value = Some(self.vm.apply_delta(&key, value, &delta));
@@ -156,6 +175,37 @@ impl<V: Vm, R> Overlay<'_, V, R> {
                 }
             }
         }
+    }
+
+    /// Executes `txs` in order on the overlay, each on the state its predecessors left.
+    /// On failure: the error and the transactions executed, the failed one included.
+    /// (`expected`: about how many transactions `txs` yields.)
+    pub(crate) fn run(
+        &mut self,
+        txs: impl Iterator<Item = TxIndex>,
+        expected: usize,
+    ) -> Result<Vec<V::Output>, (VmError, u64)> {
+        let mut outputs = Vec::with_capacity(expected);
+        for tx in txs {
+            // A panic names its own transaction, not the chunk.
+            let execution = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut *self)))
+                .unwrap_or_else(|panic| {
+                    Err(VmError::Internal {
+                        tx,
+                        message: crate::panic_message(&panic),
+                    })
+                });
+            match execution {
+                Ok(execution) => {
+                    for (key, write) in execution.writes {
+                        self.apply(key, write);
+                    }
+                    outputs.push(execution.output);
+                }
+                Err(e) => return Err((e, outputs.len() as u64 + 1)),
+            }
+        }
+        Ok(outputs)
     }
 
     /// The chunk's net writes (`first` names the chunk in an error).
@@ -205,34 +255,15 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
             outer: view,
             local: HashMap::with_capacity_and_hasher(4 * txs.len(), Default::default()),
         };
-        let mut outputs = Vec::with_capacity(txs.len());
-        let run = || {
-            for tx in txs {
-                // A panic names its own transaction, not the chunk.
-                let execution =
-                    catch_unwind(AssertUnwindSafe(|| self.inner.execute(tx, &mut overlay)))
-                        .unwrap_or_else(|panic| {
-                            Err(VmError::Internal {
-                                tx,
-                                message: crate::panic_message(&panic),
-                            })
-                        });
-                let execution = match execution {
-                    Ok(execution) => execution,
-                    Err(e) => return Err((e, outputs.len() as u64 + 1)),
-                };
-                for (key, write) in execution.writes {
-                    overlay.apply(key, write);
-                }
-                outputs.push(execution.output);
-            }
-            Ok(())
-        };
         // One update of the shared counter per chunk.
-        if let Err((e, executed)) = run() {
-            self.executions.fetch_add(executed, Relaxed);
-            return Err(e);
-        }
+        let expected = txs.len();
+        let outputs = match overlay.run(txs, expected) {
+            Ok(outputs) => outputs,
+            Err((e, executed)) => {
+                self.executions.fetch_add(executed, Relaxed);
+                return Err(e);
+            }
+        };
         self.executions.fetch_add(outputs.len() as u64, Relaxed);
         Ok(Execution {
             writes: overlay.into_writes(self.txs(chunk).start)?,

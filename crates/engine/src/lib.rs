@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mv_memory;
 pub mod optimistic;
 pub mod preexec;
+mod ranges;
 pub mod scheduler;
 pub mod sealevel;
 pub mod sequential;

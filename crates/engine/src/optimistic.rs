@@ -21,18 +21,14 @@
 //! pre-executions are never committed: only the merger's in-order execution can fail
 //! the block, with the error serial execution would hit.
 //!
-//! Chunks: on large blocks (see [`crate::chunk::chunk_size`]) the unit is a run of
-//! consecutive transactions ([`crate::chunk::ChunkVm`]), so the merger checks and applies
-//! one chunk's net reads and writes instead of each transaction's. A stale chunk is
-//! re-executed whole by the merger, so when at least `CHUNK_STALE_SHARE` of a window of
-//! `CHUNK_JUDGE_AFTER` chunks are stale (contention; judged on the first `CHUNK_WINDOWS`
-//! windows), the block starts over one transaction per unit (`chunks_abandoned` in the metrics; the start is counted as
-//! wasted executions).
+//! Large blocks (see [`crate::ranges`]) start in range rounds: each worker executes a
+//! range of consecutive transactions on the committed state, the ranges are validated
+//! and merged in parallel, and only when contention makes that wasteful does the rest of
+//! the block run as described here, per transaction, over the committed state.
 //!
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
-//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics;
-//! judged on single transactions only: stale chunks are abandoned first);
+//! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
 //! the merger speculates only while most checks pass. A block whose first
 //! transactions' declared accesses ([`Vm::declared_access`]) already form a chain runs
 //! in order from the start (`sequential_fallback`).
@@ -59,15 +55,6 @@ const DONE: u8 = 2;
 const JUDGE_AFTER: u64 = 32;
 /// ...and the share of failed checks at which it stops speculating.
 const SERIAL_SHARE: f64 = 0.75;
-
-/// In chunks ([`crate::chunk`]), the merger judges after this many merges whether...
-const CHUNK_JUDGE_AFTER: u64 = 32;
-/// ...at least this share of chunks were stale; if so the block starts over one
-/// transaction per unit (a stale chunk is re-executed whole, serially, by the merger).
-const CHUNK_STALE_SHARE: f64 = 0.1;
-/// Windows of `CHUNK_JUDGE_AFTER` chunks judged so (at most this many chunks' merged work
-/// is thrown away by a restart: 4096 transactions at 16 per chunk).
-const CHUNK_WINDOWS: u64 = 8;
 
 /// How far (in transactions, per worker) pre-executors may run ahead of the merger.
 const LOOKAHEAD_PER_WORKER: usize = 64;
@@ -103,9 +90,7 @@ struct Shared<'a, V: Vm, S> {
     serial: AtomicBool,
     /// Everyone stops: the merger is finished, failed or a worker panicked.
     stop: AtomicBool,
-    /// Units are chunks: the merger may abandon them (see `CHUNK_STALE_SHARE`).
-    chunked: bool,
-    tracer: Tracer,
+    tracer: &'a Tracer,
 }
 
 /// What one worker did.
@@ -121,8 +106,6 @@ struct MergeReport<V: Vm> {
     merge_reexecutions: u64,
     own_speculations: u64,
     serial_switch: bool,
-    /// The merger gave up on chunks (the block runs again unchunked).
-    abandoned: bool,
     result: Result<Merged<V>, VmError>,
     garbage: Garbage<V>,
 }
@@ -144,39 +127,43 @@ where
     }
     let workers = run.workers(n, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
-    let size = crate::chunk::chunk_size(n, workers, slow_storage);
-    let mut wasted = None;
-    if size > 1 {
-        let started = Instant::now();
-        let chunked = crate::chunk::run_chunked(vm, size, |chunks| {
-            execute_units(chunks, storage, run, workers, true)
-        })?;
-        match chunked {
-            Ok(done) => return Ok(done),
-            Err(executions) => wasted = Some((started.elapsed(), executions)),
-        }
+    if crate::ranges::applies(n, workers, slow_storage, run) {
+        return crate::ranges::execute(vm, storage, run, workers, |rest, committed| {
+            let tracer = Tracer::new(run.trace);
+            let workers = run.workers(rest.tx_count(), committed);
+            let (state, outputs, mut metrics) = merge_units(rest, committed, workers, &tracer)?;
+            metrics.trace = tracer.finish();
+            Ok((state, outputs, metrics))
+        });
     }
-    let (outcome, mut metrics) =
-        execute_units(vm, storage, run, workers, false)?.expect("unchunked runs finish");
-    if let Some((time, executions)) = wasted {
-        // The chunked start counts as wasted execution.
-        metrics.execution_time += time;
-        metrics.executions += executions;
-        metrics.reexecutions += executions;
-        metrics.extra.push(("chunks_abandoned", 1));
-    }
-    Ok((outcome, metrics))
+    let tracer = Tracer::new(run.trace);
+    let (cache, mut outputs, mut metrics) = merge_units(vm, storage, workers, &tracer)?;
+    let finalize_started = Instant::now();
+    let mut trace = tracer.recorder(0);
+    let span = trace.start();
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = crate::sequential::into_state_diff(cache);
+    trace.record(SpanKind::Finalize, None, span);
+    tracer.submit(trace);
+    metrics.finalize_time = finalize_started.elapsed();
+    metrics.trace = tracer.finish();
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
 }
 
-/// The engine over the units of `vm` (transactions, or chunks of them: `chunked`) on
-/// `workers`; `None` if the merger abandoned the chunks.
-fn execute_units<V, S>(
+/// The engine over `vm`'s transactions on `workers`: the merged state (written keys
+/// marked) and the outputs, not yet finalized.
+fn merge_units<V, S>(
     vm: &V,
     storage: &S,
-    run: &RunOptions,
     workers: usize,
-    chunked: bool,
-) -> Result<Option<(VmOutcome<V>, Metrics)>, EngineError>
+    tracer: &Tracer,
+) -> Result<crate::ranges::Rest<V>, EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
@@ -192,8 +179,7 @@ where
         lookahead: LOOKAHEAD_PER_WORKER * workers,
         serial: AtomicBool::new(false),
         stop: AtomicBool::new(false),
-        chunked,
-        tracer: Tracer::new(run.trace),
+        tracer,
     };
     let mut reports = crate::workers::run(workers, |id| {
         let _stop = crate::workers::SetOnPanic(&shared.stop);
@@ -207,9 +193,6 @@ where
     });
     let mut merge = reports[0].1.take().expect("worker 0 merges");
     drop(std::mem::take(&mut merge.garbage));
-    if merge.abandoned {
-        return Ok(None);
-    }
     let mut metrics = merge.metrics;
     for (worker, _) in &reports {
         metrics.executions += worker.executions;
@@ -223,25 +206,8 @@ where
         ("serial_switch", u64::from(merge.serial_switch)),
         ("workers", workers as u64),
     ];
-    let Shared { tracer, .. } = shared;
-    let (cache, mut outputs) = merge.result?;
-
-    let finalize_started = Instant::now();
-    let mut trace = tracer.recorder(0);
-    let span = trace.start();
-    vm.finalize_outputs(&mut outputs)?;
-    let state_diff = crate::sequential::into_state_diff(cache);
-    trace.record(SpanKind::Finalize, None, span);
-    tracer.submit(trace);
-    metrics.finalize_time = finalize_started.elapsed();
-    metrics.trace = tracer.finish();
-    Ok(Some((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
-        metrics,
-    )))
+    let (cache, outputs) = merge.result?;
+    Ok((cache, outputs, metrics))
 }
 
 /// Which of `pres` (executions of transactions `0..pres.len()` on a stale state, in
@@ -350,26 +316,8 @@ where
             garbage: Vec::new(),
         };
         let started = Instant::now();
-        let mut abandoned = false;
-        // Chunks are judged on each window of `CHUNK_JUDGE_AFTER` checks, for the first
-        // `CHUNK_WINDOWS` windows: a pre-executed chunk goes stale when any earlier one
-        // wrote what it read, so the stale share grows along the block, and the first
-        // window alone can miss contention that the rest of the block has.
-        let mut windows = if self.chunked { CHUNK_WINDOWS } else { 0 };
-        let (mut window_checks, mut window_stale) = (0, 0);
         let mut result = Ok(());
         for tx in 0..n {
-            let m = &merger.metrics;
-            if windows > 0 && m.validations >= window_checks + CHUNK_JUDGE_AFTER {
-                windows -= 1;
-                let checked = m.validations - window_checks;
-                let stale = m.validation_failures - window_stale;
-                if stale as f64 >= CHUNK_STALE_SHARE * checked as f64 {
-                    abandoned = true;
-                    break;
-                }
-                (window_checks, window_stale) = (m.validations, m.validation_failures);
-            }
             if tx == SIZING_SAMPLE && n > 2 * SIZING_SAMPLE {
                 // Size the merged state for the block from the keys per transaction
                 // so far (as `sequential` does): growing it step by step costs more.
@@ -407,7 +355,6 @@ where
             merge_reexecutions,
             own_speculations,
             serial_switch,
-            abandoned,
             result: result.map(|()| (cache, outputs)),
             garbage,
         }
@@ -429,10 +376,7 @@ where
                     if !valid {
                         m.metrics.validation_failures += 1;
                     }
-                    // Stale chunks are judged by the abandonment rule first (a block
-                    // that must go serial does so one transaction per unit, after it).
                     if !m.serial_switch
-                        && !self.chunked
                         && m.metrics.validations >= JUDGE_AFTER
                         && m.metrics.validation_failures as f64
                             >= SERIAL_SHARE * m.metrics.validations as f64

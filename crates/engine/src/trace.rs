@@ -130,6 +130,25 @@ impl Tracer {
             .extend(recorder.spans);
     }
 
+    /// Adds the spans of `trace`, a run that started at `started`, to this one's.
+    pub fn append(&self, trace: Trace, started: Instant) {
+        let Some(epoch) = self.epoch else {
+            return;
+        };
+        let shift = started.saturating_duration_since(epoch).as_nanos() as u64;
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        *workers = (*workers).max(trace.workers);
+        drop(workers);
+        self.spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(trace.spans.into_iter().map(|span| Span {
+                start_ns: span.start_ns + shift,
+                end_ns: span.end_ns + shift,
+                ..span
+            }));
+    }
+
     /// The trace, if tracing was on.
     pub fn finish(self) -> Option<Trace> {
         self.epoch?;

@@ -292,6 +292,65 @@ fn optimistic_metrics() {
     );
 }
 
+/// Optimistic on a large block starts in range rounds: without conflicts every range
+/// commits (no hand-off, no re-execution), also when the work is lopsided and idle
+/// workers split busy ones' ranges; a chain wastes the rounds and is handed to the
+/// per-transaction merger over the committed state. Every outcome equals sequential's.
+#[test]
+fn optimistic_range_rounds() {
+    let independent = |work: fn(u32) -> u32| {
+        vm((0..5000u32)
+            .map(|i| MockTx {
+                reads: vec![i],
+                extra_read: i,
+                writes: vec![i],
+                deltas: vec![5000],
+                work: work(i),
+                declared: Vec::new(),
+                sequence: None,
+            })
+            .collect())
+    };
+    let storage = storage_for(5001);
+    for block in [
+        independent(|_| 50),
+        independent(|i| if i < 1500 { 400 } else { 10 }),
+    ] {
+        let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        let (outcome, m) =
+            two_threads(|| optimistic::execute(&block, &storage, &RunOptions::threads(2)).unwrap());
+        assert_eq!(outcome, expected);
+        assert!(extra(&m, "range_rounds") >= 3, "{m:?}");
+        assert_eq!(extra(&m, "range_handoff"), 0, "{m:?}");
+        assert_eq!(m.validation_failures, 0, "{m:?}");
+        assert_eq!((m.executions, m.reexecutions), (5000, 0), "{m:?}");
+    }
+
+    let chain = vm((0..5000u32)
+        .map(|i| MockTx {
+            reads: vec![0],
+            extra_read: i % 7,
+            writes: vec![0, 1 + i % 5],
+            deltas: vec![9],
+            work: 20,
+            declared: Vec::new(),
+            sequence: None,
+        })
+        .collect());
+    let storage = storage_for(10);
+    let expected = sequential::execute(&chain, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let (outcome, m) =
+        two_threads(|| optimistic::execute(&chain, &storage, &RunOptions::threads(2)).unwrap());
+    assert_eq!(outcome, expected);
+    assert_eq!(extra(&m, "range_handoff"), 1, "{m:?}");
+    assert!(m.validation_failures >= 1, "{m:?}");
+    assert_eq!(m.reexecutions, m.executions - 5000, "{m:?}");
+}
+
 /// Dag: edges, groups and mispredictions are counted; a chain is one group or handed to
 /// sequential.
 #[test]

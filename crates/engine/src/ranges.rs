@@ -1,0 +1,641 @@
+//! Range rounds: how `optimistic` starts a large block. Each round gives every worker one
+//! range of consecutive transactions, which it executes in order, as `sequential` does,
+//! on a private overlay over the *committed* state (the serial state after the rounds
+//! before); then all ranges are validated in parallel, and the valid ones are merged into
+//! the committed state in parallel. No shared structure is written while transactions
+//! execute, and a transaction costs what it costs in `sequential`, plus its share of one
+//! validation lookup and one merge insert per key.
+//!
+//! Range `w` of a round is valid when no earlier range of the same round wrote (a full
+//! value or a delta) a key whose value range `w` read from the committed state. Then
+//! every value it read is the serial one (the ranges before it commit with it), and as
+//! an execution is a pure function of the values it reads, its writes and outputs are
+//! the serial ones. Keys a range only sent deltas to (a fee credit) are no conflict: the
+//! merge applies them in range order. A round commits its ranges up to the first invalid
+//! one (the first range is always valid, so every round makes progress) and the next
+//! round starts there; a failed execution in a committed position fails the block with
+//! the serial error.
+//!
+//! Invariants: (1) the committed state is the serial state after the last committed
+//! transaction; (2) the merge writes each key in range order: one worker owns each shard
+//! of the committed state, and nobody writes it while ranges execute or validate.
+//!
+//! Adapting: a round that commits all its ranges doubles the range length (up to
+//! `MAX_SPAN`), one that does not halves it (down to `MIN_SPAN`); once more than
+//! `HANDOFF_WASTE` of the executions were thrown away (contention), the rest of the block
+//! goes to a per-transaction engine over the committed state (`range_handoff` in the
+//! metrics). Traces show one span per range.
+
+use std::hash::BuildHasher;
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use alloy_primitives::map::DefaultHashBuilder;
+use parex_core::{
+    BlockOutcome, PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError,
+    VmExecution,
+};
+
+use crate::chunk::{LocalMap, Overlay};
+use crate::sequential::Cache;
+use crate::trace::{SpanKind, Tracer};
+use crate::{EngineError, Metrics, RunOptions, VmOutcome};
+
+/// Blocks of at least this many transactions start in range rounds (on fast storage).
+const RANGES_FROM_TXS: usize = 4096;
+/// Transactions per range in the first round (a probe: contention shows early)...
+const FIRST_SPAN: usize = 256;
+/// ...and the bounds of the range length as it adapts.
+const MAX_SPAN: usize = 8192;
+const MIN_SPAN: usize = 32;
+/// Share of executions thrown away (invalid ranges) past which the rest of the block is
+/// handed to the per-transaction engine; judged from the second round on.
+const HANDOFF_WASTE: f64 = 0.2;
+
+/// Whether a block of `txs` transactions on `workers` workers starts in range rounds:
+/// not on slow storage, where many small units in flight hide the latency.
+/// (`RunOptions::spread_small_blocks`: on blocks of any size, to test them.)
+pub(crate) fn applies(txs: usize, workers: usize, slow_storage: bool, run: &RunOptions) -> bool {
+    workers > 1 && !slow_storage && (txs >= RANGES_FROM_TXS || run.spread_small_blocks)
+}
+
+/// The committed state over the pre-block storage: the overlays of the committed
+/// ranges, in block order ("layers"; nothing is copied out of them), and a filter that
+/// tells, per bucket of key hashes, whether any layer wrote a key of the bucket and
+/// whether more than one write did. A key's committed value is its latest layer's write
+/// (with the deltas of later layers applied), or its pre-block value when no layer wrote
+/// it, which the filter usually says without looking at a single layer.
+pub(crate) struct Committed<'s, V: Vm, S> {
+    vm: &'s V,
+    layers: Vec<LocalMap<V>>,
+    written: Box<[AtomicU64]>,
+    rewritten: Box<[AtomicU64]>,
+    /// log2 of the number of buckets.
+    bucket_bits: u32,
+    hasher: DefaultHashBuilder,
+    storage: &'s S,
+}
+
+impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> {
+    /// An empty committed state for a block of `txs` transactions (about 32 buckets per
+    /// transaction: a few keys each, and few false "written" answers).
+    fn new(vm: &'s V, storage: &'s S, txs: usize) -> Self {
+        let buckets = (txs * 32).next_power_of_two().clamp(1 << 16, 1 << 27);
+        let words = || (0..buckets / 64).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            vm,
+            layers: Vec::new(),
+            written: words(),
+            rewritten: words(),
+            bucket_bits: buckets.trailing_zeros(),
+            hasher: DefaultHashBuilder::default(),
+            storage,
+        }
+    }
+
+    /// The word and bit of `key`'s bucket (from the top bits of its hash).
+    fn bucket(&self, key: &V::Key) -> (usize, u64) {
+        let bucket = (self.hasher.hash_one(key) >> (64 - self.bucket_bits)) as usize;
+        (bucket / 64, 1 << (bucket % 64))
+    }
+
+    /// Records in the filter that `key` was written once more.
+    fn mark(&self, key: &V::Key) {
+        let (word, bit) = self.bucket(key);
+        if self.written[word].fetch_or(bit, Relaxed) & bit != 0 {
+            self.rewritten[word].fetch_or(bit, Relaxed);
+        }
+    }
+
+    fn is(filter: &[AtomicU64], (word, bit): (usize, u64)) -> bool {
+        filter[word].load(Relaxed) & bit != 0
+    }
+
+    /// Whether `key` may have been written more than once.
+    fn is_rewritten(&self, key: &V::Key) -> bool {
+        Self::is(&self.rewritten, self.bucket(key))
+    }
+
+    /// `key`'s value after the first `layers` layers.
+    fn value_after(&self, key: &V::Key, layers: usize) -> Result<Option<V::Value>, StorageError> {
+        let mut deltas = Vec::new();
+        let mut base = None;
+        for layer in self.layers[..layers].iter().rev() {
+            match layer.get(key).and_then(|local| local.written.as_ref()) {
+                None => {}
+                Some(None) => {
+                    let local = &layer[key];
+                    base = Some(local.value.clone().expect("a full write has a value"));
+                    break;
+                }
+                Some(Some(delta)) => deltas.push(delta),
+            }
+        }
+        let mut value = match base {
+            Some(value) => value,
+            None => self.storage.read(key)?,
+        };
+        for delta in deltas.into_iter().rev() {
+            value = self.vm.apply_delta(key, value, delta);
+        }
+        Ok(value)
+    }
+}
+
+impl<V, S> Storage for Committed<'_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    type Key = V::Key;
+    type Value = V::Value;
+
+    fn read(&self, key: &V::Key) -> Result<Option<V::Value>, StorageError> {
+        if !Self::is(&self.written, self.bucket(key)) {
+            return self.storage.read(key);
+        }
+        self.value_after(key, self.layers.len())
+    }
+
+    fn read_latency(&self) -> Duration {
+        self.storage.read_latency()
+    }
+}
+
+/// What the per-transaction engine returns for the rest of the block: its state (every
+/// key it wrote, marked written, absent values included), its outputs (not finalized)
+/// and its metrics.
+pub(crate) type Rest<V> = (
+    Cache<<V as Vm>::Key, <V as Vm>::Value>,
+    Vec<<V as Vm>::Output>,
+    Metrics,
+);
+
+/// One range's execution.
+struct RangeRun<V: Vm> {
+    txs: Range<TxIndex>,
+    local: LocalMap<V>,
+    /// The outputs, or the error and the transactions executed up to it.
+    result: Result<Vec<V::Output>, (VmError, u64)>,
+    time: Duration,
+}
+
+impl<V: Vm> RangeRun<V> {
+    fn executed(&self) -> u64 {
+        match &self.result {
+            Ok(outputs) => outputs.len() as u64,
+            Err((_, executed)) => *executed,
+        }
+    }
+}
+
+/// Executes `vm`'s block in range rounds on `workers` workers, handing the rest of the
+/// block to `rest` (over the transactions from the hand-off on, and the committed state)
+/// if contention makes rounds wasteful.
+pub(crate) fn execute<V, S, F>(
+    vm: &V,
+    storage: &S,
+    run: &RunOptions,
+    workers: usize,
+    rest: F,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+    F: FnOnce(&Suffix<'_, V>, &Committed<'_, V, S>) -> Result<Rest<V>, EngineError>,
+{
+    let n = vm.tx_count();
+    let tracer = Tracer::new(run.trace);
+    let mut committed = Committed::new(vm, storage, n);
+    let mut outputs = Vec::with_capacity(n);
+    let mut metrics = Metrics::default();
+    let (mut start, mut span) = (0, FIRST_SPAN);
+    let (mut rounds, mut executed, mut wasted, mut splits) = (0u64, 0u64, 0u64, 0u64);
+    let mut handoff = None;
+    // Keys per transaction, to size the overlays (measured after the first round).
+    let mut keys_per_tx = 4.0;
+    while start < n {
+        if rounds >= 2 && wasted as f64 > HANDOFF_WASTE * executed as f64 {
+            handoff = Some(start);
+            break;
+        }
+        rounds += 1;
+        let ranges = round(start, n, workers, span);
+
+        // Execute: every range on its own overlay over the committed state. A worker
+        // that runs out of work takes the second half of the longest range still
+        // running (its own overlay, a range of its own in block order).
+        let segments: Vec<Mutex<Segment>> = (0..ranges.len() * MAX_SEGMENTS_PER_WORKER)
+            .map(|s| {
+                let txs = ranges.get(s).cloned().unwrap_or(0..0);
+                Mutex::new(Segment {
+                    next: txs.start,
+                    end: txs.end,
+                })
+            })
+            .collect();
+        let registered = AtomicUsize::new(ranges.len());
+        let per_worker: Vec<Vec<RangeRun<V>>> = crate::workers::run(ranges.len(), |w| {
+            let mut trace = tracer.recorder(w);
+            let mut runs = Vec::new();
+            let mut segment = w;
+            loop {
+                let span = trace.start();
+                let started = Instant::now();
+                let (first, len) = {
+                    let segment = lock(&segments[segment]);
+                    (segment.next, segment.end - segment.next)
+                };
+                let local = LocalMap::<V>::with_capacity_and_hasher(
+                    (keys_per_tx * len as f64) as usize,
+                    Default::default(),
+                );
+                let mut outer = PreBlockView(&committed);
+                let mut overlay = Overlay {
+                    vm,
+                    outer: &mut outer,
+                    local,
+                };
+                let result = overlay.run(Claims(&segments[segment]), len);
+                let executed = match &result {
+                    Ok(outputs) => outputs.len(),
+                    Err((_, executed)) => *executed as usize,
+                };
+                trace.record(SpanKind::Execute, Some(first), span);
+                runs.push(RangeRun {
+                    txs: first..first + executed,
+                    local: overlay.local,
+                    result,
+                    time: started.elapsed(),
+                });
+                // The rest of a segment that failed is a segment of its own.
+                let rest = lock(&segments[segment]);
+                if rest.next < rest.end {
+                    continue;
+                }
+                drop(rest);
+                match steal(&segments, &registered) {
+                    Some(stolen) => segment = stolen,
+                    None => break,
+                }
+            }
+            tracer.submit(trace);
+            runs
+        });
+        let mut runs: Vec<RangeRun<V>> = per_worker.into_iter().flatten().collect();
+        splits += (runs.len() - ranges.len()) as u64;
+        runs.sort_unstable_by_key(|run| run.txs.start);
+        debug_assert!(
+            runs.windows(2)
+                .all(|pair| pair[0].txs.end == pair[1].txs.start)
+        );
+
+        // Validate: range `w` against the writes of the ranges before it.
+        let validators = ranges.len();
+        let validated: Vec<Vec<(usize, bool, Duration)>> = crate::workers::run(validators, |id| {
+            let mut trace = tracer.recorder(id);
+            let mut done = Vec::new();
+            for w in (id..runs.len()).step_by(validators) {
+                let span = trace.start();
+                let started = Instant::now();
+                let earlier = &runs[..w];
+                let valid = runs[w]
+                    .local
+                    .iter()
+                    .filter(|(_, local)| local.read_outside)
+                    .all(|(key, _)| {
+                        earlier.iter().all(|run| {
+                            run.local
+                                .get(key)
+                                .is_none_or(|local| local.written.is_none())
+                        })
+                    });
+                trace.record(SpanKind::Validate, Some(runs[w].txs.start), span);
+                done.push((w, valid, started.elapsed()));
+            }
+            tracer.submit(trace);
+            done
+        });
+        let mut valid = vec![false; runs.len()];
+        for (w, ok, time) in validated.into_iter().flatten() {
+            valid[w] = ok;
+            metrics.validation_time += time;
+        }
+        metrics.validations += runs.len() as u64 - 1;
+        let mut commit = 0;
+        for (run, valid) in runs.iter().zip(&valid) {
+            if !valid {
+                break;
+            }
+            if let Err((error, _)) = &run.result {
+                // Every value the failed transaction read was the serial one.
+                return Err(error.clone().into());
+            }
+            commit += 1;
+        }
+        metrics.validation_failures += (runs.len() - commit) as u64;
+
+        let merge_started = Instant::now();
+        // Commit: the valid ranges become layers; the filter learns their writes.
+        crate::workers::run(validators, |id| {
+            let mut trace = tracer.recorder(id);
+            for run in runs[..commit].iter().skip(id).step_by(validators) {
+                let span = trace.start();
+                for (key, local) in &run.local {
+                    if local.written.is_some() {
+                        committed.mark(key);
+                    }
+                }
+                trace.record(SpanKind::Merge, Some(run.txs.start), span);
+            }
+            tracer.submit(trace);
+        });
+        metrics.finalize_time += merge_started.elapsed();
+
+        let (keys, txs) = runs.iter().fold((0, 0), |(keys, txs), run| {
+            (keys + run.local.len(), txs + run.executed() as usize)
+        });
+        keys_per_tx = (keys as f64 / txs.max(1) as f64 * 1.15).max(0.5);
+        start = runs[commit - 1].txs.end;
+        span = if commit == runs.len() {
+            (span * 2).min(MAX_SPAN)
+        } else {
+            (span / 2).max(MIN_SPAN)
+        };
+        for (w, run) in runs.into_iter().enumerate() {
+            executed += run.executed();
+            metrics.execution_time += run.time;
+            if w < commit {
+                outputs.extend(run.result.ok().expect("committed ranges succeeded"));
+                committed.layers.push(run.local);
+            } else {
+                wasted += run.executed();
+            }
+        }
+    }
+
+    let mut extra = vec![
+        ("range_rounds", rounds),
+        ("range_handoff", u64::from(handoff.is_some())),
+        ("range_splits", splits),
+        ("sequential_fallback", 0),
+        ("workers", workers as u64),
+    ];
+    metrics.executions = executed;
+    let mut rest_state = None;
+    if let Some(offset) = handoff {
+        let suffix = Suffix { inner: vm, offset };
+        let handoff_started = tracer.enabled().then(Instant::now);
+        let (state, rest_outputs, rest) = rest(&suffix, &committed)?;
+        outputs.extend(rest_outputs);
+        rest_state = Some(state);
+        metrics.executions += rest.executions;
+        metrics.validations += rest.validations;
+        metrics.validation_failures += rest.validation_failures;
+        metrics.dependency_waits += rest.dependency_waits;
+        metrics.execution_time += rest.execution_time;
+        metrics.validation_time += rest.validation_time;
+        metrics.scheduling_time += rest.scheduling_time;
+        metrics.finalize_time += rest.finalize_time;
+        for (name, value) in rest.extra {
+            if !extra.iter().any(|(known, _)| *known == name) {
+                extra.push((name, value));
+            }
+        }
+        if let (Some(at), Some(trace)) = (handoff_started, rest.trace) {
+            tracer.append(trace, at);
+        }
+    }
+    metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
+    metrics.extra = extra;
+
+    let finalize_started = Instant::now();
+    let mut trace = tracer.recorder(0);
+    let span = trace.start();
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = state_diff(committed, rest_state)?;
+    trace.record(SpanKind::Finalize, None, span);
+    tracer.submit(trace);
+    metrics.finalize_time += finalize_started.elapsed();
+    metrics.trace = tracer.finish();
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// Transactions of a round not yet taken by the worker executing them: `next..end`.
+struct Segment {
+    next: TxIndex,
+    end: TxIndex,
+}
+
+/// Segments a round may have, per worker (each steal makes one).
+const MAX_SEGMENTS_PER_WORKER: usize = 16;
+/// A segment is split only when it has at least this many transactions left.
+const MIN_STEAL: usize = 32;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A segment's transactions, claimed one at a time (a thief may shorten it meanwhile).
+struct Claims<'a>(&'a Mutex<Segment>);
+
+impl Iterator for Claims<'_> {
+    type Item = TxIndex;
+    fn next(&mut self) -> Option<TxIndex> {
+        let mut segment = lock(self.0);
+        (segment.next < segment.end).then(|| {
+            segment.next += 1;
+            segment.next - 1
+        })
+    }
+}
+
+/// Takes the second half of the registered segment with the most transactions left, as
+/// a new segment; `None` if none has `MIN_STEAL` left or no segment slot is free.
+fn steal(segments: &[Mutex<Segment>], registered: &AtomicUsize) -> Option<usize> {
+    loop {
+        let count = registered.load(SeqCst).min(segments.len());
+        let (victim, left) = (0..count)
+            .map(|s| {
+                let segment = lock(&segments[s]);
+                (s, segment.end.saturating_sub(segment.next))
+            })
+            .max_by_key(|(_, left)| *left)?;
+        if left < MIN_STEAL {
+            return None;
+        }
+        let slot = registered.fetch_add(1, SeqCst);
+        if slot >= segments.len() {
+            return None;
+        }
+        let mut segment = lock(&segments[victim]);
+        let left = segment.end.saturating_sub(segment.next);
+        if left < MIN_STEAL {
+            // Taken meanwhile: the claimed slot stays empty (0..0).
+            drop(segment);
+            continue;
+        }
+        let middle = segment.next + left / 2;
+        let stolen = middle..segment.end;
+        segment.end = middle;
+        drop(segment);
+        *lock(&segments[slot]) = Segment {
+            next: stolen.start,
+            end: stolen.end,
+        };
+        return Some(slot);
+    }
+}
+
+/// The ranges of a round from `start`: `workers` ranges of `span` transactions, or the
+/// rest of the block in equal parts when it is not much more than that.
+fn round(start: TxIndex, n: usize, workers: usize, span: usize) -> Vec<Range<TxIndex>> {
+    let remaining = n - start;
+    if remaining >= 2 * workers * span {
+        return (0..workers)
+            .map(|w| start + w * span..start + (w + 1) * span)
+            .collect();
+    }
+    let parts = workers.min(remaining).max(1);
+    let (each, longer) = (remaining / parts, remaining % parts);
+    let mut ranges = Vec::with_capacity(parts);
+    let mut from = start;
+    for part in 0..parts {
+        let len = each + usize::from(part < longer);
+        ranges.push(from..from + len);
+        from += len;
+    }
+    ranges
+}
+
+/// The block's state diff: every key written by a layer or by the rest of the block
+/// (`rest`, the handed-off engine's state), with its final value, if not absent. One
+/// pass from the newest writes to the oldest, moving values out: a key that the filter
+/// says only one write touched is taken as it is; any other only from its newest write
+/// (the keys taken so are remembered), resolving a delta on the layers below it.
+fn state_diff<V, S>(
+    mut committed: Committed<'_, V, S>,
+    rest: Option<Cache<V::Key, V::Value>>,
+) -> Result<Vec<(V::Key, V::Value)>, VmError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let writes: usize = committed.layers.iter().map(|layer| layer.len()).sum();
+    let mut diff = Vec::with_capacity(writes + rest.as_ref().map_or(0, |rest| rest.len()));
+    let mut taken = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
+    if let Some(rest) = rest {
+        for (key, entry) in &rest {
+            if entry.written {
+                committed.mark(key);
+            }
+        }
+        for (key, entry) in rest {
+            if !entry.written {
+                continue;
+            }
+            if committed.is_rewritten(&key) {
+                taken.insert(key.clone());
+            }
+            if let Some(value) = entry.value {
+                diff.push((key, value));
+            }
+        }
+    }
+    while let Some(layer) = committed.layers.pop() {
+        for (key, local) in layer {
+            let Some(write) = local.written else {
+                continue;
+            };
+            if committed.is_rewritten(&key) && !taken.insert(key.clone()) {
+                continue; // a newer write was taken
+            }
+            let value = match write {
+                None => local.value.expect("a full write has a value"),
+                // Only deltas here: resolved on the value below this layer.
+                Some(delta) => {
+                    let below = committed.layers.len();
+                    let base = committed
+                        .value_after(&key, below)
+                        .map_err(ReadError::from)?;
+                    committed.vm.apply_delta(&key, base, &delta)
+                }
+            };
+            if let Some(value) = value {
+                diff.push((key, value));
+            }
+        }
+    }
+    Ok(diff)
+}
+
+/// The transactions of a block from `offset` on, as a block of their own (the part of a
+/// block handed to another engine). Outputs are finalized by the caller, with the rest.
+pub(crate) struct Suffix<'a, V> {
+    inner: &'a V,
+    offset: TxIndex,
+}
+
+impl<V: Vm> Vm for Suffix<'_, V> {
+    type Key = V::Key;
+    type Value = V::Value;
+    type Delta = V::Delta;
+    type Output = V::Output;
+
+    fn tx_count(&self) -> usize {
+        self.inner.tx_count() - self.offset
+    }
+
+    fn execute<R: ReadView<Self::Key, Self::Value>>(
+        &self,
+        tx: TxIndex,
+        view: &mut R,
+    ) -> Result<VmExecution<Self>, VmError> {
+        let tx = tx + self.offset;
+        // A panic is turned into an error here, where the block's index is known.
+        catch_unwind(AssertUnwindSafe(|| self.inner.execute(tx, view))).unwrap_or_else(|panic| {
+            Err(VmError::Internal {
+                tx,
+                message: crate::panic_message(&panic),
+            })
+        })
+    }
+
+    fn apply_delta(
+        &self,
+        key: &Self::Key,
+        value: Option<Self::Value>,
+        delta: &Self::Delta,
+    ) -> Option<Self::Value> {
+        self.inner.apply_delta(key, value, delta)
+    }
+
+    fn merge_deltas(&self, earlier: &mut Self::Delta, later: &Self::Delta) {
+        self.inner.merge_deltas(earlier, later);
+    }
+
+    fn finalize_outputs(&self, _outputs: &mut [Self::Output]) -> Result<(), VmError> {
+        Ok(())
+    }
+
+    fn sequence_key(&self, tx: TxIndex) -> Option<Self::Key> {
+        self.inner.sequence_key(tx + self.offset)
+    }
+
+    fn declared_access<R: ReadView<Self::Key, Self::Value>>(
+        &self,
+        tx: TxIndex,
+        pre_block: &mut R,
+    ) -> Vec<(Self::Key, parex_core::AccessKind)> {
+        self.inner.declared_access(tx + self.offset, pre_block)
+    }
+}
