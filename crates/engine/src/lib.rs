@@ -44,8 +44,9 @@ pub struct RunOptions {
     /// Record every worker's timeline into [`Metrics::trace`].
     pub trace: bool,
     /// Run all `threads` workers even on blocks too small to repay starting them (by
-    /// default a worker needs [`workers::MIN_TXS_PER_WORKER`] transactions). Tests set it
-    /// to put small blocks under full concurrency.
+    /// default a worker needs [`workers::MIN_TXS_PER_WORKER`] transactions), and start
+    /// `optimistic` in range rounds on blocks of any size. Tests set it to put small
+    /// blocks under full concurrency.
     pub spread_small_blocks: bool,
 }
 

@@ -1,30 +1,38 @@
 //! Range rounds: how `optimistic` starts a large block. Each round gives every worker one
 //! range of consecutive transactions, which it executes in order, as `sequential` does,
 //! on a private overlay over the *committed* state (the serial state after the rounds
-//! before); then all ranges are validated in parallel, and the valid ones are merged into
-//! the committed state in parallel. No shared structure is written while transactions
-//! execute, and a transaction costs what it costs in `sequential`, plus its share of one
-//! validation lookup and one merge insert per key.
+//! before); then the ranges are validated in parallel and the valid ones are committed.
+//! While transactions execute no shared structure is written: a transaction costs what it
+//! costs in `sequential`, plus its share of a filter check per key read from outside its
+//! range and one validation lookup per such key and earlier range.
 //!
 //! Range `w` of a round is valid when no earlier range of the same round wrote (a full
 //! value or a delta) a key whose value range `w` read from the committed state. Then
 //! every value it read is the serial one (the ranges before it commit with it), and as
 //! an execution is a pure function of the values it reads, its writes and outputs are
-//! the serial ones. Keys a range only sent deltas to (a fee credit) are no conflict: the
-//! merge applies them in range order. A round commits its ranges up to the first invalid
+//! the serial ones. Keys a range only sent deltas to (a fee credit) are no conflict:
+//! they are resolved in range order. A round commits its ranges up to the first invalid
 //! one (the first range is always valid, so every round makes progress) and the next
 //! round starts there; a failed execution in a committed position fails the block with
 //! the serial error.
 //!
-//! Invariants: (1) the committed state is the serial state after the last committed
-//! transaction; (2) the merge writes each key in range order: one worker owns each shard
-//! of the committed state, and nobody writes it while ranges execute or validate.
+//! Committing copies nothing: a committed range's overlay becomes a *layer* of the
+//! committed state, and a filter of key-hash buckets learns which keys the layers wrote
+//! (and which more than once), so a read of a key no layer wrote goes straight to
+//! storage. The block's state diff is assembled once, at the end, from the newest write of
+//! each key.
 //!
-//! Adapting: a round that commits all its ranges doubles the range length (up to
+//! Balance: a worker that finishes its range takes the second half of the longest range
+//! still running (`range_splits`); the part it takes is a range of its own, in block
+//! order. Adapting: a round that commits all its ranges doubles the range length (up to
 //! `MAX_SPAN`), one that does not halves it (down to `MIN_SPAN`); once more than
 //! `HANDOFF_WASTE` of the executions were thrown away (contention), the rest of the block
-//! goes to a per-transaction engine over the committed state (`range_handoff` in the
-//! metrics). Traces show one span per range.
+//! goes to a per-transaction engine over the committed state (`range_handoff`).
+//!
+//! Invariants: (1) the layers, in order, are the writes of the committed transactions,
+//! and nobody changes them while ranges execute or validate; (2) the filter never says
+//! "not written" of a written key (false "written" answers only cost a look at the
+//! layers). Traces show one span per range.
 
 use std::hash::BuildHasher;
 use std::ops::Range;
@@ -173,6 +181,9 @@ pub(crate) type Rest<V> = (
     Vec<<V as Vm>::Output>,
     Metrics,
 );
+
+/// A block's state diff, as [`BlockOutcome`] holds it.
+type StateDiff<V> = Vec<(<V as Vm>::Key, <V as Vm>::Value)>;
 
 /// One range's execution.
 struct RangeRun<V: Vm> {
@@ -369,7 +380,9 @@ where
             executed += run.executed();
             metrics.execution_time += run.time;
             if w < commit {
-                outputs.extend(run.result.ok().expect("committed ranges succeeded"));
+                if let Ok(committed_outputs) = run.result {
+                    outputs.extend(committed_outputs);
+                }
                 committed.layers.push(run.local);
             } else {
                 wasted += run.executed();
@@ -525,7 +538,7 @@ fn round(start: TxIndex, n: usize, workers: usize, span: usize) -> Vec<Range<TxI
 fn state_diff<V, S>(
     mut committed: Committed<'_, V, S>,
     rest: Option<Cache<V::Key, V::Value>>,
-) -> Result<Vec<(V::Key, V::Value)>, VmError>
+) -> Result<StateDiff<V>, VmError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
