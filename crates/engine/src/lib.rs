@@ -174,6 +174,34 @@ impl std::fmt::Display for EngineKind {
     }
 }
 
+/// The end of an engine's run: finalizes `outputs` (block order) with `vm`, builds the
+/// state diff with `state_diff`, both as one `Finalize` span and in `finalize_time`, and
+/// attaches the trace.
+pub(crate) fn finish<V: Vm>(
+    vm: &V,
+    mut outputs: Vec<V::Output>,
+    state_diff: impl FnOnce() -> Result<Vec<(V::Key, V::Value)>, VmError>,
+    tracer: trace::Tracer,
+    mut metrics: Metrics,
+) -> Result<(VmOutcome<V>, Metrics), EngineError> {
+    let started = std::time::Instant::now();
+    let mut trace = tracer.recorder(0);
+    let span = trace.start();
+    vm.finalize_outputs(&mut outputs)?;
+    let state_diff = state_diff()?;
+    trace.record(trace::SpanKind::Finalize, None, span);
+    tracer.submit(trace);
+    metrics.finalize_time += started.elapsed();
+    metrics.trace = tracer.finish();
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
 /// The message of a caught panic, for an error naming it.
 /// (Takes the box itself: a `&Box<dyn Any>` would otherwise coerce to a `&dyn Any` of
 /// the box, and no downcast of the payload would match.)

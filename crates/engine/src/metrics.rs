@@ -27,6 +27,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds `other`'s counters and phase times to these (not its extras or trace): the
+    /// metrics of a part of the block run by another engine.
+    pub fn add_counts(&mut self, other: &Metrics) {
+        self.executions += other.executions;
+        self.reexecutions += other.reexecutions;
+        self.validations += other.validations;
+        self.validation_failures += other.validation_failures;
+        self.dependency_waits += other.dependency_waits;
+        self.execution_time += other.execution_time;
+        self.validation_time += other.validation_time;
+        self.scheduling_time += other.scheduling_time;
+        self.finalize_time += other.finalize_time;
+    }
+
     /// The engine-specific counter `name`, if the engine reported it.
     pub fn extra(&self, name: &str) -> Option<u64> {
         self.extra.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam::utils::Backoff;
-use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
+use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
 use crate::preexec::{PreExecution, preexecute};
 use crate::trace::{Recorder, SpanKind, Tracer};
@@ -137,23 +137,9 @@ where
         });
     }
     let tracer = Tracer::new(run.trace);
-    let (cache, mut outputs, mut metrics) = merge_units(vm, storage, workers, &tracer)?;
-    let finalize_started = Instant::now();
-    let mut trace = tracer.recorder(0);
-    let span = trace.start();
-    vm.finalize_outputs(&mut outputs)?;
-    let state_diff = crate::sequential::into_state_diff(cache);
-    trace.record(SpanKind::Finalize, None, span);
-    tracer.submit(trace);
-    metrics.finalize_time = finalize_started.elapsed();
-    metrics.trace = tracer.finish();
-    Ok((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
-        metrics,
-    ))
+    let (cache, outputs, metrics) = merge_units(vm, storage, workers, &tracer)?;
+    let state_diff = || Ok(crate::sequential::into_state_diff(cache));
+    crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
 
 /// The engine over `vm`'s transactions on `workers`: the merged state (written keys

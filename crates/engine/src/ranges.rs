@@ -37,14 +37,13 @@
 use std::hash::BuildHasher;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use alloy_primitives::map::DefaultHashBuilder;
 use parex_core::{
-    BlockOutcome, PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError,
-    VmExecution,
+    PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError, VmExecution,
 };
 
 use crate::chunk::{LocalMap, Overlay};
@@ -239,14 +238,8 @@ where
         // Execute: every range on its own overlay over the committed state. A worker
         // that runs out of work takes the second half of the longest range still
         // running (its own overlay, a range of its own in block order).
-        let segments: Vec<Mutex<Segment>> = (0..ranges.len() * MAX_SEGMENTS_PER_WORKER)
-            .map(|s| {
-                let txs = ranges.get(s).cloned().unwrap_or(0..0);
-                Mutex::new(Segment {
-                    next: txs.start,
-                    end: txs.end,
-                })
-            })
+        let segments: Vec<Segment> = (0..ranges.len() * MAX_SEGMENTS_PER_WORKER)
+            .map(|s| Segment::new(ranges.get(s).cloned().unwrap_or(0..0)))
             .collect();
         let registered = AtomicUsize::new(ranges.len());
         let per_worker: Vec<Vec<RangeRun<V>>> = crate::workers::run(ranges.len(), |w| {
@@ -256,10 +249,8 @@ where
             loop {
                 let span = trace.start();
                 let started = Instant::now();
-                let (first, len) = {
-                    let segment = lock(&segments[segment]);
-                    (segment.next, segment.end - segment.next)
-                };
+                let txs = segments[segment].get();
+                let (first, len) = (txs.start, txs.len());
                 let local = LocalMap::<V>::with_capacity_and_hasher(
                     (keys_per_tx * len as f64) as usize,
                     Default::default(),
@@ -270,7 +261,7 @@ where
                     outer: &mut outer,
                     local,
                 };
-                let result = overlay.run(Claims(&segments[segment]), len);
+                let result = overlay.run(std::iter::from_fn(|| segments[segment].claim()), len);
                 let executed = match &result {
                     Ok(outputs) => outputs.len(),
                     Err((_, executed)) => *executed as usize,
@@ -283,11 +274,9 @@ where
                     time: started.elapsed(),
                 });
                 // The rest of a segment that failed is a segment of its own.
-                let rest = lock(&segments[segment]);
-                if rest.next < rest.end {
+                if !segments[segment].get().is_empty() {
                     continue;
                 }
-                drop(rest);
                 match steal(&segments, &registered) {
                     Some(stolen) => segment = stolen,
                     None => break,
@@ -380,9 +369,10 @@ where
             executed += run.executed();
             metrics.execution_time += run.time;
             if w < commit {
-                if let Ok(committed_outputs) = run.result {
-                    outputs.extend(committed_outputs);
-                }
+                let Ok(committed_outputs) = run.result else {
+                    unreachable!("a failed range at a committed position fails the block")
+                };
+                outputs.extend(committed_outputs);
                 committed.layers.push(run.local);
             } else {
                 wasted += run.executed();
@@ -405,14 +395,7 @@ where
         let (state, rest_outputs, rest) = rest(&suffix, &committed)?;
         outputs.extend(rest_outputs);
         rest_state = Some(state);
-        metrics.executions += rest.executions;
-        metrics.validations += rest.validations;
-        metrics.validation_failures += rest.validation_failures;
-        metrics.dependency_waits += rest.dependency_waits;
-        metrics.execution_time += rest.execution_time;
-        metrics.validation_time += rest.validation_time;
-        metrics.scheduling_time += rest.scheduling_time;
-        metrics.finalize_time += rest.finalize_time;
+        metrics.add_counts(&rest);
         for (name, value) in rest.extra {
             if !extra.iter().any(|(known, _)| *known == name) {
                 extra.push((name, value));
@@ -425,28 +408,69 @@ where
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
     metrics.extra = extra;
 
-    let finalize_started = Instant::now();
-    let mut trace = tracer.recorder(0);
-    let span = trace.start();
-    vm.finalize_outputs(&mut outputs)?;
-    let state_diff = state_diff(committed, rest_state)?;
-    trace.record(SpanKind::Finalize, None, span);
-    tracer.submit(trace);
-    metrics.finalize_time += finalize_started.elapsed();
-    metrics.trace = tracer.finish();
-    Ok((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
+    crate::finish(
+        vm,
+        outputs,
+        || state_diff(committed, rest_state),
+        tracer,
         metrics,
-    ))
+    )
 }
 
-/// Transactions of a round not yet taken by the worker executing them: `next..end`.
-struct Segment {
-    next: TxIndex,
-    end: TxIndex,
+/// Transactions of a round not yet taken by the worker executing them, `next..end`,
+/// packed in one word (`next` in the low half): the owner's claim of its next transaction
+/// and a thief's split are one compare-and-swap each.
+struct Segment(AtomicU64);
+
+impl Segment {
+    fn pack(txs: Range<TxIndex>) -> u64 {
+        let index = |tx: TxIndex| u64::from(u32::try_from(tx).expect("a block has < 2^32 txs"));
+        index(txs.start) | (index(txs.end) << 32)
+    }
+
+    fn unpack(word: u64) -> Range<TxIndex> {
+        (word & u64::from(u32::MAX)) as TxIndex..(word >> 32) as TxIndex
+    }
+
+    fn new(txs: Range<TxIndex>) -> Self {
+        Self(AtomicU64::new(Self::pack(txs)))
+    }
+
+    /// The transactions not yet taken.
+    fn get(&self) -> Range<TxIndex> {
+        Self::unpack(self.0.load(Acquire))
+    }
+
+    /// Replaces `change`'s answer for the untaken transactions, if it has one.
+    fn update<T>(
+        &self,
+        change: impl Fn(Range<TxIndex>) -> Option<(Range<TxIndex>, T)>,
+    ) -> Option<T> {
+        let mut word = self.0.load(Acquire);
+        loop {
+            let (left, taken) = change(Self::unpack(word))?;
+            match self
+                .0
+                .compare_exchange_weak(word, Self::pack(left), AcqRel, Acquire)
+            {
+                Ok(_) => return Some(taken),
+                Err(now) => word = now,
+            }
+        }
+    }
+
+    /// The next transaction, taken (by the segment's worker).
+    fn claim(&self) -> Option<TxIndex> {
+        self.update(|txs| (!txs.is_empty()).then(|| (txs.start + 1..txs.end, txs.start)))
+    }
+
+    /// The second half of the untaken transactions, taken, if there are `MIN_STEAL`.
+    fn split(&self) -> Option<Range<TxIndex>> {
+        self.update(|txs| {
+            let middle = txs.start + txs.len() / 2;
+            (txs.len() >= MIN_STEAL).then_some((txs.start..middle, middle..txs.end))
+        })
+    }
 }
 
 /// Segments a round may have, per worker (each steal makes one).
@@ -454,58 +478,25 @@ const MAX_SEGMENTS_PER_WORKER: usize = 16;
 /// A segment is split only when it has at least this many transactions left.
 const MIN_STEAL: usize = 32;
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A segment's transactions, claimed one at a time (a thief may shorten it meanwhile).
-struct Claims<'a>(&'a Mutex<Segment>);
-
-impl Iterator for Claims<'_> {
-    type Item = TxIndex;
-    fn next(&mut self) -> Option<TxIndex> {
-        let mut segment = lock(self.0);
-        (segment.next < segment.end).then(|| {
-            segment.next += 1;
-            segment.next - 1
-        })
-    }
-}
-
 /// Takes the second half of the registered segment with the most transactions left, as
 /// a new segment; `None` if none has `MIN_STEAL` left or no segment slot is free.
-fn steal(segments: &[Mutex<Segment>], registered: &AtomicUsize) -> Option<usize> {
+fn steal(segments: &[Segment], registered: &AtomicUsize) -> Option<usize> {
     loop {
         let count = registered.load(SeqCst).min(segments.len());
-        let (victim, left) = (0..count)
-            .map(|s| {
-                let segment = lock(&segments[s]);
-                (s, segment.end.saturating_sub(segment.next))
-            })
-            .max_by_key(|(_, left)| *left)?;
-        if left < MIN_STEAL {
+        let victim = (0..count).max_by_key(|&s| segments[s].get().len())?;
+        if segments[victim].get().len() < MIN_STEAL {
             return None;
         }
+        // The slot first: a split must not leave transactions without a segment.
         let slot = registered.fetch_add(1, SeqCst);
         if slot >= segments.len() {
             return None;
         }
-        let mut segment = lock(&segments[victim]);
-        let left = segment.end.saturating_sub(segment.next);
-        if left < MIN_STEAL {
-            // Taken meanwhile: the claimed slot stays empty (0..0).
-            drop(segment);
-            continue;
+        // Shortened meanwhile: the claimed slot stays empty (0..0); look again.
+        if let Some(stolen) = segments[victim].split() {
+            segments[slot].0.store(Segment::pack(stolen), Release);
+            return Some(slot);
         }
-        let middle = segment.next + left / 2;
-        let stolen = middle..segment.end;
-        segment.end = middle;
-        drop(segment);
-        *lock(&segments[slot]) = Segment {
-            next: stolen.start,
-            end: stolen.end,
-        };
-        return Some(slot);
     }
 }
 
@@ -650,5 +641,32 @@ impl<V: Vm> Vm for Suffix<'_, V> {
         pre_block: &mut R,
     ) -> Vec<(Self::Key, parex_core::AccessKind)> {
         self.inner.declared_access(tx + self.offset, pre_block)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MIN_STEAL, Segment, round};
+
+    #[test]
+    fn segments_claim_in_order_and_split_their_second_half() {
+        let segment = Segment::new(10..110);
+        assert_eq!((segment.claim(), segment.claim()), (Some(10), Some(11)));
+        assert_eq!(segment.split(), Some(61..110));
+        assert_eq!(segment.get(), 12..61);
+        let short = Segment::new(0..MIN_STEAL - 1);
+        assert_eq!(short.split(), None);
+        assert_eq!(short.get(), 0..MIN_STEAL - 1);
+        let last = Segment::new(5..6);
+        assert_eq!((last.claim(), last.claim()), (Some(5), None));
+        assert!(last.get().is_empty());
+    }
+
+    #[test]
+    fn rounds_cover_the_rest_without_gaps() {
+        assert_eq!(round(0, 100, 2, 20), vec![0..20, 20..40]);
+        assert_eq!(round(40, 100, 2, 20), vec![40..70, 70..100]);
+        assert_eq!(round(98, 100, 4, 20), vec![98..99, 99..100]);
+        assert_eq!(round(0, 7, 3, 256), vec![0..3, 3..5, 5..7]);
     }
 }
