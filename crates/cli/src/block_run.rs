@@ -11,7 +11,7 @@ use parex_evm::{EvmVm, logs_bloom, receipts_root};
 use parex_workloads::mainnet;
 use serde_json::json;
 
-use crate::{RunArgs, fork_name, metrics_json, print_metrics, timed, trace_out};
+use crate::{RunArgs, fork_name, metrics_json, print_metrics, print_wall, timed, trace_out};
 
 pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
     let dir = args.data.clone().unwrap_or_else(mainnet::builtin_dir);
@@ -51,14 +51,14 @@ pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
     let (outcome, metrics, wall) = if latency.is_zero() {
         let storage = &block.pre_state;
         let vm = EvmVm::with_pre_block(&block.block, storage);
-        timed(engine, &vm, storage, &options)?
+        timed(engine, &vm, storage, &options, args.repeat)?
     } else {
         let storage = &LatencyStorage::new(&block.pre_state, latency);
         let vm = EvmVm::with_pre_block(&block.block, storage);
-        timed(engine, &vm, storage, &options)?
+        timed(engine, &vm, storage, &options, args.repeat)?
     };
     let gas = outcome.gas_used();
-    let gas_per_s = gas as f64 / wall.as_secs_f64();
+    let gas_per_s = gas as f64 / wall.median.as_secs_f64();
     let root = receipts_root(block.spec(), &outcome.tx_outcomes);
     let gas_ok = gas == block.expected.gas_used;
     let bloom_ok = logs_bloom(&outcome.tx_outcomes) == block.expected.logs_bloom;
@@ -74,7 +74,7 @@ pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
     );
     out!("transactions    {}", outcome.tx_outcomes.len());
     out!("gas             {gas}");
-    out!("wall time       {:.3} ms", wall.as_secs_f64() * 1e3);
+    print_wall(&wall);
     out!("throughput      {:.3} Mgas/s", gas_per_s / 1e6);
     out!(
         "header check    gas {}, bloom {}, receipts root {}",
@@ -112,7 +112,9 @@ pub fn cmd_run_block(args: &RunArgs) -> Result<ExitCode> {
             "threads": options.threads,
             "txs": outcome.tx_outcomes.len(),
             "gas": gas,
-            "wall_ms": wall.as_secs_f64() * 1e3,
+            "wall_ms": wall.median.as_secs_f64() * 1e3,
+            "min_wall_ms": wall.min.as_secs_f64() * 1e3,
+            "runs": wall.runs,
             "gas_per_s": gas_per_s,
             "receipts_root": root.map(|r| r.to_string()),
             "state_diff_hash": digest.to_string(),

@@ -192,6 +192,52 @@ fn run_prints_results_and_writes_json_that_identifies_the_result() {
 }
 
 #[test]
+fn run_repeats_a_block_and_reports_the_median_run() {
+    let path = std::env::temp_dir().join(format!("parex-run-repeat-{}.json", std::process::id()));
+    let o = parex(&[
+        "run",
+        "--workload",
+        "erc20",
+        "--txs",
+        "200",
+        "--hot-ratio",
+        "0.5",
+        "--engine",
+        "block-stm",
+        "--threads",
+        "2",
+        "--repeat",
+        "3",
+        "--stats",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("(median of 3 runs; min "),
+        "{}",
+        stdout(&o)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(json["runs"], 3);
+    let (median, min) = (
+        json["wall_ms"].as_f64().unwrap(),
+        json["min_wall_ms"].as_f64().unwrap(),
+    );
+    assert!(min > 0.0 && min <= median, "{json}");
+    assert_eq!(
+        json["metrics"]["executions"].as_u64().map(|e| e >= 200),
+        Some(true)
+    );
+    std::fs::remove_file(&path).ok();
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--txs", "10", "--repeat", "0"]),
+        "--repeat",
+    );
+}
+
+#[test]
 fn every_subcommand_has_help() {
     for sub in ["verify", "run", "pack"] {
         let o = parex(&[sub, "--help"]);

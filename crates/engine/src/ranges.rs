@@ -17,10 +17,12 @@
 //! the serial error.
 //!
 //! Committing copies nothing: a committed range's overlay becomes a *layer* of the
-//! committed state, and a filter of key-hash buckets learns which keys the layers wrote
+//! committed state, and a filter of key-hash buckets knows which keys the layers wrote
 //! (and which more than once), so a read of a key no layer wrote goes straight to
-//! storage. The block's state diff is assembled once, at the end, from the newest write of
-//! each key.
+//! storage. The worker that ran a range marks its writes in the filter as soon as it
+//! ends (an invalid range's marks are only false "written" answers). The block's state
+//! diff is assembled once, at the end: keys written once straight from their layers, in
+//! parallel; the others from their newest write.
 //!
 //! Balance: a worker that finishes its range takes the second half of the longest range
 //! still running (`range_splits`); the part it takes is a range of its own, in block
@@ -37,8 +39,10 @@
 use std::hash::BuildHasher;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use alloy_primitives::map::DefaultHashBuilder;
@@ -78,6 +82,8 @@ pub(crate) fn applies(txs: usize, workers: usize, slow_storage: bool, run: &RunO
 pub(crate) struct Committed<'s, V: Vm, S> {
     vm: &'s V,
     layers: Vec<LocalMap<V>>,
+    /// The thread that executed each layer (whose caches still hold it).
+    layer_threads: Vec<ThreadId>,
     written: Box<[AtomicU64]>,
     rewritten: Box<[AtomicU64]>,
     /// log2 of the number of buckets.
@@ -95,6 +101,7 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
         Self {
             vm,
             layers: Vec::new(),
+            layer_threads: Vec::new(),
             written: words(),
             rewritten: words(),
             bucket_bits: buckets.trailing_zeros(),
@@ -188,6 +195,8 @@ type StateDiff<V> = Vec<(<V as Vm>::Key, <V as Vm>::Value)>;
 struct RangeRun<V: Vm> {
     txs: Range<TxIndex>,
     local: LocalMap<V>,
+    /// The thread that executed it.
+    thread: ThreadId,
     /// The outputs, or the error and the transactions executed up to it.
     result: Result<Vec<V::Output>, (VmError, u64)>,
     time: Duration,
@@ -267,9 +276,14 @@ where
                     Err((_, executed)) => *executed as usize,
                 };
                 trace.record(SpanKind::Execute, Some(first), span);
+                let span = trace.start();
+                let mut local = overlay.local;
+                settle(&committed, &mut local);
+                trace.record(SpanKind::Merge, Some(first), span);
                 runs.push(RangeRun {
                     txs: first..first + executed,
-                    local: overlay.local,
+                    local,
+                    thread: std::thread::current().id(),
                     result,
                     time: started.elapsed(),
                 });
@@ -293,34 +307,32 @@ where
                 .all(|pair| pair[0].txs.end == pair[1].txs.start)
         );
 
-        // Validate: range `w` against the writes of the ranges before it.
+        // Validate: range `w` against the writes of the ranges before it, each range
+        // preferably by the thread that executed it.
         let validators = ranges.len();
-        let validated: Vec<Vec<(usize, bool, Duration)>> = crate::workers::run(validators, |id| {
+        let threads: Vec<ThreadId> = runs.iter().map(|run| run.thread).collect();
+        let validated = by_thread(validators, &threads, |id, w| {
             let mut trace = tracer.recorder(id);
-            let mut done = Vec::new();
-            for w in (id..runs.len()).step_by(validators) {
-                let span = trace.start();
-                let started = Instant::now();
-                let earlier = &runs[..w];
-                let valid = runs[w]
-                    .local
-                    .iter()
-                    .filter(|(_, local)| local.read_outside)
-                    .all(|(key, _)| {
-                        earlier.iter().all(|run| {
-                            run.local
-                                .get(key)
-                                .is_none_or(|local| local.written.is_none())
-                        })
-                    });
-                trace.record(SpanKind::Validate, Some(runs[w].txs.start), span);
-                done.push((w, valid, started.elapsed()));
-            }
+            let span = trace.start();
+            let started = Instant::now();
+            let earlier = &runs[..w];
+            let valid = runs[w]
+                .local
+                .iter()
+                .filter(|(_, local)| local.read_outside)
+                .all(|(key, _)| {
+                    earlier.iter().all(|run| {
+                        run.local
+                            .get(key)
+                            .is_none_or(|local| local.written.is_none())
+                    })
+                });
+            trace.record(SpanKind::Validate, Some(runs[w].txs.start), span);
             tracer.submit(trace);
-            done
+            (w, valid, started.elapsed())
         });
         let mut valid = vec![false; runs.len()];
-        for (w, ok, time) in validated.into_iter().flatten() {
+        for (w, ok, time) in validated {
             valid[w] = ok;
             metrics.validation_time += time;
         }
@@ -338,23 +350,8 @@ where
         }
         metrics.validation_failures += (runs.len() - commit) as u64;
 
-        let merge_started = Instant::now();
-        // Commit: the valid ranges become layers; the filter learns their writes.
-        crate::workers::run(validators, |id| {
-            let mut trace = tracer.recorder(id);
-            for run in runs[..commit].iter().skip(id).step_by(validators) {
-                let span = trace.start();
-                for (key, local) in &run.local {
-                    if local.written.is_some() {
-                        committed.mark(key);
-                    }
-                }
-                trace.record(SpanKind::Merge, Some(run.txs.start), span);
-            }
-            tracer.submit(trace);
-        });
-        metrics.finalize_time += merge_started.elapsed();
-
+        // Commit: the valid ranges become layers (the filter learned their writes when
+        // they ended).
         let (keys, txs) = runs.iter().fold((0, 0), |(keys, txs), run| {
             (keys + run.local.len(), txs + run.executed() as usize)
         });
@@ -374,6 +371,7 @@ where
                 };
                 outputs.extend(committed_outputs);
                 committed.layers.push(run.local);
+                committed.layer_threads.push(run.thread);
             } else {
                 wasted += run.executed();
             }
@@ -411,7 +409,7 @@ where
     crate::finish(
         vm,
         outputs,
-        || state_diff(committed, rest_state),
+        || state_diff(committed, rest_state, workers),
         tracer,
         metrics,
     )
@@ -521,22 +519,86 @@ fn round(start: TxIndex, n: usize, workers: usize, span: usize) -> Vec<Range<TxI
     ranges
 }
 
+/// What a worker does with a range's overlay as soon as the range has ended, while its
+/// caches hold it: marks the keys it wrote in the filter, and gives each key it only sent
+/// deltas to without reading it (a transfer's recipient) the value the overlay gives a key
+/// it read: the committed value with the range's deltas applied, for the state diff.
+///
+/// Marking before validation is safe: the filter may say "written" of a key no layer
+/// wrote (a range that turns out invalid), which only costs a look at the layers; such a
+/// key, written again when its range is re-executed, looks rewritten, and the state diff
+/// then resolves it through the layers. A delta-only key's value is used only if the key
+/// ends up written once in the whole block: then no other layer wrote it, the value it was
+/// based on is the pre-block value, and it is the key's final value.
+fn settle<V, S>(committed: &Committed<'_, V, S>, local: &mut LocalMap<V>)
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    for (key, entry) in local.iter_mut() {
+        let Some(write) = &entry.written else {
+            continue;
+        };
+        committed.mark(key);
+        if let (Some(delta), None) = (write, &entry.value) {
+            // A storage error is reported by the state diff, which reads again.
+            if let Ok(base) = committed.read(key) {
+                entry.value = Some(committed.vm.apply_delta(key, base, delta));
+            }
+        }
+    }
+}
+
+/// Runs `work(worker, item)` for every item `0..threads.len()` on up to `workers` workers
+/// and returns the results in item order. Each worker first takes the items its own thread
+/// produced (`threads[item]`: their data are likely still in its core's caches), then any
+/// left, so a worker that starts late or ends early does not leave the others waiting.
+fn by_thread<R: Send>(
+    workers: usize,
+    threads: &[ThreadId],
+    work: impl Fn(usize, usize) -> R + Sync,
+) -> Vec<R> {
+    let taken: Vec<AtomicBool> = threads.iter().map(|_| AtomicBool::new(false)).collect();
+    let per_worker = crate::workers::run(workers.min(threads.len()), |id| {
+        let me = std::thread::current().id();
+        let mut done = Vec::new();
+        for own in [true, false] {
+            for (item, thread) in threads.iter().enumerate() {
+                // The swap gives each item to exactly one worker.
+                if (*thread == me) == own && !taken[item].swap(true, Relaxed) {
+                    done.push((item, work(id, item)));
+                }
+            }
+        }
+        done
+    });
+    let mut all: Vec<(usize, R)> = per_worker.into_iter().flatten().collect();
+    all.sort_unstable_by_key(|(item, _)| *item);
+    all.into_iter().map(|(_, r)| r).collect()
+}
+
 /// The block's state diff: every key written by a layer or by the rest of the block
-/// (`rest`, the handed-off engine's state), with its final value, if not absent. One
-/// pass from the newest writes to the oldest, moving values out: a key that the filter
-/// says only one write touched is taken as it is; any other only from its newest write
-/// (the keys taken so are remembered), resolving a delta on the layers below it.
+/// (`rest`, the handed-off engine's state), with its final value, if not absent.
+///
+/// A key the filter says only one write touched is final as that write left it (a delta
+/// on the pre-block value): the layers are walked for those in parallel, each preferably
+/// by the thread that executed it, moving values out. The other keys stay in their layers
+/// and are resolved after, in one pass from the newest writes to the oldest: the rest's
+/// write first, then each key only from its newest layer (the keys taken so are
+/// remembered), resolving a delta on the layers below it.
 fn state_diff<V, S>(
     mut committed: Committed<'_, V, S>,
     rest: Option<Cache<V::Key, V::Value>>,
+    workers: usize,
 ) -> Result<StateDiff<V>, VmError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let writes: usize = committed.layers.iter().map(|layer| layer.len()).sum();
-    let mut diff = Vec::with_capacity(writes + rest.as_ref().map_or(0, |rest| rest.len()));
+    let rest_writes = rest.as_ref().map_or(0, |rest| rest.len());
     let mut taken = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
+    let mut rest_diff = Vec::with_capacity(rest_writes);
     if let Some(rest) = rest {
         for (key, entry) in &rest {
             if entry.written {
@@ -551,21 +613,81 @@ where
                 taken.insert(key.clone());
             }
             if let Some(value) = entry.value {
-                diff.push((key, value));
+                rest_diff.push((key, value));
             }
         }
     }
+
+    // Keys written once, in parallel; worker 0 (this thread) collects into the diff.
+    let layers: Vec<Mutex<Option<LocalMap<V>>>> = std::mem::take(&mut committed.layers)
+        .into_iter()
+        .map(|layer| Mutex::new(Some(layer)))
+        .collect();
+    let threads = std::mem::take(&mut committed.layer_threads);
+    let parts: Vec<Mutex<StateDiff<V>>> = (0..workers.min(layers.len()).max(1))
+        .map(|id| {
+            Mutex::new(Vec::with_capacity(if id == 0 {
+                writes + rest_writes
+            } else {
+                0
+            }))
+        })
+        .collect();
+    let shared = &committed;
+    let kept = by_thread(workers, &threads, |id, i| {
+        let layer = layers[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each layer is walked once");
+        let mut part = parts[id].lock().unwrap_or_else(|e| e.into_inner());
+        part.reserve(layer.len());
+        let mut kept = LocalMap::<V>::default();
+        for (key, local) in layer {
+            let Some(write) = &local.written else {
+                continue;
+            };
+            if shared.is_rewritten(&key) {
+                kept.insert(key, local);
+                continue;
+            }
+            let value = match (write, local.value) {
+                (None, value) => value.expect("a full write has a value"),
+                // Deltas on the pre-block value, as the range's last transaction left it
+                // (or as `settle` computed it).
+                (Some(_), Some(value)) => value,
+                (Some(delta), None) => {
+                    let base = shared.storage.read(&key).map_err(ReadError::from)?;
+                    shared.vm.apply_delta(&key, base, delta)
+                }
+            };
+            if let Some(value) = value {
+                part.push((key, value));
+            }
+        }
+        Ok::<_, VmError>(kept)
+    });
+    committed.layers = kept.into_iter().collect::<Result<_, _>>()?;
+    let mut parts = parts
+        .into_iter()
+        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
+    let mut diff = parts.next().expect("at least one part");
+    diff.append(&mut rest_diff);
+    for mut part in parts {
+        diff.append(&mut part);
+    }
+
+    // Keys written more than once, newest write first.
     while let Some(layer) = committed.layers.pop() {
         for (key, local) in layer {
             let Some(write) = local.written else {
                 continue;
             };
-            if committed.is_rewritten(&key) && !taken.insert(key.clone()) {
+            if !taken.insert(key.clone()) {
                 continue; // a newer write was taken
             }
             let value = match write {
                 None => local.value.expect("a full write has a value"),
-                // Only deltas here: resolved on the value below this layer.
                 Some(delta) => {
                     let below = committed.layers.len();
                     let base = committed

@@ -10,6 +10,10 @@ use parex_engine::EngineKind;
 use parex_evm::EvmVm;
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, synthetic};
 
+/// The allocator of the `parex` binary, so that these numbers match its.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const THREADS: usize = 2;
 const GAS: u64 = 100_000_000;
 

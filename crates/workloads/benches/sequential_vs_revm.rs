@@ -19,6 +19,10 @@ use revm::database::{CacheDB, DatabaseRef, EmptyDB};
 use revm::state::AccountInfo;
 use revm::{Context, ExecuteCommitEvm, MainBuilder, MainContext};
 
+/// The allocator of the `parex` binary, so that these numbers match its.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The workload's pre-state as a revm `CacheDB` (slots of each account's current
 /// storage generation only, which is all the block can see).
 fn cache_db(w: &Workload) -> CacheDB<EmptyDB> {
