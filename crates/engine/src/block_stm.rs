@@ -220,7 +220,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if options.adaptive && crate::declared::declared_chain(vm, storage) {
+    if options.adaptive && crate::declared::declared_chain(vm, storage, run.workers(n, storage)) {
         // The declarations already say the block is a chain: skip the speculation.
         let extra = [
             ("workers", 1),

@@ -16,28 +16,41 @@ const CHAIN_SHARE: f64 = 0.75;
 /// Whether the block starts as a chain: most of its first `CHAIN_SAMPLE` transactions
 /// declare ([`Vm::declared_access`]) a key that their immediate predecessor declares
 /// incompatibly, so each would wait for the one before it. False for smaller blocks.
-/// Costs `CHAIN_SAMPLE` declarations on the calling thread (every parallel engine
-/// uses it, to run such blocks in order from the start); never judged on slow storage.
-pub(crate) fn declared_chain<V, S>(vm: &V, storage: &S) -> bool
+/// Costs `CHAIN_SAMPLE` declarations (every parallel engine uses it, to run such blocks in
+/// order from the start): on the calling thread, or on slow storage, whose reads they
+/// would otherwise wait for one after another, on `workers` workers.
+pub(crate) fn declared_chain<V, S>(vm: &V, storage: &S, workers: usize) -> bool
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    // With slow storage the sample's serial reads would cost more than speculation on a
-    // chain wastes (that waste overlaps the reads too).
-    if vm.tx_count() < CHAIN_SAMPLE || storage.read_latency() >= crate::workers::SLOW_READ {
+    if vm.tx_count() < CHAIN_SAMPLE {
         return false;
     }
-    let mut previous = normalize(vm.declared_access(0, &mut PreBlockView(storage)));
-    let mut chained = 0;
-    for tx in 1..CHAIN_SAMPLE {
-        let current = normalize(vm.declared_access(tx, &mut PreBlockView(storage)));
-        let conflicts = current.iter().any(|(key, kind)| {
-            declared_kind(&previous, key).is_some_and(|other| !other.compatible(*kind))
-        });
-        chained += usize::from(conflicts);
-        previous = current;
-    }
+    let declare = |tx| normalize(vm.declared_access(tx, &mut PreBlockView(storage)));
+    let sample: Vec<Declaration<V::Key>> =
+        if storage.read_latency() >= crate::workers::SLOW_READ && workers > 1 {
+            let untraced = crate::trace::Tracer::new(false);
+            crate::workers::map_claimed(
+                workers,
+                0..CHAIN_SAMPLE,
+                1,
+                &untraced,
+                crate::trace::SpanKind::Hint,
+                declare,
+            )
+            .0
+        } else {
+            (0..CHAIN_SAMPLE).map(declare).collect()
+        };
+    let chained = sample
+        .windows(2)
+        .filter(|pair| {
+            pair[1].iter().any(|(key, kind)| {
+                declared_kind(&pair[0], key).is_some_and(|other| !other.compatible(*kind))
+            })
+        })
+        .count();
     chained as f64 >= CHAIN_SHARE * (CHAIN_SAMPLE - 1) as f64
 }
 

@@ -121,7 +121,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if crate::declared::declared_chain(vm, storage) {
+    if crate::declared::declared_chain(vm, storage, run.workers(n, storage)) {
         // The declarations already say the block is a chain: merge checks would all fail.
         return crate::sequential::in_order(vm, storage, run, &[]);
     }

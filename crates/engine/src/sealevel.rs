@@ -193,7 +193,7 @@ where
     // Hints and declarations run on as many workers as the block gets.
     let threads = run.workers(n, storage);
 
-    if options.adaptive && declared_chain(vm, storage) {
+    if options.adaptive && declared_chain(vm, storage, threads) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
         // and the in-order commit's cost on top: run the block in order.
         return crate::sequential::in_order(vm, storage, run, &[]);

@@ -227,6 +227,36 @@ fn dispatch_and_empty_block() {
     }
 }
 
+/// A chain is recognized from its declarations on slow storage too (where the sample's
+/// declarations are taken in parallel): every parallel engine runs it in order.
+#[test]
+fn chains_on_slow_storage_run_in_order() {
+    let chain = vm((0..200u32)
+        .map(|_| MockTx {
+            reads: vec![0],
+            extra_read: 0,
+            writes: vec![0],
+            deltas: vec![],
+            work: 50,
+            declared: vec![(0, parex_core::AccessKind::Write)],
+            sequence: None,
+        })
+        .collect());
+    let inner = storage_for(1);
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_micros(20));
+    let expected = sequential::execute(&chain, &inner, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    for &kind in EngineKind::ALL {
+        if kind == EngineKind::Sequential {
+            continue;
+        }
+        let (outcome, m) = kind.run(&chain, &slow, &RunOptions::threads(2)).unwrap();
+        assert_eq!(outcome, expected, "{kind}");
+        assert_eq!(extra(&m, "sequential_fallback"), 1, "{kind}: {m:?}");
+    }
+}
+
 fn extra(m: &Metrics, name: &str) -> u64 {
     m.extra(name)
         .unwrap_or_else(|| panic!("metric {name} missing: {m:?}"))
