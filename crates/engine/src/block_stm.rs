@@ -317,13 +317,7 @@ where
     let mut sequence_waits = 0;
     let mut storage_reads = 0;
     for w in worker_metrics {
-        metrics.executions += w.executions;
-        metrics.validations += w.validations;
-        metrics.validation_failures += w.validation_failures;
-        metrics.dependency_waits += w.dependency_waits;
-        metrics.execution_time += w.execution_time;
-        metrics.validation_time += w.validation_time;
-        metrics.scheduling_time += w.scheduling_time;
+        metrics.add_counts(&w);
         dependency_retries += w.extra("dependency_retries").unwrap_or(0);
         sequence_waits += w.extra("sequence_waits").unwrap_or(0);
         storage_reads += w.extra("storage_reads").unwrap_or(0);

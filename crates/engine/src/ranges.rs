@@ -597,8 +597,9 @@ where
 {
     let writes: usize = committed.layers.iter().map(|layer| layer.len()).sum();
     let rest_writes = rest.as_ref().map_or(0, |rest| rest.len());
+    // This thread's part (worker 0's) is the diff: sized for everything.
+    let mut diff = Vec::with_capacity(writes + rest_writes);
     let mut taken = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
-    let mut rest_diff = Vec::with_capacity(rest_writes);
     if let Some(rest) = rest {
         for (key, entry) in &rest {
             if entry.written {
@@ -613,25 +614,20 @@ where
                 taken.insert(key.clone());
             }
             if let Some(value) = entry.value {
-                rest_diff.push((key, value));
+                diff.push((key, value));
             }
         }
     }
 
-    // Keys written once, in parallel; worker 0 (this thread) collects into the diff.
+    // Keys written once, in parallel.
     let layers: Vec<Mutex<Option<LocalMap<V>>>> = std::mem::take(&mut committed.layers)
         .into_iter()
         .map(|layer| Mutex::new(Some(layer)))
         .collect();
     let threads = std::mem::take(&mut committed.layer_threads);
-    let parts: Vec<Mutex<StateDiff<V>>> = (0..workers.min(layers.len()).max(1))
-        .map(|id| {
-            Mutex::new(Vec::with_capacity(if id == 0 {
-                writes + rest_writes
-            } else {
-                0
-            }))
-        })
+    let parts: Vec<Mutex<StateDiff<V>>> = std::iter::once(diff)
+        .chain((1..workers.min(layers.len())).map(|_| Vec::new()))
+        .map(Mutex::new)
         .collect();
     let shared = &committed;
     let kept = by_thread(workers, &threads, |id, i| {
@@ -671,8 +667,7 @@ where
     let mut parts = parts
         .into_iter()
         .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
-    let mut diff = parts.next().expect("at least one part");
-    diff.append(&mut rest_diff);
+    let mut diff = parts.next().expect("this thread's part");
     for mut part in parts {
         diff.append(&mut part);
     }
