@@ -92,6 +92,8 @@ struct BlockStm<'a, V: Vm, S> {
     adaptive: bool,
     /// Workers running the block (see [`give_up_waste`]).
     workers: usize,
+    /// More workers than threads (slow storage): idle workers sleep rather than spin.
+    oversubscribed: bool,
     tracer: Tracer,
 }
 
@@ -301,6 +303,7 @@ where
         gave_up: AtomicBool::new(false),
         adaptive,
         workers,
+        oversubscribed: workers > run.threads.max(1),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -483,7 +486,7 @@ where
                     if next.is_some() {
                         backoff.reset();
                     } else {
-                        backoff.snooze();
+                        crate::workers::idle(&backoff, self.oversubscribed);
                         w.trace.record(SpanKind::Wait, None, span);
                     }
                     w.clock.scheduling += w.clock.lap();
@@ -630,9 +633,13 @@ where
         w.metrics.validations += 1;
         let slot = self.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
         let valid = slot.reads.iter().all(|r| {
-            self.memory.validate(&r.key, tx, &r.origin, |k, v, d| {
-                self.vm.apply_delta(k, v, d)
-            })
+            self.memory.validate(
+                &r.key,
+                tx,
+                &r.origin,
+                |k| self.storage.read(k),
+                |k, v, d| self.vm.apply_delta(k, v, d),
+            )
         });
         let aborted = !valid && self.scheduler.try_validation_abort(tx, incarnation);
         if !valid {

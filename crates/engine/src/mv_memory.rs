@@ -11,9 +11,12 @@
 //!   deltas are collected, an estimate blocks the reader on its writer, and reaching the
 //!   bottom uses the pre-block value; the collected deltas are then applied in block
 //!   order on top of the base, one by one, exactly as serial execution applies them.
-//! * The pre-block value of a key is read from storage once, by the first reader that
-//!   needs it and outside the shard lock (storage may be slow); concurrent readers of
-//!   the same key wait for it; it is then cached in the key's state.
+//! * Pre-block values: on slow storage, a key's value is read once, by the first reader
+//!   that needs it and outside the shard lock; concurrent readers of the same key wait
+//!   for it; it is then cached in the key's state. On fast storage (memory) nothing is
+//!   cached: a read that no entry answers goes to storage and inserts nothing, so the
+//!   memory holds only written keys (a copy of every value read would cost more to
+//!   build, touch and tear down than reading storage again).
 //! * Keys are spread over cache-padded shards, each a mutex over a hash table; the hash
 //!   is computed once per operation. Nothing is allocated on a read of a known key.
 
@@ -30,12 +33,13 @@ use smallvec::SmallVec;
 /// Re-executions of one transaction are numbered from 0.
 pub type Incarnation = u32;
 
-/// The pre-block value of a key, loaded from storage at most once.
+/// The pre-block value of a key, loaded from slow storage at most once (boxed: a key's
+/// state stays small, and on fast storage it is never loaded).
 enum Base<V> {
     Unloaded,
     /// A reader is loading it (outside the lock); others wait for it.
     Loading,
-    Loaded(Result<Option<V>, StorageError>),
+    Loaded(Box<Result<Option<V>, StorageError>>),
 }
 
 /// What transaction `tx` left under a key.
@@ -79,14 +83,15 @@ struct KeyState<K, V, D> {
     base: Base<V>,
 }
 
-type Shard<K, V, D> = CachePadded<Mutex<HashTable<KeyState<K, V, D>>>>;
+type Table<K, V, D> = HashTable<KeyState<K, V, D>>;
+type Shard<K, V, D> = CachePadded<Mutex<Table<K, V, D>>>;
 
 pub struct MvMemory<K, V, D> {
     shards: Box<[Shard<K, V, D>]>,
     hasher: DefaultHashBuilder,
-    /// Load pre-block values while holding the shard lock (storage is fast: a second
-    /// trip to the shard would cost more than the read).
-    load_under_lock: bool,
+    /// Cache pre-block values in the keys' states (storage is slow); otherwise read them
+    /// from storage whenever needed.
+    cache_base: bool,
 }
 
 /// Most shards a memory has; small blocks get fewer (creating shards is not free).
@@ -113,6 +118,28 @@ fn walk<V, D>(versions: &[(TxIndex, Entry<V, D>)], end: usize) -> (Bottom, usize
         }
     }
     (Bottom::Storage, first_delta)
+}
+
+/// The answer to a read that reached the pre-block value `base` (the deltas
+/// `versions[first_delta..end]` above it applied, if any).
+fn resolve_over_storage<K, V: Clone, D>(
+    key: &K,
+    versions: &[(TxIndex, Entry<V, D>)],
+    first_delta: usize,
+    end: usize,
+    base: Result<Option<V>, StorageError>,
+    apply: &impl Fn(&K, Option<V>, &D) -> Option<V>,
+) -> Read<V> {
+    let resolved = first_delta != end;
+    match base {
+        Err(e) if resolved => Read::Value(Err(e), Origin::Failed),
+        Err(e) => Read::Value(Err(e), Origin::Storage),
+        Ok(v) if !resolved => Read::Value(Ok(v), Origin::Storage),
+        Ok(v) => {
+            let v = apply_deltas(key, versions, first_delta, end, v, apply);
+            Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
+        }
+    }
 }
 
 /// Applies the deltas `versions[from..end]` in order on top of `value`.
@@ -149,7 +176,7 @@ where
                 .map(|_| CachePadded::new(Mutex::new(HashTable::with_capacity(per_shard))))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
-            load_under_lock: !slow_storage,
+            cache_base: slow_storage,
         }
     }
 
@@ -180,7 +207,8 @@ where
     }
 
     /// The value of `key` as transaction `tx` sees it. `load` reads the pre-block value
-    /// (called at most once per key, without holding a lock), `apply` applies a delta.
+    /// (on slow storage at most once per key, without holding a lock), `apply` applies a
+    /// delta.
     pub fn read(
         &self,
         key: &K,
@@ -189,6 +217,9 @@ where
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
         let hash = self.hasher.hash_one(key);
+        if !self.cache_base {
+            return self.read_uncached(key, hash, tx, load, apply);
+        }
         let mut loaded = None;
         let backoff = Backoff::new();
         loop {
@@ -196,18 +227,12 @@ where
                 let mut table = self.shard(hash);
                 let state = self.state_mut(&mut table, hash, key);
                 if let Some(value) = loaded.take() {
-                    state.base = Base::Loaded(value);
+                    state.base = Base::Loaded(Box::new(value));
                 }
                 let versions = &state.versions;
                 let end = versions.partition_point(|(t, _)| *t < tx);
                 let (bottom, first_delta) = walk(versions, end);
                 let resolved = first_delta != end;
-                if self.load_under_lock
-                    && matches!(bottom, Bottom::Storage)
-                    && matches!(state.base, Base::Unloaded)
-                {
-                    state.base = Base::Loaded(load(key));
-                }
                 match bottom {
                     Bottom::Blocked(t) => return Read::Blocked(t),
                     Bottom::Write(i) => {
@@ -229,21 +254,16 @@ where
                         return Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)));
                     }
                     Bottom::Storage => match &state.base {
-                        Base::Loaded(Err(e)) => {
-                            let origin = if resolved {
-                                Origin::Failed
-                            } else {
-                                Origin::Storage
-                            };
-                            return Read::Value(Err(e.clone()), origin);
-                        }
-                        Base::Loaded(Ok(v)) if !resolved => {
-                            return Read::Value(Ok(v.clone()), Origin::Storage);
-                        }
-                        Base::Loaded(Ok(v)) => {
-                            let v =
-                                apply_deltas(key, versions, first_delta, end, v.clone(), &apply);
-                            return Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)));
+                        Base::Loaded(base) => {
+                            let base = (**base).clone();
+                            return resolve_over_storage(
+                                key,
+                                versions,
+                                first_delta,
+                                end,
+                                base,
+                                &apply,
+                            );
                         }
                         Base::Loading => false,
                         Base::Unloaded => {
@@ -265,18 +285,79 @@ where
         }
     }
 
-    /// Whether a read of `key` by `tx` would still get what `origin` records.
+    /// A read on fast storage: [`Self::read`] with nothing cached or inserted.
+    fn read_uncached(
+        &self,
+        key: &K,
+        hash: u64,
+        tx: TxIndex,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> Read<V> {
+        let table = self.shard(hash);
+        let Some(state) = table.find(hash, |s| s.key == *key) else {
+            drop(table);
+            return Read::Value(load(key), Origin::Storage);
+        };
+        let versions = &state.versions;
+        let end = versions.partition_point(|(t, _)| *t < tx);
+        let (bottom, first_delta) = walk(versions, end);
+        let resolved = first_delta != end;
+        match bottom {
+            Bottom::Blocked(t) => Read::Blocked(t),
+            Bottom::Write(i) => {
+                let Entry::Write(incarnation, value) = &versions[i].1 else {
+                    unreachable!()
+                };
+                if !resolved {
+                    let origin = Origin::Version(versions[i].0, *incarnation);
+                    return Read::Value(Ok(Some(value.clone())), origin);
+                }
+                let v = apply_deltas(key, versions, first_delta, end, Some(value.clone()), &apply);
+                Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
+            }
+            Bottom::Storage if !resolved => {
+                drop(table);
+                Read::Value(load(key), Origin::Storage)
+            }
+            Bottom::Storage => {
+                resolve_over_storage(key, versions, first_delta, end, load(key), &apply)
+            }
+        }
+    }
+
+    /// The pre-block value of a key whose read validation must resolve again: the
+    /// cached one on slow storage (`None` if there is none: the recorded read resolved
+    /// over a write since removed), loaded again on fast storage.
+    fn base_for_validation(
+        &self,
+        state: &KeyState<K, V, D>,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+    ) -> Option<Result<Option<V>, StorageError>> {
+        if !self.cache_base {
+            return Some(load(&state.key));
+        }
+        match &state.base {
+            Base::Loaded(base) => Some((**base).clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether a read of `key` by `tx` would still get what `origin` records. `load`
+    /// reads the pre-block value (on fast storage, where it is not cached).
     pub fn validate(
         &self,
         key: &K,
         tx: TxIndex,
         origin: &Origin<V>,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> bool {
         let hash = self.hasher.hash_one(key);
         let table = self.shard(hash);
         let Some(state) = table.find(hash, |s| s.key == *key) else {
-            return false; // Every read leaves its key in the table.
+            // Nothing was ever written: the pre-block value.
+            return matches!(origin, Origin::Storage);
         };
         let versions = &state.versions;
         let end = versions.partition_point(|(t, _)| *t < tx);
@@ -294,15 +375,16 @@ where
                 };
                 apply_deltas(key, versions, first_delta, end, Some(value.clone()), &apply) == **seen
             }
-            (Bottom::Storage, Origin::Resolved(seen)) if resolved => match &state.base {
-                Base::Loaded(Ok(v)) => {
-                    apply_deltas(key, versions, first_delta, end, v.clone(), &apply) == **seen
+            (Bottom::Storage, Origin::Resolved(seen)) if resolved => {
+                match self.base_for_validation(state, load) {
+                    Some(Ok(v)) => {
+                        apply_deltas(key, versions, first_delta, end, v, &apply) == **seen
+                    }
+                    _ => false,
                 }
-                // Not loaded: the recorded read resolved over a write since removed.
-                _ => false,
-            },
+            }
             (Bottom::Storage, Origin::Failed) => {
-                resolved && matches!(state.base, Base::Loaded(Err(_)))
+                resolved && matches!(self.base_for_validation(state, load), Some(Err(_)))
             }
             _ => false,
         }
@@ -358,42 +440,53 @@ where
         apply: impl Fn(&K, Option<V>, &D) -> Option<V> + Sync,
     ) -> Result<Vec<(K, V)>, StorageError> {
         let threads = threads.clamp(1, self.shards.len());
-        let mut groups: Vec<Vec<Shard<K, V, D>>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut groups: Vec<Vec<Table<K, V, D>>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut total = 0;
         for (i, shard) in self.shards.into_vec().into_iter().enumerate() {
-            groups[i % threads].push(shard);
+            let table = shard
+                .into_inner()
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner());
+            total += table.len();
+            groups[i % threads].push(table);
         }
-        let resolve_group = |group: Vec<Shard<K, V, D>>| -> Result<Vec<(K, V)>, StorageError> {
-            let mut out = Vec::new();
-            for shard in group {
-                let table = shard
-                    .into_inner()
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner());
-                out.reserve(table.len());
+        // The first group's vector receives the others' at the end: sized for them all
+        // up front, so that no part is copied twice.
+        let resolve_group = |group: Vec<Table<K, V, D>>,
+                             capacity: usize|
+         -> Result<Vec<(K, V)>, StorageError> {
+            let mut out = Vec::with_capacity(capacity);
+            for table in group {
                 for state in table {
-                    let versions = &state.versions;
+                    let KeyState {
+                        key,
+                        mut versions,
+                        base,
+                        ..
+                    } = state;
                     if versions.is_empty() {
                         continue;
                     }
                     let end = versions.len();
-                    let (bottom, first_delta) = walk(versions, end);
+                    let (bottom, first_delta) = walk(&versions, end);
                     let base = match bottom {
-                        Bottom::Write(i) => match &versions[i].1 {
-                            Entry::Write(_, v) => Some(v.clone()),
-                            _ => unreachable!(),
-                        },
-                        Bottom::Storage => match state.base {
-                            Base::Loaded(loaded) => loaded?,
-                            _ => load(&state.key)?,
+                        // Moved out: the entry is not read again.
+                        Bottom::Write(i) => {
+                            match std::mem::replace(&mut versions[i].1, Entry::Estimate) {
+                                Entry::Write(_, v) => Some(v),
+                                _ => unreachable!(),
+                            }
+                        }
+                        Bottom::Storage => match base {
+                            Base::Loaded(loaded) => (*loaded)?,
+                            _ => load(&key)?,
                         },
                         Bottom::Blocked(t) => {
                             unreachable!("estimate of transaction {t} left at the end")
                         }
                     };
-                    if let Some(v) =
-                        apply_deltas(&state.key, versions, first_delta, end, base, &apply)
-                    {
-                        out.push((state.key, v));
+                    if let Some(v) = apply_deltas(&key, &versions, first_delta, end, base, &apply) {
+                        out.push((key, v));
                     }
                 }
             }
@@ -404,9 +497,12 @@ where
             let mut groups = groups.into_iter();
             let first = groups.next().expect("at least one group");
             let handles: Vec<_> = groups
-                .map(|g| scope.spawn(move || resolve_group(g)))
+                .map(|g| {
+                    let capacity = g.iter().map(HashTable::len).sum();
+                    scope.spawn(move || resolve_group(g, capacity))
+                })
                 .collect();
-            let mut parts = vec![resolve_group(first)];
+            let mut parts = vec![resolve_group(first, total)];
             parts.extend(
                 handles
                     .into_iter()
@@ -420,5 +516,132 @@ where
             out.append(&mut part?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    use super::*;
+
+    /// Pre-block state: key `k` holds `10 * k`, except key 9, which cannot be read.
+    fn load(k: &u32) -> Result<Option<i64>, StorageError> {
+        if *k == 9 {
+            Err(StorageError("disk gone".into()))
+        } else {
+            Ok(Some(i64::from(*k) * 10))
+        }
+    }
+
+    fn add(_: &u32, v: Option<i64>, d: &i64) -> Option<i64> {
+        Some(v.unwrap_or(0) + d)
+    }
+
+    fn value(read: Read<i64>) -> (Result<Option<i64>, StorageError>, Origin<i64>) {
+        match read {
+            Read::Value(value, origin) => (value, origin),
+            Read::Blocked(tx) => panic!("blocked on {tx}"),
+        }
+    }
+
+    /// Both ways of holding pre-block values: cached (slow storage) and read again (fast).
+    fn memories() -> [MvMemory<u32, i64, i64>; 2] {
+        [MvMemory::new(64, true), MvMemory::new(64, false)]
+    }
+
+    #[test]
+    fn reads_see_the_highest_write_below_or_storage() {
+        for m in memories() {
+            m.write(1, 2, Entry::Write(0, 100));
+            assert_eq!(
+                value(m.read(&1, 1, load, add)),
+                (Ok(Some(10)), Origin::Storage)
+            );
+            assert_eq!(
+                value(m.read(&1, 2, load, add)),
+                (Ok(Some(10)), Origin::Storage)
+            );
+            assert_eq!(
+                value(m.read(&1, 3, load, add)),
+                (Ok(Some(100)), Origin::Version(2, 0))
+            );
+            // A key nobody wrote.
+            assert_eq!(
+                value(m.read(&4, 7, load, add)),
+                (Ok(Some(40)), Origin::Storage)
+            );
+            assert!(m.validate(&4, 7, &Origin::Storage, load, add));
+            assert!(m.validate(&1, 3, &Origin::Version(2, 0), load, add));
+            assert!(m.validate(&1, 1, &Origin::Storage, load, add));
+            // A new write below the reader invalidates its storage read...
+            m.write(1, 0, Entry::Write(0, 5));
+            assert!(!m.validate(&1, 1, &Origin::Storage, load, add));
+            // ...and a re-execution's write its version read.
+            m.write(1, 2, Entry::Write(1, 100));
+            assert!(!m.validate(&1, 3, &Origin::Version(2, 0), load, add));
+            // An estimate blocks readers above it and fails validation.
+            m.mark_estimate(&1, 2);
+            assert!(matches!(m.read(&1, 3, load, add), Read::Blocked(2)));
+            assert!(!m.validate(&1, 3, &Origin::Version(2, 1), load, add));
+            m.remove(&1, 2);
+            let mut finals = m.into_final_values(2, load, add).unwrap();
+            finals.sort();
+            assert_eq!(finals, vec![(1, 5)]);
+        }
+    }
+
+    #[test]
+    fn deltas_resolve_over_storage_and_writes() {
+        for m in memories() {
+            m.write(5, 1, Entry::Delta(1));
+            m.write(5, 3, Entry::Delta(2));
+            let (got, origin) = value(m.read(&5, 4, load, add));
+            assert_eq!(got, Ok(Some(53)));
+            assert_eq!(origin, Origin::Resolved(Box::new(Some(53))));
+            assert!(m.validate(&5, 4, &origin, load, add));
+            assert_eq!(value(m.read(&5, 2, load, add)).0, Ok(Some(51)));
+            // A write below every delta changes what they resolve over.
+            m.write(5, 0, Entry::Write(0, 7));
+            assert!(!m.validate(&5, 4, &origin, load, add));
+            assert_eq!(value(m.read(&5, 4, load, add)).0, Ok(Some(10)));
+            // A key that only received deltas ends on its pre-block value plus them.
+            m.write(6, 8, Entry::Delta(4));
+            let mut finals = m.into_final_values(1, load, add).unwrap();
+            finals.sort();
+            assert_eq!(finals, vec![(5, 10), (6, 64)]);
+        }
+    }
+
+    #[test]
+    fn storage_failures_are_read_and_validated_like_values() {
+        for m in memories() {
+            let (got, origin) = value(m.read(&9, 0, load, add));
+            assert!(got.is_err());
+            assert_eq!(origin, Origin::Storage);
+            assert!(m.validate(&9, 0, &origin, load, add));
+            m.write(9, 1, Entry::Delta(3));
+            let (got, origin) = value(m.read(&9, 2, load, add));
+            assert!(got.is_err());
+            assert_eq!(origin, Origin::Failed);
+            assert!(m.validate(&9, 2, &origin, load, add));
+            assert!(m.into_final_values(1, load, add).is_err());
+        }
+    }
+
+    #[test]
+    fn slow_storage_is_read_once_per_key_and_fast_storage_whenever_needed() {
+        for (slow, expected) in [(true, 1), (false, 3)] {
+            let m = MvMemory::<u32, i64, i64>::new(64, slow);
+            let loads = AtomicUsize::new(0);
+            let counting = |k: &u32| {
+                loads.fetch_add(1, Relaxed);
+                load(k)
+            };
+            for tx in 0..3 {
+                assert_eq!(value(m.read(&2, tx, counting, add)).0, Ok(Some(20)));
+            }
+            assert_eq!(loads.load(Relaxed), expected, "slow storage: {slow}");
+        }
     }
 }

@@ -165,12 +165,28 @@ impl Scheduler {
         None
     }
 
-    /// The next task, validation first when it lags behind execution.
+    /// The next task, validation first when it lags behind execution. An index that
+    /// yields no task (a transaction still executing, or not ready) is passed over and
+    /// the next one tried at once: `None` means both indices are past the block, so the
+    /// caller has nothing to do until some task moves one back. (Each try advances an
+    /// index, so the loop ends unless other workers keep moving them back, which they
+    /// only do as they finish tasks.)
     pub fn next_task(&self) -> Option<Task> {
-        if self.validation_idx.load(SeqCst) < self.execution_idx.load(SeqCst) {
-            self.next_version_to_validate()
-        } else {
-            self.next_version_to_execute()
+        loop {
+            let validation = self.validation_idx.load(SeqCst);
+            let execution = self.execution_idx.load(SeqCst);
+            if validation >= self.n && execution >= self.n {
+                self.check_done();
+                return None;
+            }
+            let task = if validation < execution {
+                self.next_version_to_validate()
+            } else {
+                self.next_version_to_execute()
+            };
+            if task.is_some() {
+                return task;
+            }
         }
     }
 

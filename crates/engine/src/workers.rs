@@ -37,6 +37,22 @@ pub fn count(
     workers.min(txs).max(1)
 }
 
+/// How long an idle worker of an oversubscribed block (more workers than threads, on
+/// slow storage) sleeps once its backoff is spent: spinning or yielding there takes the
+/// cores from the workers whose reads just completed.
+const IDLE_SLEEP: Duration = Duration::from_micros(20);
+
+/// Waits a little before a worker with nothing to do looks for work again: spins, then
+/// yields, and when `oversubscribed` (workers outnumber threads) sleeps.
+#[inline]
+pub fn idle(backoff: &crossbeam::utils::Backoff, oversubscribed: bool) {
+    if oversubscribed && backoff.is_completed() {
+        std::thread::sleep(IDLE_SLEEP);
+    } else {
+        backoff.snooze();
+    }
+}
+
 /// Maps `f` over `range` on `workers` workers, which claim `claim` consecutive indices at
 /// a time (one trip to the shared counter each) and record a `kind` span per index into `tracer`. Returns the results in index
 /// order and the time the workers spent, summed. (The hint and declaration passes.)
