@@ -160,8 +160,9 @@ fn metrics_are_filled() {
     assert!(m.validations >= 200);
 }
 
-/// A fully dependent chain comes out exact with the fallback on (it is usually handed to
-/// `sequential`, unless one worker ran alone, which a loaded machine can cause; the rule
+/// A fully dependent chain comes out exact with the fallback on (usually one worker
+/// judges speculation wasted and finishes the block alone, keeping what still validates,
+/// unless one worker ran alone from the start, which a loaded machine can cause; the rule
 /// itself is unit-tested in block_stm.rs); a conflict-free block never falls back.
 #[test]
 fn dependent_blocks_fall_back_and_independent_ones_do_not() {
@@ -199,6 +200,7 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
         .unwrap();
     assert_eq!(outcome, expected);
     assert!(matches!(fallback(&m), Some(0 | 1)), "{m:?}");
+    assert_eq!(m.extra("finished_alone"), fallback(&m), "{m:?}");
     let independent = MockVm {
         txs: (0..2000u32)
             .map(|i| MockTx {
