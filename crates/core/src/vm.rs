@@ -147,6 +147,15 @@ pub trait Vm: Sync {
     /// Block-level post-processing of outputs in block order (e.g. cumulative gas).
     fn finalize_outputs(&self, outputs: &mut [Self::Output]) -> Result<(), VmError>;
 
+    /// About how many light transactions (the cheapest kind the VM runs) the block's work
+    /// amounts to, judged before it runs: an engine gives a small block a second worker
+    /// only when this says the work repays waking one (see the engine crate's
+    /// `workers::count`). Only asked of small blocks. Default: each transaction counts as
+    /// one.
+    fn light_tx_equivalents(&self) -> usize {
+        self.tx_count()
+    }
+
     /// A key that transaction `tx` is known, before it runs, to read first and to write
     /// whenever it is valid: an Ethereum transaction's sender account (its nonce). Two
     /// transactions with the same sequence key are ordered (a nonce sequence), so an

@@ -20,7 +20,8 @@
 //!
 //! Adapting to dependent blocks: each worker watches its own share of failed validations
 //! and dependency waits; once most of its executions are wasted (a chain of dependent
-//! transactions, where speculation only adds work), judged every few dozen executions,
+//! transactions, where speculation only adds work), judged every few dozen executions
+//! (every eighth of the block, and at least a dozen, on small blocks),
 //! the other workers stop at their next idle moment and this one finishes the block
 //! alone. A lone worker takes tasks in block order, so it executes each transaction only
 //! after every one below it is final and meets no new conflict, while every speculative
@@ -98,13 +99,18 @@ struct BlockStm<'a, V: Vm, S> {
     adaptive: bool,
     /// Workers running the block (see [`give_up_waste`]).
     workers: usize,
+    /// Units (transactions or chunks) the block has (see [`judge_interval`]).
+    scheduler_units: usize,
     /// More workers than threads (slow storage): idle workers sleep rather than spin.
     oversubscribed: bool,
     tracer: Tracer,
 }
 
-/// A worker judges speculation after this many executions of its own...
+/// A worker judges speculation after this many executions of its own (at most; on
+/// blocks of fewer than `8 * JUDGE_AFTER` units, after an eighth of the block's units,
+/// but no fewer than `MIN_JUDGE_AFTER`: a small block's waste is a large share of it)...
 const JUDGE_AFTER: u64 = 48;
+const MIN_JUDGE_AFTER: u64 = 12;
 /// ...and gives up when at least this share of them failed validation or had to wait.
 const GIVE_UP_WASTE: f64 = 0.3;
 
@@ -228,7 +234,8 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if options.adaptive && crate::declared::declared_chain(vm, storage, run.workers(n, storage)) {
+    let workers = run.workers_by_work(vm, storage);
+    if options.adaptive && crate::declared::declared_chain(vm, storage, workers) {
         // The declarations already say the block is a chain: skip the speculation.
         let extra = [
             ("workers", 1),
@@ -238,7 +245,6 @@ where
         ];
         return crate::sequential::in_order(vm, storage, run, &extra);
     }
-    let workers = run.workers(n, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     let chunk = options
         .chunk_size
@@ -309,6 +315,7 @@ where
         gave_up: AtomicBool::new(false),
         adaptive,
         workers,
+        scheduler_units: n,
         oversubscribed: workers > run.threads.max(1),
         tracer: Tracer::new(run.trace),
     };
@@ -380,14 +387,17 @@ where
     ))
 }
 
-/// The fallback rule: judged once per `JUDGE_AFTER` executions of a worker, true when at
-/// least `GIVE_UP_WASTE` of them failed validation or waited on a dependency. (Judging
-/// small blocks sooner was tried: on mainnet block 12244000, 133 transactions, it handed
-/// to `sequential` a block that speculation ran at 1.3x despite its re-executions.)
-fn mostly_wasted(executions: u64, wasted: u64, workers: usize) -> bool {
-    executions >= JUDGE_AFTER
-        && executions % JUDGE_AFTER < 4
+/// The fallback rule: judged once per `interval` executions of a worker, true when at
+/// least `GIVE_UP_WASTE` of them failed validation or waited on a dependency.
+fn mostly_wasted(executions: u64, wasted: u64, workers: usize, interval: u64) -> bool {
+    executions >= interval
+        && executions % interval < 4
         && wasted as f64 >= give_up_waste(workers) * executions as f64
+}
+
+/// Executions between two judgements of a worker on a block of `units` units.
+fn judge_interval(units: usize) -> u64 {
+    (units as u64 / 8).clamp(MIN_JUDGE_AFTER, JUDGE_AFTER)
 }
 
 /// The share of wasted executions at which `workers` workers stop speculating: where
@@ -510,6 +520,7 @@ where
                 m.executions,
                 m.validation_failures + m.dependency_waits - sequence_waits,
                 self.workers,
+                judge_interval(self.scheduler_units),
             )
     }
 
@@ -712,6 +723,8 @@ mod tests {
     #[test]
     fn fallback_rule() {
         const J: u64 = JUDGE_AFTER;
+        let mostly_wasted =
+            |executions, wasted, workers| mostly_wasted(executions, wasted, workers, J);
         // Too early to judge, however bad.
         assert!(!mostly_wasted(J - 1, J - 1, 2));
         // A chain: about half the executions fail.
@@ -725,7 +738,12 @@ mod tests {
         assert!((give_up_waste(2) - GIVE_UP_WASTE).abs() < 1e-9);
         assert!(!mostly_wasted(J, J / 2, 8));
         assert!(mostly_wasted(J, J - 1, 32));
-        // Judged only near multiples of JUDGE_AFTER (cheap to check on every task).
+        // Judged only near multiples of the interval (cheap to check on every task).
         assert!(!mostly_wasted(J + 10, J, 2));
+        // Small blocks are judged sooner, large ones every JUDGE_AFTER executions.
+        assert_eq!(judge_interval(40), MIN_JUDGE_AFTER);
+        assert_eq!(judge_interval(160), 20);
+        assert_eq!(judge_interval(100_000), J);
+        assert!(super::mostly_wasted(20, 10, 2, judge_interval(160)));
     }
 }

@@ -358,7 +358,7 @@ where
 {
     let n = vm.tx_count();
     let threads = run.threads.max(1);
-    let workers = run.workers(n, storage);
+    let workers = run.workers(vm, storage);
     let tracer = Tracer::new(run.trace);
 
     if options.adaptive && crate::declared::declared_chain(vm, storage, workers) {

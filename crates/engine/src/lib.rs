@@ -68,11 +68,29 @@ impl RunOptions {
         }
     }
 
-    /// The workers to run for `txs` transactions on `storage` (see [`workers::count`]).
-    pub fn workers<S: Storage>(&self, txs: usize, storage: &S) -> usize {
+    /// The workers to run `vm`'s block on `storage`, judging a small block by its
+    /// transaction count (see [`workers::count`]): for engines with a pass over every
+    /// transaction before execution (hints, declarations), which a few heavy
+    /// transactions do not repay.
+    pub fn workers<V: Vm, S: Storage>(&self, vm: &V, storage: &S) -> usize {
+        let txs = vm.tx_count();
         workers::count(
             self.threads,
             txs,
+            || txs,
+            storage.read_latency(),
+            self.spread_small_blocks,
+        )
+    }
+
+    /// The workers to run `vm`'s block on `storage`, judging a small block by its work
+    /// ([`Vm::light_tx_equivalents`]): for engines that start executing at once
+    /// (`block-stm`, `optimistic`).
+    pub fn workers_by_work<V: Vm, S: Storage>(&self, vm: &V, storage: &S) -> usize {
+        workers::count(
+            self.threads,
+            vm.tx_count(),
+            || vm.light_tx_equivalents(),
             storage.read_latency(),
             self.spread_small_blocks,
         )
@@ -133,6 +151,15 @@ impl EngineKind {
         self.run(vm, storage, &RunOptions::threads(threads))
     }
 
+    /// The workers this engine gives `vm`'s block (engines that start executing at once
+    /// judge a small block by its work, the others by its transaction count).
+    fn workers<V: Vm, S: Storage>(self, vm: &V, storage: &S, options: &RunOptions) -> usize {
+        match self {
+            EngineKind::BlockStm | EngineKind::Optimistic => options.workers_by_work(vm, storage),
+            _ => options.workers(vm, storage),
+        }
+    }
+
     /// Executes `vm`'s block on `storage` with this engine and `options`.
     pub fn run<V, S>(
         self,
@@ -150,7 +177,7 @@ impl EngineKind {
         if self != EngineKind::Sequential
             && options.threads > 1
             && !options.spread_small_blocks
-            && options.workers(vm.tx_count(), storage) == 1
+            && self.workers(vm, storage, options) == 1
         {
             // Too small a block to repay a second worker (see `workers::count`): with
             // one worker every engine would execute in block order, so `sequential`

@@ -121,16 +121,16 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    if crate::declared::declared_chain(vm, storage, run.workers(n, storage)) {
+    let workers = run.workers_by_work(vm, storage);
+    if crate::declared::declared_chain(vm, storage, workers) {
         // The declarations already say the block is a chain: merge checks would all fail.
         return crate::sequential::in_order(vm, storage, run, &[]);
     }
-    let workers = run.workers(n, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     if crate::ranges::applies(n, workers, slow_storage, run) {
         return crate::ranges::execute(vm, storage, run, workers, |rest, committed| {
             let tracer = Tracer::new(run.trace);
-            let workers = run.workers(rest.tx_count(), committed);
+            let workers = run.workers_by_work(rest, committed);
             let (state, outputs, mut metrics) = merge_units(rest, committed, workers, &tracer)?;
             metrics.trace = tracer.finish();
             Ok((state, outputs, metrics))

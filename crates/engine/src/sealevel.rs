@@ -191,7 +191,7 @@ where
     let n = vm.tx_count();
     let tracer = Tracer::new(run.trace);
     // Hints and declarations run on as many workers as the block gets.
-    let threads = run.workers(n, storage);
+    let threads = run.workers(vm, storage);
 
     if options.adaptive && declared_chain(vm, storage, threads) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
@@ -223,7 +223,7 @@ where
         halt: AtomicBool::new(false),
         tracer,
     };
-    let workers = run.workers(n, storage);
+    let workers = run.workers(vm, storage);
     let build_time = build_started.elapsed();
 
     let per_worker = crate::workers::run(workers, |id| engine.work(id));

@@ -18,21 +18,36 @@ pub const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
 /// 0.76x of one).
 pub const MIN_TXS_PER_WORKER: usize = 64;
 
-/// The workers an engine runs for `txs` transactions on `threads` threads, when a
+/// A small block's heavy transactions earn it a worker only if that worker gets at least
+/// this many of them (a handful of transactions rarely split evenly).
+pub const MIN_HEAVY_TXS_PER_WORKER: usize = 8;
+
+/// The workers an engine runs for `txs` transactions worth `light_txs` light ones
+/// ([`parex_core::Vm::light_tx_equivalents`]; asked only when `txs` alone does not fill
+/// every thread; pass `|| txs` to count transactions only) on `threads` threads, when a
 /// storage read takes `read_latency` (see [`crate::RunOptions::spread_small_blocks`]).
 pub fn count(
     threads: usize,
     txs: usize,
+    light_txs: impl FnOnce() -> usize,
     read_latency: Duration,
     spread_small_blocks: bool,
 ) -> usize {
     let threads = threads.max(1);
     let workers = if read_latency >= SLOW_READ {
         (threads * WORKERS_PER_THREAD_IF_SLOW).min(512)
-    } else if spread_small_blocks {
+    } else if spread_small_blocks || txs >= threads * MIN_TXS_PER_WORKER {
         threads
     } else {
-        threads.min(txs / MIN_TXS_PER_WORKER)
+        // A few heavy transactions repay a second worker as many light ones do.
+        let light = light_txs();
+        if light > txs {
+            threads
+                .min(light / MIN_TXS_PER_WORKER)
+                .min(txs / MIN_HEAVY_TXS_PER_WORKER)
+        } else {
+            threads.min(txs / MIN_TXS_PER_WORKER)
+        }
     };
     workers.min(txs).max(1)
 }
@@ -178,15 +193,31 @@ mod tests {
     fn worker_count() {
         let fast = Duration::ZERO;
         let slow = super::SLOW_READ;
-        assert_eq!(super::count(2, 18, fast, false), 1);
-        assert_eq!(super::count(2, 18, fast, true), 2);
-        assert_eq!(super::count(2, 127, fast, false), 1);
-        assert_eq!(super::count(2, 128, fast, false), 2);
-        assert_eq!(super::count(2, 1000, fast, false), 2);
-        assert_eq!(super::count(8, 300, fast, false), 4);
-        assert_eq!(super::count(2, 18, slow, false), 18);
-        assert_eq!(super::count(2, 1000, slow, false), 32);
-        assert_eq!(super::count(0, 0, fast, false), 1);
+        let count = |threads, txs, fast_storage, spread| {
+            let latency = if fast_storage { fast } else { slow };
+            super::count(threads, txs, || txs, latency, spread)
+        };
+        assert_eq!(count(2, 18, true, false), 1);
+        assert_eq!(count(2, 18, true, true), 2);
+        assert_eq!(count(2, 127, true, false), 1);
+        assert_eq!(count(2, 128, true, false), 2);
+        assert_eq!(count(2, 1000, true, false), 2);
+        assert_eq!(count(8, 300, true, false), 4);
+        assert_eq!(count(2, 18, false, false), 18);
+        assert_eq!(count(2, 1000, false, false), 32);
+        assert_eq!(count(0, 0, true, false), 1);
+        // Heavy transactions: 40 worth 200 light ones fill two workers, 24 worth 1000
+        // three (8 each at least), 4 none; worth less than they number, they count as
+        // themselves.
+        assert_eq!(super::count(2, 40, || 200, fast, false), 2);
+        assert_eq!(super::count(8, 24, || 1000, fast, false), 3);
+        assert_eq!(super::count(8, 4, || 1000, fast, false), 1);
+        assert_eq!(super::count(2, 127, || 3, fast, false), 1);
+        // Large blocks never ask.
+        assert_eq!(
+            super::count(2, 500, || unreachable!("not asked"), fast, false),
+            2
+        );
     }
 
     #[test]

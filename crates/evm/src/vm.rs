@@ -41,6 +41,13 @@ static NEXT_VM_ID: AtomicU64 = AtomicU64::new(0);
 /// The pre-block state, as the VM may read it directly (for [`crate::credit`]).
 pub type PreBlockState<'b> = &'b dyn Storage<Key = StateKey, Value = StateValue>;
 
+/// Gas limit that counts as one light transaction in [`Vm::light_tx_equivalents`]: about
+/// three plain transfers' 21000 (limits run two to three times the gas used; on mainnet
+/// block 116525, 83 transfers with 90000-gas limits take 0.3 ms and do not repay a
+/// second worker, while blocks of 20 to 120 transactions with limits of 130k to 440k
+/// each, 1 to 15 ms, ran 1.3 to 1.7x faster on two).
+const LIGHT_TX_GAS: u64 = 60_000;
+
 /// Executes the transactions of one block with revm.
 pub struct EvmVm<'b> {
     block: &'b EvmBlock,
@@ -224,6 +231,15 @@ impl Vm for EvmVm<'_> {
     }
 
     /// The sender's account (its nonce orders its transactions).
+    /// Each transaction weighs its gas limit over `LIGHT_TX_GAS`, at least one.
+    fn light_tx_equivalents(&self) -> usize {
+        self.block
+            .txs
+            .iter()
+            .map(|t| (t.env.gas_limit / LIGHT_TX_GAS).max(1) as usize)
+            .sum()
+    }
+
     fn sequence_key(&self, tx: TxIndex) -> Option<StateKey> {
         self.block
             .txs
@@ -385,5 +401,44 @@ fn account_after(
     AccountValue {
         info: exists.then_some(info),
         storage_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use parex_core::Vm;
+    use revm::context::{BlockEnv, TxEnv};
+    use revm::primitives::hardfork::SpecId;
+
+    use super::{EvmVm, LIGHT_TX_GAS};
+    use crate::block::{EvmBlock, EvmTx};
+
+    #[test]
+    fn heavy_transactions_weigh_their_gas_limit() {
+        let tx = |gas_limit| EvmTx {
+            env: TxEnv {
+                gas_limit,
+                ..TxEnv::default()
+            },
+            hash: None,
+        };
+        let block = EvmBlock {
+            number: 1,
+            spec: SpecId::CANCUN,
+            chain_id: 1,
+            env: BlockEnv::default(),
+            // A transfer and a generous limit count once each; 5 and 16 light ones.
+            txs: vec![
+                tx(21_000),
+                tx(LIGHT_TX_GAS + 1),
+                tx(5 * LIGHT_TX_GAS),
+                tx(16 * LIGHT_TX_GAS + 7),
+            ],
+            block_hashes: Arc::new(HashMap::new()),
+        };
+        assert_eq!(EvmVm::new(&block).light_tx_equivalents(), 1 + 1 + 5 + 16);
     }
 }
