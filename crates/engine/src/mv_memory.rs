@@ -120,6 +120,27 @@ fn walk<V, D>(versions: &[(TxIndex, Entry<V, D>)], end: usize) -> (Bottom, usize
     (Bottom::Storage, first_delta)
 }
 
+/// The answer to a read that reached the write `versions[i]` (the deltas
+/// `versions[first_delta..end]` above it applied, if any).
+fn resolve_over_write<K, V: Clone, D>(
+    key: &K,
+    versions: &[(TxIndex, Entry<V, D>)],
+    i: usize,
+    first_delta: usize,
+    end: usize,
+    apply: &impl Fn(&K, Option<V>, &D) -> Option<V>,
+) -> Read<V> {
+    let Entry::Write(incarnation, value) = &versions[i].1 else {
+        unreachable!("the walk stops at writes")
+    };
+    if first_delta == end {
+        let origin = Origin::Version(versions[i].0, *incarnation);
+        return Read::Value(Ok(Some(value.clone())), origin);
+    }
+    let v = apply_deltas(key, versions, first_delta, end, Some(value.clone()), apply);
+    Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
+}
+
 /// The answer to a read that reached the pre-block value `base` (the deltas
 /// `versions[first_delta..end]` above it applied, if any).
 fn resolve_over_storage<K, V: Clone, D>(
@@ -232,26 +253,10 @@ where
                 let versions = &state.versions;
                 let end = versions.partition_point(|(t, _)| *t < tx);
                 let (bottom, first_delta) = walk(versions, end);
-                let resolved = first_delta != end;
                 match bottom {
                     Bottom::Blocked(t) => return Read::Blocked(t),
                     Bottom::Write(i) => {
-                        let Entry::Write(incarnation, value) = &versions[i].1 else {
-                            unreachable!()
-                        };
-                        if !resolved {
-                            let origin = Origin::Version(versions[i].0, *incarnation);
-                            return Read::Value(Ok(Some(value.clone())), origin);
-                        }
-                        let v = apply_deltas(
-                            key,
-                            versions,
-                            first_delta,
-                            end,
-                            Some(value.clone()),
-                            &apply,
-                        );
-                        return Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)));
+                        return resolve_over_write(key, versions, i, first_delta, end, &apply);
                     }
                     Bottom::Storage => match &state.base {
                         Base::Loaded(base) => {
@@ -305,17 +310,7 @@ where
         let resolved = first_delta != end;
         match bottom {
             Bottom::Blocked(t) => Read::Blocked(t),
-            Bottom::Write(i) => {
-                let Entry::Write(incarnation, value) = &versions[i].1 else {
-                    unreachable!()
-                };
-                if !resolved {
-                    let origin = Origin::Version(versions[i].0, *incarnation);
-                    return Read::Value(Ok(Some(value.clone())), origin);
-                }
-                let v = apply_deltas(key, versions, first_delta, end, Some(value.clone()), &apply);
-                Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
-            }
+            Bottom::Write(i) => resolve_over_write(key, versions, i, first_delta, end, &apply),
             Bottom::Storage if !resolved => {
                 drop(table);
                 Read::Value(load(key), Origin::Storage)
