@@ -99,8 +99,8 @@ struct BlockStm<'a, V: Vm, S> {
     adaptive: bool,
     /// Workers running the block (see [`give_up_waste`]).
     workers: usize,
-    /// Units (transactions or chunks) the block has (see [`judge_interval`]).
-    scheduler_units: usize,
+    /// Executions between two judgements of a worker (see [`judge_interval`]).
+    judge_interval: u64,
     /// More workers than threads (slow storage): idle workers sleep rather than spin.
     oversubscribed: bool,
     tracer: Tracer,
@@ -315,7 +315,7 @@ where
         gave_up: AtomicBool::new(false),
         adaptive,
         workers,
-        scheduler_units: n,
+        judge_interval: judge_interval(n),
         oversubscribed: workers > run.threads.max(1),
         tracer: Tracer::new(run.trace),
     };
@@ -520,7 +520,7 @@ where
                 m.executions,
                 m.validation_failures + m.dependency_waits - sequence_waits,
                 self.workers,
-                judge_interval(self.scheduler_units),
+                self.judge_interval,
             )
     }
 
