@@ -17,8 +17,11 @@
 //!   cached: a read that no entry answers goes to storage and inserts nothing, so the
 //!   memory holds only written keys (a copy of every value read would cost more to
 //!   build, touch and tear down than reading storage again).
-//! * Keys are spread over cache-padded shards, each a mutex over a hash table; the hash
-//!   is computed once per operation. Nothing is allocated on a read of a known key.
+//! * Keys are spread over cache-padded shards, each a mutex over a table: the keys'
+//!   states side by side in arrival order, found through a hash table of positions (so
+//!   a new key touches the next free state, not a random place in memory sized for the
+//!   whole block). The hash is computed once per operation. Nothing is allocated on a
+//!   read of a known key.
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Mutex, MutexGuard};
@@ -83,7 +86,73 @@ struct KeyState<K, V, D> {
     base: Base<V>,
 }
 
-type Table<K, V, D> = HashTable<KeyState<K, V, D>>;
+/// A shard's keys: their states side by side in insertion order, found through a hash
+/// table of positions. The states are touched only as keys arrive (a table of the
+/// states themselves, sized for the block, spread each insert over memory never used
+/// before: faulting and zeroing it cost as much as the inserts), and the final values are
+/// read from them in one pass.
+struct Table<K, V, D> {
+    positions: HashTable<u32>,
+    states: Vec<KeyState<K, V, D>>,
+}
+
+impl<K: Eq + Clone, V, D> Table<K, V, D> {
+    fn with_capacity(keys: usize) -> Self {
+        Self {
+            positions: HashTable::with_capacity(keys),
+            states: Vec::with_capacity(keys),
+        }
+    }
+
+    #[inline]
+    fn find(&self, hash: u64, key: &K) -> Option<&KeyState<K, V, D>> {
+        let states = &self.states;
+        let &i = self
+            .positions
+            .find(hash, |&i| states[i as usize].key == *key)?;
+        Some(&states[i as usize])
+    }
+
+    #[inline]
+    fn find_mut(&mut self, hash: u64, key: &K) -> Option<&mut KeyState<K, V, D>> {
+        let states = &self.states;
+        let &i = self
+            .positions
+            .find(hash, |&i| states[i as usize].key == *key)?;
+        Some(&mut self.states[i as usize])
+    }
+
+    /// The state of `key`, created (with no versions) if the key is new.
+    #[inline]
+    fn state_mut(&mut self, hash: u64, key: &K) -> &mut KeyState<K, V, D> {
+        let states = &self.states;
+        let next = states.len();
+        let position = self.positions.entry(
+            hash,
+            |&i| states[i as usize].key == *key,
+            |&i| states[i as usize].hash,
+        );
+        let i = match position {
+            hashbrown::hash_table::Entry::Occupied(e) => *e.get() as usize,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(u32::try_from(next).expect("fewer than 2^32 keys per shard"));
+                self.states.push(KeyState {
+                    key: key.clone(),
+                    hash,
+                    versions: SmallVec::new(),
+                    base: Base::Unloaded,
+                });
+                next
+            }
+        };
+        &mut self.states[i]
+    }
+
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+}
+
 type Shard<K, V, D> = CachePadded<Mutex<Table<K, V, D>>>;
 
 pub struct MvMemory<K, V, D> {
@@ -194,7 +263,7 @@ where
         let per_shard = keys.div_ceil(shards);
         Self {
             shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(HashTable::with_capacity(per_shard))))
+                .map(|_| CachePadded::new(Mutex::new(Table::with_capacity(per_shard))))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
             cache_base: slow_storage,
@@ -202,29 +271,11 @@ where
     }
 
     #[inline]
-    fn shard(&self, hash: u64) -> MutexGuard<'_, HashTable<KeyState<K, V, D>>> {
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Table<K, V, D>> {
         // The table takes bucket positions from the low bits of the hash and tags from
         // the top 7: pick the shard with bits in between, so as to skew neither.
         let shard = &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)];
         shard.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    #[inline]
-    fn state_mut<'t>(
-        &self,
-        table: &'t mut HashTable<KeyState<K, V, D>>,
-        hash: u64,
-        key: &K,
-    ) -> &'t mut KeyState<K, V, D> {
-        table
-            .entry(hash, |s| s.key == *key, |s| s.hash)
-            .or_insert_with(|| KeyState {
-                key: key.clone(),
-                hash,
-                versions: SmallVec::new(),
-                base: Base::Unloaded,
-            })
-            .into_mut()
     }
 
     /// The value of `key` as transaction `tx` sees it. `load` reads the pre-block value
@@ -246,7 +297,7 @@ where
         loop {
             let must_load = {
                 let mut table = self.shard(hash);
-                let state = self.state_mut(&mut table, hash, key);
+                let state = table.state_mut(hash, key);
                 if let Some(value) = loaded.take() {
                     state.base = Base::Loaded(Box::new(value));
                 }
@@ -300,7 +351,7 @@ where
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
         let table = self.shard(hash);
-        let Some(state) = table.find(hash, |s| s.key == *key) else {
+        let Some(state) = table.find(hash, key) else {
             drop(table);
             return Read::Value(load(key), Origin::Storage);
         };
@@ -350,7 +401,7 @@ where
     ) -> bool {
         let hash = self.hasher.hash_one(key);
         let table = self.shard(hash);
-        let Some(state) = table.find(hash, |s| s.key == *key) else {
+        let Some(state) = table.find(hash, key) else {
             // Nothing was ever written: the pre-block value.
             return matches!(origin, Origin::Storage);
         };
@@ -390,7 +441,7 @@ where
     pub fn write(&self, key: K, tx: TxIndex, entry: Entry<V, D>) {
         let hash = self.hasher.hash_one(&key);
         let mut table = self.shard(hash);
-        let state = self.state_mut(&mut table, hash, &key);
+        let state = table.state_mut(hash, &key);
         let versions = &mut state.versions;
         // Writers come in roughly block order: look from the end first.
         match versions.last() {
@@ -406,7 +457,7 @@ where
     pub fn remove(&self, key: &K, tx: TxIndex) {
         let hash = self.hasher.hash_one(key);
         let mut table = self.shard(hash);
-        if let Some(state) = table.find_mut(hash, |s| s.key == *key)
+        if let Some(state) = table.find_mut(hash, key)
             && let Ok(i) = state.versions.binary_search_by_key(&tx, |(t, _)| *t)
         {
             state.versions.remove(i);
@@ -417,7 +468,7 @@ where
     pub fn mark_estimate(&self, key: &K, tx: TxIndex) {
         let hash = self.hasher.hash_one(key);
         let mut table = self.shard(hash);
-        if let Some(state) = table.find_mut(hash, |s| s.key == *key)
+        if let Some(state) = table.find_mut(hash, key)
             && let Ok(i) = state.versions.binary_search_by_key(&tx, |(t, _)| *t)
         {
             state.versions[i].1 = Entry::Estimate;
@@ -452,7 +503,7 @@ where
          -> Result<Vec<(K, V)>, StorageError> {
             let mut out = Vec::with_capacity(capacity);
             for table in group {
-                for state in table {
+                for state in table.states {
                     let KeyState {
                         key,
                         mut versions,
@@ -493,7 +544,7 @@ where
             let first = groups.next().expect("at least one group");
             let handles: Vec<_> = groups
                 .map(|g| {
-                    let capacity = g.iter().map(HashTable::len).sum();
+                    let capacity = g.iter().map(Table::len).sum();
                     scope.spawn(move || resolve_group(g, capacity))
                 })
                 .collect();
@@ -621,6 +672,35 @@ mod tests {
             assert_eq!(origin, Origin::Failed);
             assert!(m.validate(&9, 2, &origin, load, add));
             assert!(m.into_final_values(1, load, add).is_err());
+        }
+    }
+
+    #[test]
+    fn tables_grow_past_their_sizing_and_keep_every_key() {
+        for m in [MvMemory::new(4, true), MvMemory::new(4, false)] {
+            // Far more keys than the memory was sized for: positions rehash from the
+            // states' stored hashes, states move as their vectors grow.
+            for k in 0..2000u32 {
+                m.write(k, (k % 7) as TxIndex, Entry::Write(0, -i64::from(k)));
+            }
+            for k in (0..2000u32).step_by(13) {
+                let tx = (k % 7) as TxIndex;
+                assert_eq!(
+                    value(m.read(&k, tx + 1, load, add)),
+                    (Ok(Some(-i64::from(k))), Origin::Version(tx, 0))
+                );
+                // Below the writer: the pre-block value (key 9 cannot be read).
+                if k != 9 {
+                    assert_eq!(
+                        value(m.read(&k, tx, load, add)).0,
+                        Ok(Some(10 * i64::from(k)))
+                    );
+                }
+            }
+            let mut finals = m.into_final_values(2, load, add).unwrap();
+            finals.sort();
+            let expected: Vec<(u32, i64)> = (0..2000u32).map(|k| (k, -i64::from(k))).collect();
+            assert_eq!(finals, expected);
         }
     }
 
