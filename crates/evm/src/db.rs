@@ -35,10 +35,24 @@ impl From<DbError> for parex_core::VmError {
     }
 }
 
-/// The code of every account without code: analyzed once, shared (a reference count).
-fn empty_code() -> Bytecode {
-    static EMPTY: std::sync::LazyLock<Bytecode> = std::sync::LazyLock::new(Bytecode::default);
-    EMPTY.clone()
+/// A copy of `code` with a reference count of its own, sharing its bytes.
+///
+/// revm clones an account's code (a reference count) each time it loads the account and
+/// drops it after the transaction: with one shared count, every worker thread of a
+/// block would bump the same cache line for every account touched (the empty code of
+/// each externally owned account, the code of a popular contract), and the line would
+/// bounce between cores. Each thread's EVM serves private copies instead.
+fn private_copy(code: &Bytecode) -> Bytecode {
+    let Some(jump_table) = code.legacy_jump_table() else {
+        // Not analyzed legacy code (an EIP-7702 delegation): rare, shared as is.
+        return code.clone();
+    };
+    // SAFETY: `new_analyzed` requires bytes padded so that execution never reads past
+    // them, an original length within them and a jump table covering it. All three are
+    // taken unchanged from `code`, which revm analyzed and padded itself (a legacy
+    // analyzed bytecode holds exactly such parts); the copy differs only in owning
+    // another reference count to them. Tested in `private_copies_equal_their_source`.
+    unsafe { Bytecode::new_analyzed(code.bytecode().clone(), code.len(), jump_table.clone()) }
 }
 
 /// The engine's read view, with its lifetime erased (see [`ViewDb::attach`]).
@@ -57,6 +71,8 @@ pub struct ViewDb {
     /// named the hash is what the engine tracks and validates. Misses go through the view
     /// (code another transaction is still writing must be seen, and validated, there).
     codes: alloy_primitives::map::B256Map<Bytecode>,
+    /// The code of every account without code ([`private_copy`] of revm's default).
+    empty_code: Bytecode,
 }
 
 /// The accounts one execution has read: a short list (most transactions touch a handful),
@@ -104,6 +120,7 @@ impl ViewDb {
             block_hashes,
             accounts: AccountMemo::default(),
             codes: Default::default(),
+            empty_code: private_copy(&Bytecode::default()),
         }
     }
 
@@ -160,7 +177,7 @@ impl ViewDb {
 
     fn code(&mut self, code_hash: B256) -> Result<Bytecode, DbError> {
         if code_hash == KECCAK_EMPTY || code_hash.is_zero() {
-            return Ok(empty_code());
+            return Ok(self.empty_code.clone());
         }
         if let Some(code) = self.codes.get(&code_hash) {
             return Ok(code.clone());
@@ -168,11 +185,12 @@ impl ViewDb {
         let key = StateKey::Code(code_hash);
         match self.view()?.read(&key)? {
             Some(StateValue::Code(code)) => {
+                let code = private_copy(&code);
                 self.codes.insert(code_hash, code.clone());
                 Ok(code)
             }
             // Code that no one has: the account's code is unknown to the data set.
-            None => Ok(empty_code()),
+            None => Ok(self.empty_code.clone()),
             Some(_) => Err(DbError::WrongKind(key)),
         }
     }
@@ -213,5 +231,41 @@ impl Database for ViewDb {
             .get(&number)
             .copied()
             .ok_or(DbError::MissingBlockHash(number))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy_primitives::{Bytes, address};
+    use revm::bytecode::Bytecode;
+
+    use super::private_copy;
+
+    #[test]
+    fn private_copies_equal_their_source() {
+        // PUSH1 4, JUMP, INVALID, JUMPDEST, STOP: one valid jump destination.
+        let contract = Bytecode::new_raw(Bytes::from_static(&[0x60, 0x04, 0x56, 0xfe, 0x5b, 0x00]));
+        for code in [
+            Bytecode::default(),
+            contract,
+            Bytecode::new_eip7702(address!("0x00000000000000000000000000000000000000aa")),
+        ] {
+            let copy = private_copy(&code);
+            assert_eq!(copy, code);
+            assert_eq!(copy.kind(), code.kind());
+            assert_eq!(copy.len(), code.len());
+            assert_eq!(copy.bytecode(), code.bytecode());
+            assert_eq!(copy.original_bytes(), code.original_bytes());
+            assert_eq!(copy.hash_slow(), code.hash_slow());
+            assert_eq!(copy.legacy_jump_table(), code.legacy_jump_table());
+            if let (Some(a), Some(b)) = (copy.legacy_jump_table(), code.legacy_jump_table()) {
+                // Its own analysis record (and so its own reference count).
+                assert!(!std::ptr::eq(a, b));
+                for pc in 0..code.len() {
+                    assert_eq!(a.is_valid(pc), b.is_valid(pc), "jump destination {pc}");
+                }
+            }
+        }
+        assert!(!private_copy(&Bytecode::default()).is_default());
     }
 }
