@@ -228,7 +228,9 @@ fn dispatch_and_empty_block() {
 }
 
 /// A chain is recognized from its declarations on slow storage too (where the sample's
-/// declarations are taken in parallel): every parallel engine runs it in order.
+/// declarations are taken in parallel): every parallel engine but `block-stm` runs it in
+/// order. `block-stm` speculates (its executions load pre-block values side by side) and
+/// may only give up by finishing alone.
 #[test]
 fn chains_on_slow_storage_run_in_order() {
     let chain = vm((0..200u32)
@@ -253,7 +255,16 @@ fn chains_on_slow_storage_run_in_order() {
         }
         let (outcome, m) = kind.run(&chain, &slow, &RunOptions::threads(2)).unwrap();
         assert_eq!(outcome, expected, "{kind}");
-        assert_eq!(extra(&m, "sequential_fallback"), 1, "{kind}: {m:?}");
+        if kind == EngineKind::BlockStm {
+            assert!(m.executions > 200, "{kind} speculates: {m:?}");
+            assert_eq!(
+                extra(&m, "sequential_fallback"),
+                extra(&m, "finished_alone"),
+                "{kind}: {m:?}"
+            );
+        } else {
+            assert_eq!(extra(&m, "sequential_fallback"), 1, "{kind}: {m:?}");
+        }
     }
 }
 
