@@ -631,7 +631,7 @@ where
         match std::mem::replace(&mut hint.result, placeholder) {
             Ok(mut execution) => {
                 for (key, write) in execution.writes.drain(..) {
-                    self.memory.write(key, tx, entry(0, write));
+                    let _ = self.memory.write(key, tx, entry(0, write));
                 }
                 record.output = Some(Ok(execution.output));
                 record.spent = execution.writes;
@@ -687,7 +687,7 @@ where
                 self.surprise(&key, tx);
             }
             record.written.push(key.clone());
-            self.memory.write(key, tx, entry(incarnation, write));
+            let _ = self.memory.write(key, tx, entry(incarnation, write));
         }
         for key in previous {
             if !record.written.contains(&key) {

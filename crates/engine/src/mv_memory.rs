@@ -13,7 +13,8 @@
 //!   order on top of the base, one by one, exactly as serial execution applies them.
 //! * Pre-block values: on slow storage, a key's value is read once, by the first reader
 //!   that needs it and outside the shard lock; concurrent readers of the same key wait
-//!   for it; it is then cached in the key's state. On fast storage (memory) nothing is
+//!   for it; it is then cached in the key's state, which also keeps the highest reader
+//!   (a write then tells whether a later transaction may have read past it). On fast storage (memory) nothing is
 //!   cached: a read that no entry answers goes to storage and inserts nothing, so the
 //!   memory holds only written keys (a copy of every value read would cost more to
 //!   build, touch and tear down than reading storage again).
@@ -84,6 +85,9 @@ struct KeyState<K, V, D> {
     /// a single writer, whose entry is kept inline.
     versions: SmallVec<[(TxIndex, Entry<V, D>); 1]>,
     base: Base<V>,
+    /// The highest transaction that read the key (kept on slow storage only, where every
+    /// read finds or creates the key's state; see [`MvMemory::write`]).
+    max_reader: TxIndex,
 }
 
 /// A shard's keys: their states side by side in insertion order, found through a hash
@@ -141,6 +145,7 @@ impl<K: Eq + Clone, V, D> Table<K, V, D> {
                     hash,
                     versions: SmallVec::new(),
                     base: Base::Unloaded,
+                    max_reader: 0,
                 });
                 next
             }
@@ -298,6 +303,7 @@ where
             let must_load = {
                 let mut table = self.shard(hash);
                 let state = table.state_mut(hash, key);
+                state.max_reader = state.max_reader.max(tx);
                 if let Some(value) = loaded.take() {
                     state.base = Base::Loaded(Box::new(value));
                 }
@@ -437,11 +443,16 @@ where
     }
 
     /// Records the write of `tx` (incarnation of a `Write`) under `key`, replacing the
-    /// entry of its previous incarnation.
-    pub fn write(&self, key: K, tx: TxIndex, entry: Entry<V, D>) {
+    /// entry of its previous incarnation. Returns whether a later transaction may already
+    /// have read the key (and so read past this write): on slow storage, whether one has
+    /// (reads and writes of a key are ordered by its shard lock, so a reader not seen
+    /// here reads after the write and sees it); on fast storage, where reads of unwritten
+    /// keys leave no trace, always.
+    pub fn write(&self, key: K, tx: TxIndex, entry: Entry<V, D>) -> bool {
         let hash = self.hasher.hash_one(&key);
         let mut table = self.shard(hash);
         let state = table.state_mut(hash, &key);
+        let read_above = !self.cache_base || state.max_reader > tx;
         let versions = &mut state.versions;
         // Writers come in roughly block order: look from the end first.
         match versions.last() {
@@ -451,6 +462,7 @@ where
             },
             _ => versions.push((tx, entry)),
         }
+        read_above
     }
 
     /// Removes the entry of `tx` under `key` (its new incarnation no longer writes it).
@@ -673,6 +685,24 @@ mod tests {
             assert!(m.validate(&9, 2, &origin, load, add));
             assert!(m.into_final_values(1, load, add).is_err());
         }
+    }
+
+    #[test]
+    fn writes_tell_whether_a_later_transaction_read_the_key() {
+        let [slow, fast] = memories();
+        // Slow storage: known exactly, from the reads seen under the key's lock.
+        assert!(!slow.write(1, 5, Entry::Write(0, 1)));
+        value(slow.read(&2, 3, load, add));
+        assert!(!slow.write(2, 3, Entry::Write(0, 1)), "its own read");
+        assert!(
+            slow.write(2, 1, Entry::Delta(4)),
+            "read by 3 before this write"
+        );
+        value(slow.read(&1, 9, load, add));
+        assert!(slow.write(1, 5, Entry::Write(1, 2)));
+        assert!(!slow.write(1, 9, Entry::Write(0, 3)));
+        // Fast storage keeps no trace of reads of unwritten keys: always maybe.
+        assert!(fast.write(1, 5, Entry::Write(0, 1)));
     }
 
     #[test]

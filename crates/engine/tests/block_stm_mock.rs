@@ -41,6 +41,34 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
     }
 }
 
+/// As [`check`], on slow storage (reads that block: 16 workers per thread, pre-block
+/// values cached in the multi-version memory, which also tracks which transactions read
+/// each key so that a write no later transaction has read triggers no revalidation).
+fn check_slow(vm: &MockVm, keys: u32, repeat: usize) {
+    let inner = storage_for(keys);
+    let slow = parex_core::LatencyStorage::new(&inner, parex_engine::workers::SLOW_READ);
+    let expected = sequential::execute(vm, &inner, &RunOptions::threads(1))
+        .map(|(o, _)| o)
+        .map_err(|e| e.to_string());
+    for threads in [1, 2, 4] {
+        for _ in 0..repeat {
+            for adaptive in [false, true] {
+                let options = block_stm::Options {
+                    adaptive,
+                    chunk_size: None,
+                };
+                let got = block_stm::execute_with(vm, &slow, &RunOptions::stress(threads), options)
+                    .map(|(o, _)| o)
+                    .map_err(|e| e.to_string());
+                assert_eq!(
+                    got, expected,
+                    "slow storage, threads {threads}, adaptive {adaptive}"
+                );
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -67,6 +95,21 @@ proptest! {
     #[test]
     fn spurious_and_real_errors(txs in block_strategy(8, 100, 1), fail_modulo in 40u64..400) {
         check(&MockVm { txs, fail_modulo, ..MockVm::default() }, 8, 3);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Slow storage, from contended to mostly independent blocks, deltas included.
+    #[test]
+    fn slow_storage_conflicts(txs in block_strategy(12, 80, 1)) {
+        check_slow(&vm(txs), 12, 2);
+    }
+
+    #[test]
+    fn slow_storage_deltas(txs in prop::collection::vec(tx_strategy(6, 1, 1, 3), 0..=80)) {
+        check_slow(&vm(txs), 6, 2);
     }
 }
 
