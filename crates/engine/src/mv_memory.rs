@@ -692,13 +692,13 @@ mod tests {
         let [slow, fast] = memories();
         // Slow storage: known exactly, from the reads seen under the key's lock.
         assert!(!slow.write(1, 5, Entry::Write(0, 1)));
-        value(slow.read(&2, 3, load, add));
+        assert_eq!(value(slow.read(&2, 3, load, add)).0, Ok(Some(20)));
         assert!(!slow.write(2, 3, Entry::Write(0, 1)), "its own read");
         assert!(
             slow.write(2, 1, Entry::Delta(4)),
             "read by 3 before this write"
         );
-        value(slow.read(&1, 9, load, add));
+        assert_eq!(value(slow.read(&1, 9, load, add)).0, Ok(Some(1)));
         assert!(slow.write(1, 5, Entry::Write(1, 2)));
         assert!(!slow.write(1, 9, Entry::Write(0, 3)));
         // Fast storage keeps no trace of reads of unwritten keys: always maybe.
