@@ -14,10 +14,10 @@
 //! * Pre-block values: on slow storage, a key's value is read once, by the first reader
 //!   that needs it and outside the shard lock; concurrent readers of the same key wait
 //!   for it; it is then cached in the key's state, which also keeps the highest reader
-//!   (a write then tells whether a later transaction may have read past it). On fast storage (memory) nothing is
-//!   cached: a read that no entry answers goes to storage and inserts nothing, so the
-//!   memory holds only written keys (a copy of every value read would cost more to
-//!   build, touch and tear down than reading storage again).
+//!   (a write then tells whether a later transaction may have read past it). On fast
+//!   storage (memory) nothing is cached: a read that no entry answers goes to storage
+//!   and inserts nothing, so the memory holds only written keys (a copy of every value
+//!   read would cost more to build, touch and tear down than reading storage again).
 //! * Keys are spread over cache-padded shards, each a mutex over a table: the keys'
 //!   states side by side in arrival order, found through a hash table of positions (so
 //!   a new key touches the next free state, not a random place in memory sized for the
