@@ -74,23 +74,26 @@ impl RunOptions {
     /// transactions do not repay.
     pub fn workers<V: Vm, S: Storage>(&self, vm: &V, storage: &S) -> usize {
         let txs = vm.tx_count();
-        workers::count(
-            self.threads,
-            txs,
-            || txs,
-            storage.read_latency(),
-            self.spread_small_blocks,
-        )
+        self.count_workers(txs, || txs, storage)
     }
 
     /// The workers to run `vm`'s block on `storage`, judging a small block by its work
     /// ([`Vm::light_tx_equivalents`]): for engines that start executing at once
     /// (`block-stm`, `optimistic`).
     pub fn workers_by_work<V: Vm, S: Storage>(&self, vm: &V, storage: &S) -> usize {
+        self.count_workers(vm.tx_count(), || vm.light_tx_equivalents(), storage)
+    }
+
+    fn count_workers<S: Storage>(
+        &self,
+        txs: usize,
+        light_txs: impl FnOnce() -> usize,
+        storage: &S,
+    ) -> usize {
         workers::count(
             self.threads,
-            vm.tx_count(),
-            || vm.light_tx_equivalents(),
+            txs,
+            light_txs,
             storage.read_latency(),
             self.spread_small_blocks,
         )

@@ -108,22 +108,23 @@ impl<K: Eq + Clone, V, D> Table<K, V, D> {
         }
     }
 
+    /// Where the state of `key` is, if the key is known.
+    #[inline]
+    fn position(&self, hash: u64, key: &K) -> Option<usize> {
+        let states = &self.states;
+        self.positions
+            .find(hash, |&i| states[i as usize].key == *key)
+            .map(|&i| i as usize)
+    }
+
     #[inline]
     fn find(&self, hash: u64, key: &K) -> Option<&KeyState<K, V, D>> {
-        let states = &self.states;
-        let &i = self
-            .positions
-            .find(hash, |&i| states[i as usize].key == *key)?;
-        Some(&states[i as usize])
+        self.position(hash, key).map(|i| &self.states[i])
     }
 
     #[inline]
     fn find_mut(&mut self, hash: u64, key: &K) -> Option<&mut KeyState<K, V, D>> {
-        let states = &self.states;
-        let &i = self
-            .positions
-            .find(hash, |&i| states[i as usize].key == *key)?;
-        Some(&mut self.states[i as usize])
+        self.position(hash, key).map(|i| &mut self.states[i])
     }
 
     /// The state of `key`, created (with no versions) if the key is new.

@@ -230,7 +230,6 @@ impl Vm for EvmVm<'_> {
         earlier.merge(later);
     }
 
-    /// The sender's account (its nonce orders its transactions).
     /// Each transaction weighs its gas limit over `LIGHT_TX_GAS`, at least one.
     fn light_tx_equivalents(&self) -> usize {
         self.block
@@ -240,6 +239,7 @@ impl Vm for EvmVm<'_> {
             .sum()
     }
 
+    /// The sender's account (its nonce orders its transactions).
     fn sequence_key(&self, tx: TxIndex) -> Option<StateKey> {
         self.block
             .txs
