@@ -2,8 +2,11 @@
 //! latencies (plus the built-in mainnet blocks), side by side in one process.
 //!
 //! Per *group* (one block at one read latency): every run — `sequential` once and each
-//! other engine at each thread count — is executed once as warm-up, then `repeat` times
-//! interleaved (each repeat runs every engine once, so drift hits all of them alike).
+//! other engine at each thread count — is executed once as warm-up, then in interleaved
+//! rounds (each round runs every engine once, so drift hits all of them alike): at least
+//! `repeat` rounds, and more until `sequential`'s timed runs add up to `min_time` (at most
+//! `MAX_ROUNDS_PER_REPEAT` times `repeat`), so that a block of a fraction of a millisecond
+//! gets enough runs for one slow moment of the machine not to decide its median.
 //! Every run's outcome must equal `sequential`'s warm-up outcome (per-transaction outcomes
 //! and state diff) or the engine's cell is dropped and the command fails at the end,
 //! naming the cell and the engine.
@@ -58,6 +61,12 @@ pub struct BenchArgs {
     /// Timed runs per engine and cell, after one warm-up run [default: 5; --quick: 3].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     repeat: Option<u64>,
+    /// Keep adding rounds (every engine once) until sequential's timed runs of a cell add
+    /// up to this many milliseconds, up to 100 times --repeat rounds [default: 200; --quick:
+    /// 50]. Short blocks (most mainnet blocks take 0.1 to 15 ms) then get dozens of runs;
+    /// 0 runs exactly --repeat rounds.
+    #[arg(long)]
+    min_time_ms: Option<u64>,
     /// A small matrix that finishes in about a minute on 2 cores.
     #[arg(long)]
     quick: bool,
@@ -100,9 +109,14 @@ struct Plan {
     /// (size, read latency in µs)
     sizes: Vec<(Size, u64)>,
     repeat: usize,
+    /// Rounds continue until sequential's runs add up to this (see `MAX_ROUNDS_PER_REPEAT`).
+    min_time: Duration,
     mainnet: bool,
     seed: u64,
 }
+
+/// Rounds of a cell stop at this many times `repeat`, however short its block.
+const MAX_ROUNDS_PER_REPEAT: usize = 100;
 
 fn cores() -> usize {
     std::thread::available_parallelism()
@@ -176,12 +190,16 @@ impl Plan {
         let repeat = args
             .repeat
             .map_or(if args.quick { 3 } else { 5 }, |r| r as usize);
+        let min_time_ms = args
+            .min_time_ms
+            .unwrap_or(if args.quick { 50 } else { 200 });
         Plan {
             engines,
             threads,
             workloads,
             sizes,
             repeat,
+            min_time: Duration::from_millis(min_time_ms),
             mainnet: !args.no_mainnet,
             seed: args.seed,
         }
@@ -223,6 +241,8 @@ struct Cell {
     gas: u64,
     median_ms: f64,
     min_ms: f64,
+    /// Timed runs behind `median_ms` (at least `repeat`; more on short blocks).
+    runs: usize,
     gas_per_s: f64,
     txs_per_s: f64,
     speedup_vs_sequential: f64,
@@ -291,7 +311,16 @@ impl Bench {
             }
             self.bar.inc(1);
         }
-        for _ in 0..self.plan.repeat {
+        let max_rounds = self.plan.repeat * MAX_ROUNDS_PER_REPEAT;
+        let mut sequential_time = Duration::ZERO;
+        for round in 0..max_rounds {
+            if round >= self.plan.repeat {
+                if sequential_time >= self.plan.min_time || stats[0].failed {
+                    break;
+                }
+                // A round beyond the plan: the bar learns of it as it starts.
+                self.bar.inc_length(runs.len() as u64);
+            }
             for (i, &(engine, threads)) in runs.iter().enumerate() {
                 self.bar.inc(1);
                 let s = &mut stats[i];
@@ -309,6 +338,9 @@ impl Bench {
                         same_result(&outcome, &reference).map(|()| metrics)
                     }) {
                     Ok(metrics) => {
+                        if i == 0 {
+                            sequential_time += elapsed;
+                        }
                         s.times.push(elapsed);
                         s.reexecutions += metrics.reexecutions;
                         s.rss_measurable = rss_reset && peak.is_some();
@@ -347,6 +379,7 @@ impl Bench {
                     gas,
                     median_ms: median * 1e3,
                     min_ms: min.as_secs_f64() * 1e3,
+                    runs: s.times.len(),
                     gas_per_s: per_second(gas as f64, median),
                     txs_per_s: per_second(txs as f64, median),
                     speedup_vs_sequential: if engine == EngineKind::Sequential {
@@ -637,7 +670,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
     });
     let groups = synthetic_groups + mainnet_blocks;
     eprintln!(
-        "bench: engines {}; threads {:?}; {} synthetic cells{}; {} timed runs per engine after a warm-up",
+        "bench: engines {}; threads {:?}; {} synthetic cells{}; {} timed runs per engine after a warm-up, more while sequential's add up to less than {} ms",
         plan.engines
             .iter()
             .map(|e| e.name())
@@ -649,6 +682,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
             " + {mainnet_blocks} mainnet blocks"
         )),
         plan.repeat,
+        plan.min_time.as_millis(),
     );
     let bar = ProgressBar::new((groups * runs_per_group) as u64);
     bar.set_style(
@@ -733,6 +767,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
                 "arch": std::env::consts::ARCH,
             },
             "repeat": bench.plan.repeat,
+            "min_time_ms": bench.plan.min_time.as_millis() as u64,
             "engines": bench.plan.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
             "threads": bench.plan.threads,
             "cells": bench.cells,

@@ -178,6 +178,8 @@ fn bench_writes_the_documented_json() {
         "2",
         "--repeat",
         "1",
+        "--min-time-ms",
+        "0",
         "--json",
         path.to_str().unwrap(),
     ]);
@@ -192,6 +194,7 @@ fn bench_writes_the_documented_json() {
     assert!(j["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(j["machine"]["os"].is_string());
     assert_eq!(j["repeat"], 1);
+    assert_eq!(j["min_time_ms"], 0);
     let cells = j["cells"].as_array().unwrap();
     let engines = j["engines"].as_array().unwrap();
     assert_eq!(engines[0], "sequential");
@@ -205,6 +208,7 @@ fn bench_writes_the_documented_json() {
         "gas",
         "median_ms",
         "min_ms",
+        "runs",
         "gas_per_s",
         "txs_per_s",
         "speedup_vs_sequential",
@@ -220,6 +224,7 @@ fn bench_writes_the_documented_json() {
         }
         assert_eq!(c["threads"], 2);
         assert_eq!(c["latency_us"], 0);
+        assert_eq!(c["runs"], 1, "--repeat 1 with no minimum time: {c}");
         assert!(c["median_ms"].as_f64().unwrap() >= c["min_ms"].as_f64().unwrap());
         assert!(c["median_ms"].as_f64().unwrap() > 0.0);
         let mainnet = c["workload"] == "mainnet";
@@ -340,6 +345,44 @@ fn bench_runs_only_the_blocks_asked_for() {
         .collect();
     blocks.dedup();
     assert_eq!(blocks, [46147, 930196]);
+    // Blocks this short (microseconds) never add up to the default 200 ms of sequential
+    // runs: every engine gets the most rounds, 100 per --repeat.
+    assert_eq!(j["min_time_ms"], 200);
+    for c in j["cells"].as_array().unwrap() {
+        assert_eq!(c["runs"], 100, "{c}");
+    }
+}
+
+#[test]
+fn bench_adds_rounds_until_sequential_reaches_the_minimum_time() {
+    let path = temp("bench-min-time");
+    let o = parex(&[
+        "bench",
+        "--workloads",
+        "raw",
+        "--txs",
+        "100",
+        "--no-mainnet",
+        "--engines",
+        "optimistic",
+        "--threads",
+        "2",
+        "--repeat",
+        "2",
+        "--min-time-ms",
+        "30",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let j = read_json(&path);
+    let cells = j["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    // A 100-transaction block takes well under 15 ms: two rounds cannot add up to 30 ms,
+    // so rounds were added, at most 100 per --repeat, and every engine ran in each.
+    let runs = cells[0]["runs"].as_u64().unwrap();
+    assert!((3..=200).contains(&runs), "{runs} runs");
+    assert_eq!(cells[1]["runs"], cells[0]["runs"]);
 }
 
 #[test]

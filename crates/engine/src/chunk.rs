@@ -16,13 +16,12 @@
 //! order, are the transactions' outputs. Dependencies inside a chunk cost nothing; a
 //! conflict with an earlier chunk re-executes the whole chunk.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use alloy_primitives::map::DefaultHashBuilder;
+use indexmap::map::Entry;
 use parex_core::{
     BlockOutcome, Execution, ReadError, ReadView, TxIndex, Vm, VmError, VmExecution, Write,
 };
@@ -97,8 +96,11 @@ pub(crate) struct Local<V, D> {
 }
 
 /// A chunk's keys, by key.
-pub(crate) type LocalMap<V> =
-    HashMap<<V as Vm>::Key, Local<<V as Vm>::Value, <V as Vm>::Delta>, DefaultHashBuilder>;
+pub(crate) type LocalMap<V> = indexmap::IndexMap<
+    <V as Vm>::Key,
+    Local<<V as Vm>::Value, <V as Vm>::Delta>,
+    DefaultHashBuilder,
+>;
 
 /// The engine's view of the state before the chunk, with the chunk's own effects on top.
 pub(crate) struct Overlay<'v, V: Vm, R> {
@@ -253,7 +255,7 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         let mut overlay = Overlay {
             vm: self.inner,
             outer: view,
-            local: HashMap::with_capacity_and_hasher(4 * txs.len(), Default::default()),
+            local: LocalMap::<V>::with_capacity_and_hasher(4 * txs.len(), Default::default()),
         };
         // One update of the shared counter per chunk.
         let expected = txs.len();

@@ -33,7 +33,6 @@
 //! transactions' declared accesses ([`Vm::declared_access`]) already form a chain runs
 //! in order from the start (`sequential_fallback`).
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -208,7 +207,7 @@ where
     let mut merger = Merger {
         vm,
         storage,
-        cache: HashMap::with_capacity_and_hasher(pres.len() * 4, Default::default()),
+        cache: Cache::with_capacity_and_hasher(pres.len() * 4, Default::default()),
         outputs: Vec::with_capacity(pres.len()),
         trace: Recorder::off(),
         metrics: Metrics::default(),
@@ -292,7 +291,7 @@ where
         let mut merger = Merger {
             vm: self.vm,
             storage: self.storage,
-            cache: HashMap::with_capacity_and_hasher(n.min(64) * 4, Default::default()),
+            cache: Cache::with_capacity_and_hasher(n.min(64) * 4, Default::default()),
             outputs: Vec::with_capacity(n),
             trace: self.tracer.recorder(0),
             metrics: Metrics::default(),
@@ -562,8 +561,8 @@ where
     S: Storage<Key = K, Value = V>,
 {
     Ok(match cache.entry(key.clone()) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
+        indexmap::map::Entry::Occupied(e) => e.into_mut(),
+        indexmap::map::Entry::Vacant(e) => {
             let value = match warm.iter().find(|(k, _)| k == key) {
                 Some((_, value)) => value.clone(),
                 None => storage.read(key)?,

@@ -2,7 +2,6 @@
 //! order, on a cache over the pre-block storage; each transaction's writes are applied
 //! before the next one starts. Every other engine must produce exactly its outcome.
 
-use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
@@ -18,7 +17,8 @@ pub(crate) struct Entry<V> {
 }
 
 /// A cache over storage: the state as the next transaction sees it.
-pub(crate) type Cache<K, V> = HashMap<K, Entry<V>, alloy_primitives::map::DefaultHashBuilder>;
+pub(crate) type Cache<K, V> =
+    indexmap::IndexMap<K, Entry<V>, alloy_primitives::map::DefaultHashBuilder>;
 
 /// The block's state diff from its cache: every written key whose value is not absent.
 /// (Sized up front: growing the vector step by step cost a third more on a gigagas
@@ -51,8 +51,8 @@ where
     /// The cache entry of `key`, read from storage on first use (one hash lookup).
     fn entry(&mut self, key: &K) -> Result<&mut Entry<V>, ReadError> {
         Ok(match self.cache.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Entry {
+            indexmap::map::Entry::Occupied(e) => e.into_mut(),
+            indexmap::map::Entry::Vacant(e) => e.insert(Entry {
                 value: self.storage.read(key)?,
                 written: false,
             }),
@@ -89,7 +89,7 @@ where
     let mut recorder = tracer.recorder(0);
     let started = Instant::now();
     let n = vm.tx_count();
-    let mut cache = HashMap::with_capacity_and_hasher(n.min(SIZING_SAMPLE) * 4, Default::default());
+    let mut cache = Cache::with_capacity_and_hasher(n.min(SIZING_SAMPLE) * 4, Default::default());
     let mut outputs = Vec::with_capacity(n);
     for tx in 0..n {
         let mut view = CacheView {
