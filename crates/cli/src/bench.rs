@@ -58,7 +58,8 @@ pub struct BenchArgs {
     /// Mainnet blocks always run at 0 us.
     #[arg(long, value_delimiter = ',')]
     latency_us: Vec<u64>,
-    /// Timed runs per engine and cell, after one warm-up run [default: 5; --quick: 3].
+    /// Timed runs per engine and cell, after one warm-up run, at least [default: 5; --quick:
+    /// 3]; see --min-time-ms.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     repeat: Option<u64>,
     /// Keep adding rounds (every engine once) until sequential's timed runs of a cell add
