@@ -23,7 +23,9 @@
 //! transactions, where speculation only adds work), judged every few dozen executions
 //! (every eighth of the block, and at least a dozen, on small blocks),
 //! the other workers stop at their next idle moment and this one finishes the block
-//! alone. A lone worker takes tasks in block order, so it executes each transaction only
+//! alone (on slow storage the stopped workers first load, side by side, the pre-block
+//! values that the rest of the block declares, so that the lone worker finds them
+//! cached: `preloaded`). A lone worker takes tasks in block order, so it executes each transaction only
 //! after every one below it is final and meets no new conflict, while every speculative
 //! execution that still validates is kept (handing the block to `sequential` instead
 //! threw that work away: mainnet block 12244000 then took twice as long as serial
@@ -61,7 +63,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use alloy_primitives::map::DefaultHashBuilder;
@@ -110,6 +112,9 @@ struct BlockStm<'a, V: Vm, S> {
     judge_interval: u64,
     /// More workers than threads (slow storage): idle workers sleep rather than spin.
     oversubscribed: bool,
+    /// The next transaction whose declared keys a stopped worker loads (slow storage; see
+    /// [`BlockStm::load_declared`]).
+    next_declared: AtomicUsize,
     tracer: Tracer,
 }
 
@@ -132,6 +137,8 @@ struct Worker<V: Vm> {
     sequence_waits: u64,
     /// Pre-block values this worker loaded (a shared counter would bounce between cores).
     storage_reads: u64,
+    /// Of those, the ones it loaded for the lone worker ([`BlockStm::load_declared`]).
+    preloaded: u64,
     clock: PhaseClock,
     trace: Recorder,
 }
@@ -254,6 +261,7 @@ where
             ("chunk_size", 1),
             ("dependency_retries", 0),
             ("storage_reads", 0),
+            ("preloaded", 0),
         ];
         return crate::sequential::in_order(vm, storage, run, &extra);
     }
@@ -328,6 +336,7 @@ where
         workers,
         judge_interval: judge_interval(n),
         oversubscribed: workers > run.threads.max(1),
+        next_declared: AtomicUsize::new(0),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -343,11 +352,13 @@ where
     let mut dependency_retries = 0;
     let mut sequence_waits = 0;
     let mut storage_reads = 0;
+    let mut preloaded = 0;
     for w in worker_metrics {
         metrics.add_counts(&w);
         dependency_retries += w.extra("dependency_retries").unwrap_or(0);
         sequence_waits += w.extra("sequence_waits").unwrap_or(0);
         storage_reads += w.extra("storage_reads").unwrap_or(0);
+        preloaded += w.extra("preloaded").unwrap_or(0);
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
     let finished_alone = u64::from(engine.gave_up.load(Relaxed));
@@ -386,6 +397,7 @@ where
         ("workers", workers as u64),
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
+        ("preloaded", preloaded),
         ("sequenced", sequenced),
         ("sequence_waits", sequence_waits),
     ];
@@ -471,6 +483,7 @@ where
             dependency_retries: 0,
             sequence_waits: 0,
             storage_reads: 0,
+            preloaded: 0,
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
@@ -489,11 +502,13 @@ where
                     if !alone {
                         if self.gave_up.load(Relaxed) {
                             // Another worker goes on alone; this one holds no task.
+                            self.load_declared(&mut w);
                             break;
                         }
                         if self.speculation_wasted(&w.metrics, w.sequence_waits) {
                             alone = !self.gave_up.swap(true, Relaxed);
                             if !alone {
+                                self.load_declared(&mut w);
                                 break;
                             }
                         }
@@ -518,6 +533,7 @@ where
             ("dependency_retries", w.dependency_retries),
             ("sequence_waits", w.sequence_waits),
             ("storage_reads", w.storage_reads),
+            ("preloaded", w.preloaded),
         ];
         w.metrics
     }
@@ -533,6 +549,35 @@ where
                 self.workers,
                 self.judge_interval,
             )
+    }
+
+    /// What a worker does when another goes on alone, on slow storage (where workers
+    /// outnumber threads): loads into the memory, side by side with the other stopped
+    /// workers, the pre-block values of the keys the rest of the block declares
+    /// ([`Vm::declared_access`], and what declaring reads), so that the lone worker finds
+    /// them cached instead of waiting for each in turn. Pre-block values never change, so
+    /// loading them early changes no result; on fast storage it would only add work.
+    fn load_declared(&self, w: &mut Worker<V>) {
+        if !self.oversubscribed {
+            return;
+        }
+        let n = self.vm.tx_count();
+        let mut view = PreBlockValues {
+            engine: self,
+            loads: Cell::new(0),
+        };
+        while !self.scheduler.done() {
+            let tx = self.next_declared.fetch_add(1, Relaxed);
+            if tx >= n {
+                break;
+            }
+            for (key, _) in self.vm.declared_access(tx, &mut view) {
+                // A failed load fails the transaction that reads the key, in order.
+                let _ = view.read(&key);
+            }
+        }
+        w.storage_reads += view.loads.get();
+        w.preloaded += view.loads.get();
     }
 
     /// Executes `tx`'s `incarnation`, records it, and reports it to the scheduler.
@@ -727,6 +772,30 @@ where
                 Err(ReadError::Blocked { blocking_tx })
             }
         }
+    }
+}
+
+/// The pre-block state through the memory's cache of pre-block values (what
+/// [`BlockStm::load_declared`] declares through).
+struct PreBlockValues<'e, 'a, V: Vm, S> {
+    engine: &'e BlockStm<'a, V, S>,
+    /// Values loaded from storage.
+    loads: Cell<u64>,
+}
+
+impl<V, S> ReadView<V::Key, V::Value> for PreBlockValues<'_, '_, V, S>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    fn read(&mut self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
+        let engine = self.engine;
+        let loads = &self.loads;
+        let value = engine.memory.pre_block(key, |k| {
+            loads.set(loads.get() + 1);
+            engine.storage.read(k)
+        });
+        value.map_err(ReadError::Storage)
     }
 }
 

@@ -77,6 +77,25 @@ pub enum Read<V> {
     Blocked(TxIndex),
 }
 
+/// Outside the shard lock: loads `key`'s pre-block value if this caller claimed the
+/// load, or else waits a little for the caller that did (`None`: look again).
+fn load_or_wait<K, V>(
+    must_load: bool,
+    key: &K,
+    load: &impl Fn(&K) -> Result<Option<V>, StorageError>,
+    backoff: &Backoff,
+) -> Option<Result<Option<V>, StorageError>> {
+    if must_load {
+        return Some(load(key));
+    }
+    if backoff.is_completed() {
+        std::thread::sleep(Duration::from_micros(2));
+    } else {
+        backoff.snooze();
+    }
+    None
+}
+
 struct KeyState<K, V, D> {
     key: K,
     /// The key's hash (tables grow without hashing keys again).
@@ -88,6 +107,27 @@ struct KeyState<K, V, D> {
     /// The highest transaction that read the key (kept on slow storage only, where every
     /// read finds or creates the key's state; see [`MvMemory::write`]).
     max_reader: TxIndex,
+}
+
+impl<K, V, D> KeyState<K, V, D> {
+    /// Stores the pre-block value this caller just loaded (under the lock again).
+    fn settle_base(&mut self, loaded: &mut Option<Result<Option<V>, StorageError>>) {
+        if let Some(value) = loaded.take() {
+            self.base = Base::Loaded(Box::new(value));
+        }
+    }
+
+    /// Whether this caller is to load the pre-block value (nobody is loading it yet: it
+    /// is marked loading) or is to wait for the caller loading it.
+    fn claim_load(&mut self) -> bool {
+        match self.base {
+            Base::Unloaded => {
+                self.base = Base::Loading;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A shard's keys: their states side by side in insertion order, found through a hash
@@ -305,9 +345,7 @@ where
                 let mut table = self.shard(hash);
                 let state = table.state_mut(hash, key);
                 state.max_reader = state.max_reader.max(tx);
-                if let Some(value) = loaded.take() {
-                    state.base = Base::Loaded(Box::new(value));
-                }
+                state.settle_base(&mut loaded);
                 let versions = &state.versions;
                 let end = versions.partition_point(|(t, _)| *t < tx);
                 let (bottom, first_delta) = walk(versions, end);
@@ -328,23 +366,40 @@ where
                                 &apply,
                             );
                         }
-                        Base::Loading => false,
-                        Base::Unloaded => {
-                            state.base = Base::Loading;
-                            true
-                        }
+                        Base::Loading | Base::Unloaded => state.claim_load(),
                     },
                 }
             };
-            // Outside the lock: load the value (we marked it loading), or wait for the
-            // reader that is loading it, then resolve again.
-            if must_load {
-                loaded = Some(load(key));
-            } else if backoff.is_completed() {
-                std::thread::sleep(Duration::from_micros(2));
-            } else {
-                backoff.snooze();
-            }
+            loaded = load_or_wait(must_load, key, &load, &backoff);
+        }
+    }
+
+    /// The pre-block value of `key`: on slow storage through the key's cached base (loaded
+    /// at most once, outside the lock; a load in progress is waited for), on fast storage
+    /// straight from `load`. No transaction read the key, so no reader is recorded:
+    /// loading ahead of the transactions that will read a key changes nothing they see.
+    pub fn pre_block(
+        &self,
+        key: &K,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+    ) -> Result<Option<V>, StorageError> {
+        if !self.cache_base {
+            return load(key);
+        }
+        let hash = self.hasher.hash_one(key);
+        let mut loaded = None;
+        let backoff = Backoff::new();
+        loop {
+            let must_load = {
+                let mut table = self.shard(hash);
+                let state = table.state_mut(hash, key);
+                state.settle_base(&mut loaded);
+                match &state.base {
+                    Base::Loaded(base) => return (**base).clone(),
+                    Base::Loading | Base::Unloaded => state.claim_load(),
+                }
+            };
+            loaded = load_or_wait(must_load, key, &load, &backoff);
         }
     }
 
@@ -704,6 +759,39 @@ mod tests {
         assert!(!slow.write(1, 9, Entry::Write(0, 3)));
         // Fast storage keeps no trace of reads of unwritten keys: always maybe.
         assert!(fast.write(1, 5, Entry::Write(0, 1)));
+    }
+
+    #[test]
+    fn pre_block_values_load_once_on_slow_storage_and_leave_no_reader() {
+        let [slow, fast] = memories();
+        let loads = std::sync::atomic::AtomicU64::new(0);
+        let counted = |k: &u32| {
+            loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            load(k)
+        };
+        // Slow storage: loaded once, side by side from several threads, then cached for
+        // the transactions that read the key.
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| assert_eq!(slow.pre_block(&3, counted), Ok(Some(30))));
+            }
+        });
+        assert_eq!(
+            slow.pre_block(&9, counted),
+            Err(StorageError("disk gone".into()))
+        );
+        assert_eq!(loads.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            value(slow.read(&3, 5, counted, add)),
+            (Ok(Some(30)), Origin::Storage)
+        );
+        assert_eq!(loads.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // No transaction read the key by loading it: a write finds no reader above it.
+        assert!(!slow.write(9, 0, Entry::Write(0, 1)));
+        // Fast storage caches nothing.
+        assert_eq!(fast.pre_block(&3, counted), Ok(Some(30)));
+        assert_eq!(fast.pre_block(&3, counted), Ok(Some(30)));
+        assert_eq!(loads.load(std::sync::atomic::Ordering::Relaxed), 4);
     }
 
     #[test]

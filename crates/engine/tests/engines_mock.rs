@@ -268,6 +268,51 @@ fn chains_on_slow_storage_run_in_order() {
     }
 }
 
+#[test]
+fn a_lone_worker_on_slow_storage_finds_the_rest_of_the_block_loaded() {
+    // A chain through key 0, each transaction also reading a key of its own that it
+    // declares: once a worker goes on alone, the stopped ones load those keys ahead of it.
+    let n = 1000u32;
+    let chain = vm((0..n)
+        .map(|i| MockTx {
+            reads: vec![0, 1 + i],
+            extra_read: 0,
+            writes: vec![0],
+            deltas: vec![],
+            work: 10,
+            declared: vec![
+                (0, parex_core::AccessKind::Write),
+                (1 + i, parex_core::AccessKind::Read),
+            ],
+            sequence: None,
+        })
+        .collect());
+    let inner = storage_for(n + 1);
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_micros(20));
+    let expected = sequential::execute(&chain, &inner, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let mut gave_up = 0;
+    for _ in 0..3 {
+        let (outcome, m) = EngineKind::BlockStm
+            .run(&chain, &slow, &RunOptions::threads(2))
+            .unwrap();
+        assert_eq!(outcome, expected);
+        if extra(&m, "finished_alone") == 1 {
+            gave_up += 1;
+            assert!(extra(&m, "preloaded") > 0, "{m:?}");
+            assert!(
+                extra(&m, "preloaded") <= extra(&m, "storage_reads"),
+                "{m:?}"
+            );
+        } else {
+            assert_eq!(extra(&m, "preloaded"), 0, "{m:?}");
+        }
+    }
+    // Speculating on a chain is mostly waste: block-stm gives up on it (every time, here).
+    assert!(gave_up > 0, "block-stm never went on alone");
+}
+
 fn extra(m: &Metrics, name: &str) -> u64 {
     m.extra(name)
         .unwrap_or_else(|| panic!("metric {name} missing: {m:?}"))
