@@ -25,6 +25,7 @@
 //!   read of a known key.
 
 use std::hash::{BuildHasher, Hash};
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -338,36 +339,57 @@ where
         if !self.cache_base {
             return self.read_uncached(key, hash, tx, load, apply);
         }
+        self.with_base(key, hash, load, |state| {
+            state.max_reader = state.max_reader.max(tx);
+            let versions = &state.versions;
+            let end = versions.partition_point(|(t, _)| *t < tx);
+            let (bottom, first_delta) = walk(versions, end);
+            match bottom {
+                Bottom::Blocked(t) => Break(Read::Blocked(t)),
+                Bottom::Write(i) => Break(resolve_over_write(
+                    key,
+                    versions,
+                    i,
+                    first_delta,
+                    end,
+                    &apply,
+                )),
+                Bottom::Storage => match &state.base {
+                    Base::Loaded(base) => Break(resolve_over_storage(
+                        key,
+                        versions,
+                        first_delta,
+                        end,
+                        (**base).clone(),
+                        &apply,
+                    )),
+                    Base::Loading | Base::Unloaded => Continue(state.claim_load()),
+                },
+            }
+        })
+    }
+
+    /// Runs `step` on `key`'s state under its shard lock (slow storage) until it answers
+    /// (`Break`); `Continue(true)` means it claimed the pre-block value's load, which is
+    /// then done outside the lock, `Continue(false)` that another caller is loading it,
+    /// which is then waited for a little; either way `step` runs again.
+    fn with_base<R>(
+        &self,
+        key: &K,
+        hash: u64,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        mut step: impl FnMut(&mut KeyState<K, V, D>) -> ControlFlow<R, bool>,
+    ) -> R {
         let mut loaded = None;
         let backoff = Backoff::new();
         loop {
             let must_load = {
                 let mut table = self.shard(hash);
                 let state = table.state_mut(hash, key);
-                state.max_reader = state.max_reader.max(tx);
                 state.settle_base(&mut loaded);
-                let versions = &state.versions;
-                let end = versions.partition_point(|(t, _)| *t < tx);
-                let (bottom, first_delta) = walk(versions, end);
-                match bottom {
-                    Bottom::Blocked(t) => return Read::Blocked(t),
-                    Bottom::Write(i) => {
-                        return resolve_over_write(key, versions, i, first_delta, end, &apply);
-                    }
-                    Bottom::Storage => match &state.base {
-                        Base::Loaded(base) => {
-                            let base = (**base).clone();
-                            return resolve_over_storage(
-                                key,
-                                versions,
-                                first_delta,
-                                end,
-                                base,
-                                &apply,
-                            );
-                        }
-                        Base::Loading | Base::Unloaded => state.claim_load(),
-                    },
+                match step(state) {
+                    Break(answer) => return answer,
+                    Continue(must_load) => must_load,
                 }
             };
             loaded = load_or_wait(must_load, key, &load, &backoff);
@@ -387,20 +409,10 @@ where
             return load(key);
         }
         let hash = self.hasher.hash_one(key);
-        let mut loaded = None;
-        let backoff = Backoff::new();
-        loop {
-            let must_load = {
-                let mut table = self.shard(hash);
-                let state = table.state_mut(hash, key);
-                state.settle_base(&mut loaded);
-                match &state.base {
-                    Base::Loaded(base) => return (**base).clone(),
-                    Base::Loading | Base::Unloaded => state.claim_load(),
-                }
-            };
-            loaded = load_or_wait(must_load, key, &load, &backoff);
-        }
+        self.with_base(key, hash, load, |state| match &state.base {
+            Base::Loaded(base) => Break((**base).clone()),
+            Base::Loading | Base::Unloaded => Continue(state.claim_load()),
+        })
     }
 
     /// A read on fast storage: [`Self::read`] with nothing cached or inserted.
