@@ -25,16 +25,16 @@
 //! the other workers stop at their next idle moment and this one finishes the block
 //! alone (on slow storage the stopped workers first load, side by side, the pre-block
 //! values that the rest of the block declares, so that the lone worker finds them
-//! cached: `preloaded`). A lone worker takes tasks in block order, so it executes each transaction only
-//! after every one below it is final and meets no new conflict, while every speculative
-//! execution that still validates is kept (handing the block to `sequential` instead
-//! threw that work away: mainnet block 12244000 then took twice as long as serial
-//! execution). On fast storage, a block whose first 64 transactions' declared accesses
-//! ([`Vm::declared_access`]) already conflict each with the one before (a chain) goes to
-//! the `sequential` engine before any speculation (on slow storage speculation pays even
-//! there: the wasted executions load, side by side, the pre-block values that the final
-//! ones then find cached). Both are counted in the metrics as `sequential_fallback` (and
-//! `finished_alone` for the first).
+//! cached: `preloaded`). A lone worker takes tasks in block order, so it executes each
+//! transaction only after every one below it is final and meets no new conflict, while
+//! every speculative execution that still validates is kept (handing the block to
+//! `sequential` instead threw that work away: mainnet block 12244000 then took twice as
+//! long as serial execution). On fast storage, a block whose first 64 transactions'
+//! declared accesses ([`Vm::declared_access`]) already conflict each with the one before
+//! (a chain) goes to the `sequential` engine before any speculation (on slow storage
+//! speculation pays even there: the wasted executions load, side by side, the pre-block
+//! values that the final ones then find cached). Both are counted in the metrics as
+//! `sequential_fallback` (and `finished_alone` for the first).
 //!
 //! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
 //! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk executes its
@@ -571,7 +571,14 @@ where
             if tx >= n {
                 break;
             }
-            for (key, _) in self.vm.declared_access(tx, &mut view) {
+            // Declarations are hints: a VM that panics declaring ends the preloading, and
+            // the lone worker meets (and reports) whatever is wrong with the transaction.
+            let Ok(declared) =
+                catch_unwind(AssertUnwindSafe(|| self.vm.declared_access(tx, &mut view)))
+            else {
+                break;
+            };
+            for (key, _) in declared {
                 // A failed load fails the transaction that reads the key, in order.
                 let _ = view.read(&key);
             }
