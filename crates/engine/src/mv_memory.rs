@@ -111,13 +111,6 @@ struct KeyState<K, V, D> {
 }
 
 impl<K, V, D> KeyState<K, V, D> {
-    /// Stores the pre-block value this caller just loaded (under the lock again).
-    fn settle_base(&mut self, loaded: &mut Option<Result<Option<V>, StorageError>>) {
-        if let Some(value) = loaded.take() {
-            self.base = Base::Loaded(Box::new(value));
-        }
-    }
-
     /// Whether this caller is to load the pre-block value (nobody is loading it yet: it
     /// is marked loading) or is to wait for the caller loading it.
     fn claim_load(&mut self) -> bool {
@@ -386,7 +379,10 @@ where
             let must_load = {
                 let mut table = self.shard(hash);
                 let state = table.state_mut(hash, key);
-                state.settle_base(&mut loaded);
+                // The pre-block value this caller just loaded, stored under the lock.
+                if let Some(value) = loaded.take() {
+                    state.base = Base::Loaded(Box::new(value));
+                }
                 match step(state) {
                     Break(answer) => return answer,
                     Continue(must_load) => must_load,

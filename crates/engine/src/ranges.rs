@@ -555,7 +555,7 @@ where
     }
 }
 
-/// Keys per piece of work when a range's keys are validated or its writes gathered.
+/// Keys per piece of work when a range's keys are validated.
 const PIECE_KEYS: usize = 4096;
 
 /// The pieces of `keys` keys (by position in a range's overlay), `PIECE_KEYS` each.
