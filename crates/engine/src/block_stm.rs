@@ -20,9 +20,9 @@
 //!
 //! Adapting to dependent blocks: each worker watches its own share of failed validations
 //! and dependency waits; once most of its executions are wasted (a chain of dependent
-//! transactions, where speculation only adds work), judged every few dozen executions
-//! (every eighth of the block, and at least a dozen, on small blocks),
-//! the other workers stop at their next idle moment and this one finishes the block
+//! transactions, where speculation only adds work) in two judging windows in a row (of a
+//! few dozen executions; an eighth of the block, and at least a dozen, on small blocks;
+//! one window could be a conflicting cluster at the start of a block), the other workers stop at their next idle moment and this one finishes the block
 //! alone (on slow storage the stopped workers first load, side by side, the pre-block
 //! values that the rest of the block declares, so that the lone worker finds them
 //! cached: `preloaded`). A lone worker takes tasks in block order, so it executes each
@@ -108,7 +108,7 @@ struct BlockStm<'a, V: Vm, S> {
     adaptive: bool,
     /// Workers running the block (see [`give_up_waste`]).
     workers: usize,
-    /// Executions between two judgements of a worker (see [`judge_interval`]).
+    /// Executions in a worker's judging window (see [`judge_interval`]).
     judge_interval: u64,
     /// More workers than threads (slow storage): idle workers sleep rather than spin.
     oversubscribed: bool,
@@ -118,13 +118,20 @@ struct BlockStm<'a, V: Vm, S> {
     tracer: Tracer,
 }
 
-/// A worker judges speculation after this many executions of its own (at most; on
-/// blocks of fewer than `8 * JUDGE_AFTER` units, after an eighth of the block's units,
+/// A worker judges its speculation in windows of this many executions of its own (at
+/// most; on blocks of fewer than `8 * JUDGE_AFTER` units, an eighth of the block's units,
 /// but no fewer than `MIN_JUDGE_AFTER`: a small block's waste is a large share of it)...
 const JUDGE_AFTER: u64 = 48;
 const MIN_JUDGE_AFTER: u64 = 12;
-/// ...and gives up when at least this share of them failed validation or had to wait.
+/// ...calls a window wasted when at least this share of its executions failed validation
+/// or had to wait...
 const GIVE_UP_WASTE: f64 = 0.3;
+/// ...and gives up after this many wasted windows in a row. One is not enough: mainnet
+/// blocks tend to open with a cluster of conflicting transactions (arbitrage and bundles
+/// on the same pools) and then spread out; judged on its first window alone, block-stm
+/// gave up on blocks with an analysis bound of 2.0 (19932148, 18988207) and ran them at
+/// sequential's speed.
+const WASTED_WINDOWS_TO_GIVE_UP: u32 = 2;
 
 /// A worker's reusable buffers and its share of the metrics.
 struct Worker<V: Vm> {
@@ -139,6 +146,7 @@ struct Worker<V: Vm> {
     storage_reads: u64,
     /// Of those, the ones it loaded for the lone worker ([`BlockStm::load_declared`]).
     preloaded: u64,
+    judge: WasteJudge,
     clock: PhaseClock,
     trace: Recorder,
 }
@@ -410,15 +418,50 @@ where
     ))
 }
 
-/// The fallback rule: judged once per `interval` executions of a worker, true when at
-/// least `GIVE_UP_WASTE` of them failed validation or waited on a dependency.
-fn mostly_wasted(executions: u64, wasted: u64, workers: usize, interval: u64) -> bool {
-    executions >= interval
-        && executions % interval < 4
-        && wasted as f64 >= give_up_waste(workers) * executions as f64
+/// The fallback rule, per worker: its executions are judged in windows of `interval`,
+/// a window is wasted when at least [`give_up_waste`] of its executions failed
+/// validation or waited on a dependency, and the worker gives up after
+/// `WASTED_WINDOWS_TO_GIVE_UP` wasted windows in a row.
+struct WasteJudge {
+    interval: u64,
+    threshold: f64,
+    /// The worker's totals when the current window opened.
+    window_executions: u64,
+    window_wasted: u64,
+    /// Wasted windows in a row, up to the current one.
+    wasted_windows: u32,
 }
 
-/// Executions between two judgements of a worker on a block of `units` units.
+impl WasteJudge {
+    fn new(interval: u64, workers: usize) -> Self {
+        Self {
+            interval: interval.max(1),
+            threshold: give_up_waste(workers),
+            window_executions: 0,
+            window_wasted: 0,
+            wasted_windows: 0,
+        }
+    }
+
+    /// Whether to give up, given the worker's totals so far (cheap: called between tasks).
+    fn give_up(&mut self, executions: u64, wasted: u64) -> bool {
+        let done = executions - self.window_executions;
+        if done < self.interval {
+            return false;
+        }
+        let window_waste = wasted.saturating_sub(self.window_wasted);
+        if window_waste as f64 >= self.threshold * done as f64 {
+            self.wasted_windows += 1;
+        } else {
+            self.wasted_windows = 0;
+        }
+        self.window_executions = executions;
+        self.window_wasted = wasted;
+        self.wasted_windows >= WASTED_WINDOWS_TO_GIVE_UP
+    }
+}
+
+/// Executions in a worker's judging window on a block of `units` units.
 fn judge_interval(units: usize) -> u64 {
     (units as u64 / 8).clamp(MIN_JUDGE_AFTER, JUDGE_AFTER)
 }
@@ -484,6 +527,7 @@ where
             sequence_waits: 0,
             storage_reads: 0,
             preloaded: 0,
+            judge: WasteJudge::new(self.judge_interval, self.workers),
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
@@ -505,7 +549,7 @@ where
                             self.load_declared(&mut w);
                             break;
                         }
-                        if self.speculation_wasted(&w.metrics, w.sequence_waits) {
+                        if self.speculation_wasted(&mut w) {
                             alone = !self.gave_up.swap(true, Relaxed);
                             if !alone {
                                 self.load_declared(&mut w);
@@ -538,16 +582,15 @@ where
         w.metrics
     }
 
-    /// Whether this worker's executions are mostly wasted, judged once per `JUDGE_AFTER`
-    /// of them (only its own counters: no shared traffic). Waits on a transaction's own
-    /// sequence key are not waste: they happen at its first read.
-    fn speculation_wasted(&self, m: &Metrics, sequence_waits: u64) -> bool {
+    /// Whether this worker should give up speculating ([`WasteJudge`]; only its own
+    /// counters: no shared traffic). Waits on a transaction's own sequence key are not
+    /// waste: they happen at its first read.
+    fn speculation_wasted(&self, w: &mut Worker<V>) -> bool {
+        let m = &w.metrics;
         self.adaptive
-            && mostly_wasted(
+            && w.judge.give_up(
                 m.executions,
-                m.validation_failures + m.dependency_waits - sequence_waits,
-                self.workers,
-                self.judge_interval,
+                m.validation_failures + m.dependency_waits - w.sequence_waits,
             )
     }
 
@@ -810,30 +853,53 @@ where
 mod tests {
     use super::*;
 
+    /// Feeds `windows` windows of `J` executions with `wasted[k]` wasted in window `k`
+    /// to a judge for `workers` workers (checking between every execution, as workers
+    /// do); returns the window in which it gave up.
+    fn gives_up_in(workers: usize, wasted: &[u64]) -> Option<usize> {
+        const J: u64 = JUDGE_AFTER;
+        let mut judge = WasteJudge::new(J, workers);
+        let (mut executions, mut total_wasted) = (0, 0);
+        for (window, &w) in wasted.iter().enumerate() {
+            for e in 0..J {
+                executions += 1;
+                total_wasted += u64::from(e < w);
+                if judge.give_up(executions, total_wasted) {
+                    return Some(window);
+                }
+            }
+        }
+        None
+    }
+
     #[test]
     fn fallback_rule() {
         const J: u64 = JUDGE_AFTER;
-        let mostly_wasted =
-            |executions, wasted, workers| mostly_wasted(executions, wasted, workers, J);
-        // Too early to judge, however bad.
-        assert!(!mostly_wasted(J - 1, J - 1, 2));
-        // A chain: about half the executions fail.
-        assert!(mostly_wasted(J, J / 2, 2));
-        assert!(mostly_wasted(2 * J + 1, J, 2));
+        // A chain: about half the executions fail, window after window. One window is
+        // not enough to tell.
+        assert_eq!(gives_up_in(2, &[J / 2]), None);
+        assert_eq!(gives_up_in(2, &[J / 2; 4]), Some(1));
+        assert_eq!(gives_up_in(2, &[J, J]), Some(1));
+        // A block that opens with a conflicting cluster and then spreads out.
+        assert_eq!(gives_up_in(2, &[J - 1, J / 10, J / 10, J / 10]), None);
+        // Wasted windows must follow each other.
+        assert_eq!(gives_up_in(2, &[J / 2, 0, J / 2, 0, J / 2]), None);
+        assert_eq!(gives_up_in(2, &[J / 2, 0, J / 2, J / 2]), Some(3));
         // Ordinary contention is tolerated.
-        assert!(!mostly_wasted(J, J / 10, 2));
-        assert!(!mostly_wasted(10 * J, J, 2));
+        assert_eq!(gives_up_in(2, &[J / 10; 10]), None);
+        assert_eq!(gives_up_in(2, &[J / 4; 10]), None);
         // Many workers tolerate more waste, up to a point.
         assert_eq!(give_up_waste(1), GIVE_UP_WASTE);
         assert!((give_up_waste(2) - GIVE_UP_WASTE).abs() < 1e-9);
-        assert!(!mostly_wasted(J, J / 2, 8));
-        assert!(mostly_wasted(J, J - 1, 32));
-        // Judged only near multiples of the interval (cheap to check on every task).
-        assert!(!mostly_wasted(J + 10, J, 2));
-        // Small blocks are judged sooner, large ones every JUDGE_AFTER executions.
+        assert_eq!(gives_up_in(8, &[J / 2; 4]), None);
+        assert_eq!(gives_up_in(32, &[J - 1; 4]), Some(1));
+        // Small blocks are judged in shorter windows, large ones in JUDGE_AFTER.
         assert_eq!(judge_interval(40), MIN_JUDGE_AFTER);
         assert_eq!(judge_interval(160), 20);
         assert_eq!(judge_interval(100_000), J);
-        assert!(super::mostly_wasted(20, 10, 2, judge_interval(160)));
+        let mut judge = WasteJudge::new(judge_interval(160), 2);
+        assert!(!judge.give_up(19, 19));
+        assert!(!judge.give_up(20, 10));
+        assert!(judge.give_up(40, 20));
     }
 }
