@@ -6,7 +6,9 @@
 //! set (the origin of every value it read) and publishing its writes under `(i, k)`;
 //! *validate* `i` by re-reading its read set and comparing origins. A failed validation
 //! aborts the incarnation: its writes become estimates and `i` runs again. A read that
-//! meets an estimate of `j < i` suspends `i` on `j` (no spinning) until `j` finishes.
+//! meets an estimate of `j < i` suspends `i` on `j` (no spinning) until `j` finishes;
+//! the worker that finishes `j` then runs the lowest transaction it resumed (what it
+//! waited for is in that worker's cache).
 //! Transactions sharing a sequence key ([`Vm::sequence_key`], the sender of a nonce
 //! sequence) start ordered: before any execution, the earlier one's write of the key is
 //! an estimate (a hint: its first execution replaces or removes it).
@@ -147,6 +149,10 @@ struct Worker<V: Vm> {
     /// Of those, the ones it loaded for the lone worker ([`BlockStm::load_declared`]).
     preloaded: u64,
     judge: WasteJudge,
+    /// Dependents of transactions this worker executed, claimed for it by the scheduler
+    /// ([`Scheduler::finish_execution`]): its next tasks once the current one is done
+    /// (a validation can end in a re-execution that claims another before they run).
+    resumed: Vec<Task>,
     clock: PhaseClock,
     trace: Recorder,
 }
@@ -528,6 +534,7 @@ where
             storage_reads: 0,
             preloaded: 0,
             judge: WasteJudge::new(self.judge_interval, self.workers),
+            resumed: Vec::new(),
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
@@ -539,6 +546,7 @@ where
             task = match task {
                 Some(Task::Execute(tx, incarnation)) => self.try_execute(tx, incarnation, &mut w),
                 Some(Task::Validate(tx, incarnation)) => self.validate(tx, incarnation, &mut w),
+                None if !w.resumed.is_empty() => w.resumed.pop(),
                 None => {
                     if self.scheduler.done() {
                         break;
@@ -678,9 +686,10 @@ where
             };
             let wrote_new_path = self.record(tx, incarnation, writes, output, w);
             // Reporting to the scheduler counts as part of the task (one clock reading).
-            let next = self
+            let (next, resumed) = self
                 .scheduler
                 .finish_execution(tx, incarnation, wrote_new_path);
+            w.resumed.extend(resumed);
             w.clock.execution += w.clock.lap();
             let kind = if incarnation == 0 {
                 SpanKind::Execute

@@ -9,7 +9,10 @@
 //!
 //! Each transaction has a status `(incarnation, ReadyToExecute | Executing | Executed |
 //! Aborting)`, packed in one atomic word, and a list of transactions waiting for its
-//! current incarnation to finish (they read one of its estimates).
+//! current incarnation to finish (they read one of its estimates). When it finishes, the
+//! lowest of them is claimed for the worker that finished it (one departure from the
+//! paper, where every resumed transaction goes back to `execution_idx`); claiming is the
+//! same compare-and-swap as any execution task's, so each incarnation still runs once.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -220,38 +223,51 @@ impl Scheduler {
         status.store(pack(incarnation + 1, READY_TO_EXECUTE), SeqCst);
     }
 
-    /// Marks `tx`'s incarnation executed, resumes its dependents, and returns a
-    /// validation task for it when validation has already gone past it and its writes
-    /// went to no new key (otherwise validation restarts from `tx`).
+    /// Marks `tx`'s incarnation executed and resumes its dependents. Returns a validation
+    /// task for `tx` when validation has already gone past it and its writes went to no
+    /// new key (otherwise validation restarts from `tx`), and the lowest dependent's next
+    /// incarnation, claimed for the caller: it waited to read what `tx` just wrote, which
+    /// is in the caller's cache, and a nonce sequence or other chain then stays on one
+    /// worker instead of moving to another core at every step. The caller runs both.
     pub fn finish_execution(
         &self,
         tx: TxIndex,
         incarnation: Incarnation,
         wrote_new_path: bool,
-    ) -> Option<Task> {
+    ) -> (Option<Task>, Option<Task>) {
         let state = &self.txs[tx];
         state.status.store(pack(incarnation, EXECUTED), SeqCst);
         let dependents =
             std::mem::take(&mut *state.dependents.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(&min) = dependents.iter().min() {
+        let mut resumed = None;
+        if let Some(&lowest) = dependents.iter().min() {
             for &dep in &dependents {
                 self.set_ready_status(dep);
             }
-            self.decrease_execution_idx(min);
+            // Claimed like any task (counted active first); if another worker got there
+            // first, it runs it.
+            self.num_active_tasks.fetch_add(1, SeqCst);
+            resumed = self.try_incarnate(lowest);
+            let others = dependents
+                .iter()
+                .copied()
+                .filter(|&dep| dep != lowest)
+                .min();
+            if let Some(next) = others {
+                self.decrease_execution_idx(next);
+            }
         }
         if self.validation_idx.load(SeqCst) > tx {
             if wrote_new_path {
                 self.decrease_validation_idx(tx);
             } else {
-                return Some(Task::Validate(tx, incarnation));
+                return (Some(Task::Validate(tx, incarnation)), resumed);
             }
         }
         self.num_active_tasks.fetch_sub(1, SeqCst);
-        None
+        (None, resumed)
     }
 
-    /// Claims the abort of `tx`'s `incarnation` after a failed validation; false if that
-    /// incarnation is no longer the executed one (someone else aborted it already).
     pub fn try_validation_abort(&self, tx: TxIndex, incarnation: Incarnation) -> bool {
         self.txs[tx]
             .status
@@ -276,5 +292,44 @@ impl Scheduler {
         }
         self.num_active_tasks.fetch_sub(1, SeqCst);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished execution hands its lowest dependent to the caller (no other worker
+    /// can take it), puts the others back in the shared order, and the block is done
+    /// only once the handed task has run and been validated.
+    #[test]
+    fn finishing_an_execution_claims_its_lowest_dependent() {
+        let s = Scheduler::new(3);
+        assert_eq!(s.next_task(), Some(Task::Execute(0, 0)));
+        assert_eq!(s.next_task(), Some(Task::Execute(1, 0)));
+        assert_eq!(s.next_task(), Some(Task::Execute(2, 0)));
+        // 1 and 2 read estimates of 0.
+        assert!(s.add_dependency(2, 0));
+        assert!(s.add_dependency(1, 0));
+        let (validate, resumed) = s.finish_execution(0, 0, false);
+        // Validation went past 0 (it found it executing), so 0's validation comes back.
+        assert_eq!(validate, Some(Task::Validate(0, 0)));
+        assert_eq!(resumed, Some(Task::Execute(1, 1)));
+        assert_eq!(s.finish_validation(0, false), None);
+        // The shared order offers 2, never the claimed 1.
+        assert_eq!(s.next_task(), Some(Task::Execute(2, 1)));
+        assert_eq!(s.finish_execution(2, 1, false), (None, None));
+        assert_eq!(s.next_task(), Some(Task::Validate(2, 1)));
+        assert_eq!(s.finish_validation(2, false), None);
+        // Nothing is left to hand out, but the claimed task is still in flight.
+        assert_eq!(s.next_task(), None);
+        assert!(!s.done());
+        assert_eq!(
+            s.finish_execution(1, 1, false),
+            (Some(Task::Validate(1, 1)), None)
+        );
+        assert_eq!(s.finish_validation(1, false), None);
+        assert_eq!(s.next_task(), None);
+        assert!(s.done());
     }
 }
