@@ -24,10 +24,11 @@
 //! and dependency waits; once most of its executions are wasted (a chain of dependent
 //! transactions, where speculation only adds work) in two judging windows in a row (of a
 //! few dozen executions; an eighth of the block, and at least a dozen, on small blocks;
-//! one window could be a conflicting cluster at the start of a block), the other workers stop at their next idle moment and this one finishes the block
-//! alone (on slow storage the stopped workers first load, side by side, the pre-block
-//! values that the rest of the block declares, so that the lone worker finds them
-//! cached: `preloaded`). A lone worker takes tasks in block order, so it executes each
+//! one window could be a conflicting cluster at the start of a block), the other workers
+//! stop at their next idle moment and this one finishes the block alone (on slow storage
+//! the stopped workers first load, side by side, the pre-block values that the rest of
+//! the block declares, so that the lone worker finds them cached: `preloaded`). A lone
+//! worker takes tasks in block order, so it executes each
 //! transaction only after every one below it is final and meets no new conflict, while
 //! every speculative execution that still validates is kept (handing the block to
 //! `sequential` instead threw that work away: mainnet block 12244000 then took twice as

@@ -268,6 +268,8 @@ impl Scheduler {
         (None, resumed)
     }
 
+    /// Claims the abort of `tx`'s `incarnation` after a failed validation; false if that
+    /// incarnation is no longer the executed one (someone else aborted it already).
     pub fn try_validation_abort(&self, tx: TxIndex, incarnation: Incarnation) -> bool {
         self.txs[tx]
             .status
