@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -78,6 +79,12 @@ pub struct BenchArgs {
     /// workload unless --workloads names some).
     #[arg(long, value_delimiter = ',')]
     blocks: Vec<u64>,
+    /// Skip the machine's ceiling: by default, for every thread count above 1, each round
+    /// also runs `sequential` on the block in that many threads at once, and each cell
+    /// reports the speedup those independent copies reach (threads x sequential's time /
+    /// their time), the most any engine can get from the machine on that block.
+    #[arg(long)]
+    no_ceiling: bool,
     /// Seed of the workload generators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -113,6 +120,8 @@ struct Plan {
     /// Rounds continue until sequential's runs add up to this (see `MAX_ROUNDS_PER_REPEAT`).
     min_time: Duration,
     mainnet: bool,
+    /// Thread counts at which the machine's ceiling is measured (see [`sequential_copies`]).
+    ceilings: Vec<usize>,
     seed: u64,
 }
 
@@ -194,8 +203,14 @@ impl Plan {
         let min_time_ms = args
             .min_time_ms
             .unwrap_or(if args.quick { 50 } else { 200 });
+        let ceilings = if args.no_ceiling {
+            Vec::new()
+        } else {
+            threads.iter().copied().filter(|&t| t > 1).collect()
+        };
         Plan {
             engines,
+            ceilings,
             threads,
             workloads,
             sizes,
@@ -204,6 +219,11 @@ impl Plan {
             mainnet: !args.no_mainnet,
             seed: args.seed,
         }
+    }
+
+    /// Runs of one group per round: the engines' and the ceilings'.
+    fn runs_per_round(&self) -> usize {
+        self.runs().len() + self.ceilings.len()
     }
 
     /// The runs of one group: `sequential` once, then each other engine at each thread count.
@@ -247,6 +267,10 @@ struct Cell {
     gas_per_s: f64,
     txs_per_s: f64,
     speedup_vs_sequential: f64,
+    /// The machine's ceiling at this thread count: the speedup that `threads` independent
+    /// `sequential` runs of the block reach side by side (none at 1 thread, or with
+    /// `--no-ceiling`).
+    machine_ceiling: Option<f64>,
     reexecutions_per_tx: f64,
     peak_rss_mb: Option<f64>,
     block: Option<u64>,
@@ -299,7 +323,8 @@ impl Bench {
             Err(e) => {
                 self.failures
                     .push(format!("cell {}: sequential failed: {e}", group.label));
-                self.bar.inc(((self.plan.repeat + 1) * runs.len()) as u64);
+                self.bar
+                    .inc(((self.plan.repeat + 1) * self.plan.runs_per_round()) as u64);
                 return;
             }
         };
@@ -312,6 +337,16 @@ impl Bench {
             }
             self.bar.inc(1);
         }
+        let ceilings = self.plan.ceilings.clone();
+        let mut ceiling_stats: Vec<RunStats> =
+            ceilings.iter().map(|_| RunStats::default()).collect();
+        for (i, &copies) in ceilings.iter().enumerate() {
+            if let Err(e) = sequential_copies(&vm, storage, copies, &reference) {
+                self.fail_ceiling(group, copies, &e);
+                ceiling_stats[i].failed = true;
+            }
+            self.bar.inc(1);
+        }
         let max_rounds = self.plan.repeat * MAX_ROUNDS_PER_REPEAT;
         let mut sequential_time = Duration::ZERO;
         for round in 0..max_rounds {
@@ -320,7 +355,7 @@ impl Bench {
                     break;
                 }
                 // A round beyond the plan: the bar learns of it as it starts.
-                self.bar.inc_length(runs.len() as u64);
+                self.bar.inc_length(self.plan.runs_per_round() as u64);
             }
             for (i, &(engine, threads)) in runs.iter().enumerate() {
                 self.bar.inc(1);
@@ -353,10 +388,31 @@ impl Bench {
                     }
                 }
             }
+            for (i, &copies) in ceilings.iter().enumerate() {
+                self.bar.inc(1);
+                let s = &mut ceiling_stats[i];
+                if s.failed {
+                    continue;
+                }
+                match sequential_copies(&vm, storage, copies, &reference) {
+                    Ok(elapsed) => s.times.push(elapsed),
+                    Err(e) => {
+                        s.failed = true;
+                        self.fail_ceiling(group, copies, &e);
+                    }
+                }
+            }
         }
         let txs = reference.tx_outcomes.len();
         let gas = reference.gas_used();
         let seq_median = median(&stats[0].times);
+        let ceiling = |threads: usize| -> Option<f64> {
+            let i = ceilings.iter().position(|&t| t == threads)?;
+            let s = &ceiling_stats[i];
+            let together = median(&s.times);
+            (!s.failed && !s.times.is_empty() && together > 0.0)
+                .then(|| threads as f64 * seq_median / together)
+        };
         for (i, &(engine, threads)) in runs.iter().enumerate() {
             let s = &stats[i];
             if s.failed || s.times.is_empty() {
@@ -390,6 +446,7 @@ impl Bench {
                     } else {
                         1.0
                     },
+                    machine_ceiling: ceiling(t),
                     reexecutions_per_tx: if txs == 0 {
                         0.0
                     } else {
@@ -426,6 +483,15 @@ impl Bench {
         same_result(&outcome, reference)
     }
 
+    fn fail_ceiling(&mut self, group: &Group<'_>, copies: usize, why: &str) {
+        let line = format!(
+            "cell {}, machine ceiling ({copies} sequential runs at once): {why}",
+            group.label
+        );
+        self.bar.suspend(|| eprintln!("WRONG RESULT: {line}"));
+        self.failures.push(line);
+    }
+
     fn fail(&mut self, group: &Group<'_>, engine: EngineKind, threads: usize, why: &str) {
         let line = format!(
             "cell {}, {threads} threads: engine {engine}: {why}",
@@ -434,6 +500,42 @@ impl Bench {
         self.bar.suspend(|| eprintln!("WRONG RESULT: {line}"));
         self.failures.push(line);
     }
+}
+
+/// Runs `sequential` on the block in `copies` threads at once (released together, each
+/// timing its own run) and checks every outcome; returns the longest run. Independent
+/// copies share nothing but the read-only block and pre-block state, so what they lose
+/// against one run alone is the machine's (memory bandwidth, shared caches, clock), not
+/// any engine's: `copies` x sequential's time / this time is the most speedup any engine
+/// can reach with `copies` threads on this block here.
+fn sequential_copies<S: Storage<Key = StateKey, Value = StateValue>>(
+    vm: &EvmVm<'_>,
+    storage: &S,
+    copies: usize,
+    reference: &EvmBlockOutcome,
+) -> Result<Duration, String> {
+    let start = Barrier::new(copies);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..copies)
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    let started = Instant::now();
+                    let result = EngineKind::Sequential.execute(vm, storage, 1);
+                    (started.elapsed(), result)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut longest = Duration::ZERO;
+    for joined in results {
+        let (elapsed, result) = joined.map_err(|_| "a sequential run panicked".to_string())?;
+        let (outcome, _) = result.map_err(|e| e.to_string())?;
+        same_result(&outcome, reference)?;
+        longest = longest.max(elapsed);
+    }
+    Ok(longest)
 }
 
 /// `Ok` when `outcome` equals the reference; otherwise where they first differ.
@@ -531,6 +633,8 @@ struct MainnetSummary {
     blocks: usize,
     /// Geometric mean of the analysis bound at this thread count.
     geomean_bound: Option<f64>,
+    /// Geometric mean of the machine's ceiling at this thread count.
+    geomean_ceiling: Option<f64>,
 }
 
 fn geomean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -570,22 +674,28 @@ fn mainnet_summary(plan: &Plan, cells: &[Cell]) -> Vec<MainnetSummary> {
                 worst_block: worst.block.unwrap_or(0),
                 blocks: blocks.len(),
                 geomean_bound: geomean(blocks.iter().filter_map(|c| c.bound_at_threads)),
+                geomean_ceiling: geomean(blocks.iter().filter_map(|c| c.machine_ceiling)),
             });
         }
     }
     out
 }
 
+/// A ratio as the tables print it (`-` for none).
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or("-".to_string(), |r| format!("{r:.2}x"))
+}
+
 fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
     let synthetic: Vec<&Cell> = cells.iter().filter(|c| c.workload != "mainnet").collect();
     if !synthetic.is_empty() {
         out!(
-            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | re-exec/tx | peak RSS MB |"
+            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | machine ceiling | re-exec/tx | peak RSS MB |"
         );
-        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for c in synthetic {
             out!(
-                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {:.3} | {} |",
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {} | {:.3} | {} |",
                 c.workload,
                 c.hot_ratio,
                 c.txs,
@@ -598,6 +708,7 @@ fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
                 c.gas_per_s / 1e6,
                 c.txs_per_s / 1e3,
                 c.speedup_vs_sequential,
+                times(c.machine_ceiling),
                 c.reexecutions_per_tx,
                 c.peak_rss_mb.map_or("-".to_string(), |m| format!("{m:.0}")),
             );
@@ -606,20 +717,20 @@ fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
     if !summary.is_empty() {
         out!("");
         out!(
-            "| mainnet | threads | blocks | geomean speedup | worst speedup | worst block | geomean analysis bound |"
+            "| mainnet | threads | blocks | geomean speedup | worst speedup | worst block | geomean analysis bound | geomean machine ceiling |"
         );
-        out!("|---|---|---|---|---|---|---|");
+        out!("|---|---|---|---|---|---|---|---|");
         for s in summary {
             out!(
-                "| {} | {} | {} | {:.2}x | {:.2}x | {} | {} |",
+                "| {} | {} | {} | {:.2}x | {:.2}x | {} | {} | {} |",
                 s.engine,
                 s.threads,
                 s.blocks,
                 s.geomean_speedup,
                 s.worst_speedup,
                 s.worst_block,
-                s.geomean_bound
-                    .map_or("-".to_string(), |b| format!("{b:.2}x")),
+                times(s.geomean_bound),
+                times(s.geomean_ceiling),
             );
         }
     }
@@ -638,7 +749,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     let plan = Plan::from_args(&args);
-    let runs_per_group = (plan.repeat + 1) * plan.runs().len();
+    let runs_per_group = (plan.repeat + 1) * plan.runs_per_round();
     let synthetic_groups = plan.workloads.len() * plan.sizes.len();
     let mainnet_source = if plan.mainnet {
         let dir = mainnet::builtin_dir();
@@ -833,6 +944,30 @@ mod tests {
         assert!(e.contains("transaction 0"), "{e}");
         let e = same_result(&outcome(21000, 6), &reference).unwrap_err();
         assert!(e.contains("state diff hash"), "{e}");
+    }
+
+    #[test]
+    fn sequential_copies_check_every_outcome() {
+        let spec = WorkloadSpec {
+            kind: WorkloadKind::Erc20,
+            size: Size::Txs(30),
+            accounts: None,
+            hot_ratio: 0.0,
+            seed: 7,
+        };
+        let w = synthetic::generate(&spec).unwrap();
+        let vm = EvmVm::with_pre_block(&w.block, &w.pre_state);
+        let (reference, _) = EngineKind::Sequential
+            .execute(&vm, &w.pre_state, 1)
+            .unwrap();
+        for copies in [1, 2, 3] {
+            let t = sequential_copies(&vm, &w.pre_state, copies, &reference).unwrap();
+            assert!(t > Duration::ZERO);
+        }
+        let mut wrong = reference.clone();
+        wrong.tx_outcomes[4].gas_used += 1;
+        let e = sequential_copies(&vm, &w.pre_state, 2, &wrong).unwrap_err();
+        assert!(e.contains("transaction 4"), "{e}");
     }
 
     #[test]

@@ -212,6 +212,7 @@ fn bench_writes_the_documented_json() {
         "gas_per_s",
         "txs_per_s",
         "speedup_vs_sequential",
+        "machine_ceiling",
         "reexecutions_per_tx",
         "peak_rss_mb",
         "block",
@@ -257,6 +258,13 @@ fn bench_writes_the_documented_json() {
             assert_eq!(speedup, 1.0);
             assert_eq!(c["reexecutions_per_tx"], 0.0);
         }
+        // Two sequential runs side by side: measured in every cell at 2 threads, the same
+        // for every engine of the cell.
+        let ceiling = c["machine_ceiling"]
+            .as_f64()
+            .expect("a ceiling at 2 threads");
+        assert!(ceiling > 0.0 && ceiling.is_finite(), "{c}");
+        assert_eq!(c["machine_ceiling"], seq["machine_ceiling"]);
     }
     let synthetic = cells.iter().filter(|c| c["workload"] != "mainnet").count();
     assert_eq!(
@@ -284,6 +292,8 @@ fn bench_writes_the_documented_json() {
             "geomean_speedup",
             "worst_speedup",
             "worst_block",
+            "geomean_bound",
+            "geomean_ceiling",
         ] {
             assert!(s.get(f).is_some(), "summary lacks {f}: {s}");
         }
@@ -383,6 +393,49 @@ fn bench_adds_rounds_until_sequential_reaches_the_minimum_time() {
     let runs = cells[0]["runs"].as_u64().unwrap();
     assert!((3..=200).contains(&runs), "{runs} runs");
     assert_eq!(cells[1]["runs"], cells[0]["runs"]);
+}
+
+#[test]
+fn bench_measures_the_machine_ceiling_above_one_thread_unless_told_not_to() {
+    let run = |name: &str, extra: &[&str]| {
+        let path = temp(name);
+        let mut args = vec![
+            "bench",
+            "--workloads",
+            "erc20",
+            "--txs",
+            "200",
+            "--no-mainnet",
+            "--engines",
+            "block-stm",
+            "--repeat",
+            "2",
+            "--min-time-ms",
+            "0",
+            "--json",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = parex(&args);
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        (stdout(&o), read_json(&path))
+    };
+    let (out, j) = run("bench-ceiling", &["--threads", "1,3"]);
+    assert!(out.contains("| machine ceiling |"), "{out}");
+    for c in j["cells"].as_array().unwrap() {
+        let ceiling = &c["machine_ceiling"];
+        if c["threads"] == 1 {
+            assert!(ceiling.is_null(), "no ceiling at one thread: {c}");
+        } else {
+            // Three copies on this 2-core machine still finish: some speedup, none beyond 3.
+            let x = ceiling.as_f64().expect("a ceiling at 3 threads");
+            assert!(x > 0.0 && x <= 3.5, "{c}");
+        }
+    }
+    let (_, j) = run("bench-no-ceiling", &["--threads", "2", "--no-ceiling"]);
+    for c in j["cells"].as_array().unwrap() {
+        assert!(c["machine_ceiling"].is_null(), "--no-ceiling: {c}");
+    }
 }
 
 #[test]

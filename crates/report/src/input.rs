@@ -72,6 +72,9 @@ pub struct BenchCell {
     pub ideal_speedup: Option<f64>,
     /// What they allow at this cell's thread count.
     pub bound_at_threads: Option<f64>,
+    /// What the machine allows at this thread count: the speedup of that many independent
+    /// sequential runs side by side (`parex bench`).
+    pub machine_ceiling: Option<f64>,
 }
 
 impl BenchCell {

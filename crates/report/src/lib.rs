@@ -662,14 +662,14 @@ fn analyze_section(inputs: &Inputs) -> String {
 
 fn cells_table(cells: &[&BenchCell], all: &[&BenchCell]) -> String {
     let mut s = String::from(
-        r#"<table class="num cells"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th></tr></thead><tbody>"#,
+        r#"<table class="num cells"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th><th>machine ceiling</th></tr></thead><tbody>"#,
     );
     for c in cells {
         let sp = speedup(c, all);
         let f = |v: Option<f64>, g: &dyn Fn(f64) -> String| v.map(g).unwrap_or_default();
         let _ = write!(
             s,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if sp.is_some_and(|v| v < 1.0) && c.engine != "sequential" {
                 r#" class="bad""#
             } else {
@@ -691,6 +691,7 @@ fn cells_table(cells: &[&BenchCell], all: &[&BenchCell]) -> String {
                 "{}×",
                 num(v)
             )),
+            f(c.machine_ceiling, &|v| format!("{}×", num(v))),
         );
     }
     s.push_str("</tbody></table>");
@@ -703,7 +704,12 @@ fn cells_section(cells: &[&BenchCell]) -> String {
         s.push_str(&note("No bench cells in the input."));
         return s;
     }
-    s.push_str("<p>Rows in red are slower than sequential.</p>");
+    s.push_str(
+        "<p>Rows in red are slower than sequential. <i>Bound</i>: what the block's \
+         dependencies allow at the cell's threads (<code>parex analyze</code>); \
+         <i>machine ceiling</i>: what the machine allows, the speedup of as many \
+         independent sequential runs side by side.</p>",
+    );
     let synth: Vec<&BenchCell> = cells.iter().copied().filter(|c| !c.is_mainnet()).collect();
     let mainnet: Vec<&BenchCell> = cells.iter().copied().filter(|c| c.is_mainnet()).collect();
     if !synth.is_empty() {

@@ -219,6 +219,9 @@ fn the_full_report_is_well_formed_and_has_every_chart() {
     // The mainnet summary table and the cell tables.
     assert!(html.contains("930196") || html.contains("46147"));
     assert!(html.contains("mainnet cells</summary>"));
+    // The machine's ceiling beside each cell.
+    assert!(html.contains("<th>machine ceiling</th>"));
+    assert!(html.contains("<td>1.81×</td>") && html.contains("<td>1.77×</td>"));
     assert!(
         !html.contains("omitted"),
         "nothing omitted with full inputs"
