@@ -303,6 +303,8 @@ struct RunStats {
 
 struct Bench {
     plan: Plan,
+    /// One pool per thread count of `plan.ceilings`, in order.
+    ceiling_pools: Vec<rayon::ThreadPool>,
     bar: ProgressBar,
     cells: Vec<Cell>,
     failures: Vec<String>,
@@ -341,7 +343,7 @@ impl Bench {
         let mut ceiling_stats: Vec<RunStats> =
             ceilings.iter().map(|_| RunStats::default()).collect();
         for (i, &copies) in ceilings.iter().enumerate() {
-            if let Err(e) = sequential_copies(&vm, storage, copies, &reference) {
+            if let Err(e) = sequential_copies(&self.ceiling_pools[i], &vm, storage, &reference) {
                 self.fail_ceiling(group, copies, &e);
                 ceiling_stats[i].failed = true;
             }
@@ -394,7 +396,7 @@ impl Bench {
                 if s.failed {
                     continue;
                 }
-                match sequential_copies(&vm, storage, copies, &reference) {
+                match sequential_copies(&self.ceiling_pools[i], &vm, storage, &reference) {
                     Ok(elapsed) => s.times.push(elapsed),
                     Err(e) => {
                         s.failed = true;
@@ -502,35 +504,43 @@ impl Bench {
     }
 }
 
-/// Runs `sequential` on the block in `copies` threads at once (released together, each
-/// timing its own run) and checks every outcome; returns the longest run. Independent
+/// The threads that run the copies of [`sequential_copies`] at `copies` threads: kept for
+/// the whole bench, as the engines' worker threads are (a thread started for each run
+/// begins with an empty allocator heap and faults its memory in, which on short blocks
+/// cost the copies a third of the machine).
+fn ceiling_pool(copies: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(copies)
+        .thread_name(|i| format!("parex-ceiling-{i}"))
+        .build()
+        .with_context(|| format!("cannot start {copies} threads for the machine's ceiling"))
+}
+
+/// Runs `sequential` on the block on every thread of `pool` at once (released together,
+/// each timing its own run) and checks every outcome; returns the longest run. Independent
 /// copies share nothing but the read-only block and pre-block state, so what they lose
 /// against one run alone is the machine's (memory bandwidth, shared caches, clock), not
-/// any engine's: `copies` x sequential's time / this time is the most speedup any engine
-/// can reach with `copies` threads on this block here.
+/// any engine's: copies x sequential's time / this time is the most speedup any engine
+/// can reach with that many threads on this block here.
 fn sequential_copies<S: Storage<Key = StateKey, Value = StateValue>>(
+    pool: &rayon::ThreadPool,
     vm: &EvmVm<'_>,
     storage: &S,
-    copies: usize,
     reference: &EvmBlockOutcome,
 ) -> Result<Duration, String> {
-    let start = Barrier::new(copies);
-    let results: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..copies)
-            .map(|_| {
-                scope.spawn(|| {
-                    start.wait();
-                    let started = Instant::now();
-                    let result = EngineKind::Sequential.execute(vm, storage, 1);
-                    (started.elapsed(), result)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join()).collect()
+    let start = Barrier::new(pool.current_num_threads());
+    let results = pool.broadcast(|_| {
+        start.wait();
+        let started = Instant::now();
+        // A panic is caught here, so that no copy is left waiting for the others.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            EngineKind::Sequential.execute(vm, storage, 1)
+        }));
+        (started.elapsed(), result)
     });
     let mut longest = Duration::ZERO;
-    for joined in results {
-        let (elapsed, result) = joined.map_err(|_| "a sequential run panicked".to_string())?;
+    for (elapsed, result) in results {
+        let result = result.map_err(|_| "a sequential run panicked".to_string())?;
         let (outcome, _) = result.map_err(|e| e.to_string())?;
         same_result(&outcome, reference)?;
         longest = longest.max(elapsed);
@@ -801,7 +811,13 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} runs, {elapsed} {msg}")
             .expect("valid template"),
     );
+    let ceiling_pools = plan
+        .ceilings
+        .iter()
+        .map(|&t| ceiling_pool(t))
+        .collect::<Result<_>>()?;
     let mut bench = Bench {
+        ceiling_pools,
         bar,
         cells: Vec::new(),
         failures: Vec::new(),
@@ -961,12 +977,14 @@ mod tests {
             .execute(&vm, &w.pre_state, 1)
             .unwrap();
         for copies in [1, 2, 3] {
-            let t = sequential_copies(&vm, &w.pre_state, copies, &reference).unwrap();
+            let pool = ceiling_pool(copies).unwrap();
+            let t = sequential_copies(&pool, &vm, &w.pre_state, &reference).unwrap();
             assert!(t > Duration::ZERO);
         }
         let mut wrong = reference.clone();
         wrong.tx_outcomes[4].gas_used += 1;
-        let e = sequential_copies(&vm, &w.pre_state, 2, &wrong).unwrap_err();
+        let pool = ceiling_pool(2).unwrap();
+        let e = sequential_copies(&pool, &vm, &w.pre_state, &wrong).unwrap_err();
         assert!(e.contains("transaction 4"), "{e}");
     }
 
