@@ -478,31 +478,37 @@ fn mainnet_section(inputs: &Inputs, cells: &[&BenchCell]) -> String {
         }
     }
     s.push_str("<h3>Over all blocks</h3>");
-    s.push_str(r#"<table class="num"><thead><tr><th>engine</th><th>threads</th><th>blocks</th><th>geomean speedup</th><th>worst speedup</th><th>worst block</th><th>geomean share of the bound reached</th></tr></thead><tbody>"#);
+    s.push_str(r#"<table class="num"><thead><tr><th>engine</th><th>threads</th><th>blocks</th><th>geomean speedup</th><th>worst speedup</th><th>worst block</th><th>geomean share of the bound reached</th><th>geomean share of the machine ceiling reached</th></tr></thead><tbody>"#);
     for r in &rows {
         let of: Vec<&&BenchCell> = mainnet
             .iter()
             .filter(|c| c.engine == r.engine && r.threads.is_none_or(|t| t == c.threads))
             .collect();
-        let shares: Vec<f64> = of
-            .iter()
-            .filter_map(|c| Some(speedup(c, cells)? / c.bound_at_threads.or(c.ideal_speedup)?))
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .collect();
-        let share = (!shares.is_empty()).then(|| {
-            (shares.iter().map(|v| v.ln()).sum::<f64>() / shares.len() as f64).exp() * 100.0
-        });
+        // Geometric mean, in percent, of each block's speedup over its `limit`.
+        let share = |limit: &dyn Fn(&BenchCell) -> Option<f64>| {
+            let shares: Vec<f64> = of
+                .iter()
+                .filter_map(|c| Some(speedup(c, cells)? / limit(c)?))
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .collect();
+            (!shares.is_empty()).then(|| {
+                (shares.iter().map(|v| v.ln()).sum::<f64>() / shares.len() as f64).exp() * 100.0
+            })
+        };
+        let of_bound = share(&|c| c.bound_at_threads.or(c.ideal_speedup));
+        let of_ceiling = share(&|c| c.machine_ceiling);
         let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_default();
         let _ = write!(
             s,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&r.engine),
             r.threads.map(|t| t.to_string()).unwrap_or_default(),
             of.len(),
             opt(r.geomean_speedup, &|v| format!("{}×", num(v))),
             opt(r.worst_speedup, &|v| format!("{}×", num(v))),
             r.worst_block.map(|b| b.to_string()).unwrap_or_default(),
-            opt(share, &|v| format!("{}%", num(v))),
+            opt(of_bound, &|v| format!("{}%", num(v))),
+            opt(of_ceiling, &|v| format!("{}%", num(v))),
         );
     }
     s.push_str("</tbody></table>");

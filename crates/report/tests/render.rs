@@ -222,6 +222,7 @@ fn the_full_report_is_well_formed_and_has_every_chart() {
     // The machine's ceiling beside each cell.
     assert!(html.contains("<th>machine ceiling</th>"));
     assert!(html.contains("<td>1.81×</td>") && html.contains("<td>1.77×</td>"));
+    assert!(html.contains("<th>geomean share of the machine ceiling reached</th>"));
     assert!(
         !html.contains("omitted"),
         "nothing omitted with full inputs"
