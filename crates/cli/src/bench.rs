@@ -10,6 +10,10 @@
 //! Every run's outcome must equal `sequential`'s warm-up outcome (per-transaction outcomes
 //! and state diff) or the engine's cell is dropped and the command fails at the end,
 //! naming the cell and the engine.
+//!
+//! Each round also runs, for every thread count T above one, `sequential` on T threads at
+//! once ([`sequential_copies`]): T x `sequential`'s median over theirs is the machine's
+//! ceiling at T threads on that block, reported beside every engine's speedup.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

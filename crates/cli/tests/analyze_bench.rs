@@ -427,9 +427,10 @@ fn bench_measures_the_machine_ceiling_above_one_thread_unless_told_not_to() {
         if c["threads"] == 1 {
             assert!(ceiling.is_null(), "no ceiling at one thread: {c}");
         } else {
-            // Three copies on this 2-core machine still finish: some speedup, none beyond 3.
+            // A ratio of timings: measured and positive (its size is the machine's, and
+            // under a loaded test run anything; speed is never asserted in tests).
             let x = ceiling.as_f64().expect("a ceiling at 3 threads");
-            assert!(x > 0.0 && x <= 3.5, "{c}");
+            assert!(x > 0.0 && x.is_finite(), "{c}");
         }
     }
     let (_, j) = run("bench-no-ceiling", &["--threads", "2", "--no-ceiling"]);
