@@ -27,6 +27,7 @@ use parex_core::outcome::EvmBlockOutcome;
 use parex_core::{InMemoryStorage, LatencyStorage, StateKey, StateValue, Storage};
 use parex_engine::EngineKind;
 use parex_evm::{EvmBlock, EvmVm};
+use parex_report::geomean;
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic};
 use serde::Serialize;
 use serde_json::json;
@@ -416,8 +417,8 @@ impl Bench {
             let i = ceilings.iter().position(|&t| t == threads)?;
             let s = &ceiling_stats[i];
             let together = median(&s.times);
-            (!s.failed && !s.times.is_empty() && together > 0.0)
-                .then(|| threads as f64 * seq_median / together)
+            // (No times: a median of 0.)
+            (!s.failed && together > 0.0).then(|| threads as f64 * seq_median / together)
         };
         for (i, &(engine, threads)) in runs.iter().enumerate() {
             let s = &stats[i];
@@ -490,19 +491,21 @@ impl Bench {
     }
 
     fn fail_ceiling(&mut self, group: &Group<'_>, copies: usize, why: &str) {
-        let line = format!(
+        self.record_failure(format!(
             "cell {}, machine ceiling ({copies} sequential runs at once): {why}",
             group.label
-        );
-        self.bar.suspend(|| eprintln!("WRONG RESULT: {line}"));
-        self.failures.push(line);
+        ));
     }
 
     fn fail(&mut self, group: &Group<'_>, engine: EngineKind, threads: usize, why: &str) {
-        let line = format!(
+        self.record_failure(format!(
             "cell {}, {threads} threads: engine {engine}: {why}",
             group.label
-        );
+        ));
+    }
+
+    /// Says a failure at once (above the progress bar) and keeps it for the end.
+    fn record_failure(&mut self, line: String) {
         self.bar.suspend(|| eprintln!("WRONG RESULT: {line}"));
         self.failures.push(line);
     }
@@ -649,15 +652,6 @@ struct MainnetSummary {
     geomean_bound: Option<f64>,
     /// Geometric mean of the machine's ceiling at this thread count.
     geomean_ceiling: Option<f64>,
-}
-
-fn geomean(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for v in values {
-        sum += v.ln();
-        n += 1;
-    }
-    (n > 0).then(|| (sum / n as f64).exp())
 }
 
 fn mainnet_summary(plan: &Plan, cells: &[Cell]) -> Vec<MainnetSummary> {

@@ -115,6 +115,17 @@ fn engine_series<'a>(names: impl Iterator<Item = &'a str>) -> Vec<Series> {
         .collect()
 }
 
+/// The geometric mean of positive `values` (`None` if there are none); `parex bench`'s
+/// summaries use it too.
+pub fn geomean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for v in values {
+        sum += v.ln();
+        n += 1;
+    }
+    (n > 0).then(|| (sum / n as f64).exp())
+}
+
 /// The cell's speedup over sequential: as measured by bench, or from the medians of the
 /// sequential cell of the same workload and thread count.
 fn speedup(c: &BenchCell, cells: &[&BenchCell]) -> Option<f64> {
@@ -466,7 +477,7 @@ fn mainnet_section(inputs: &Inputs, cells: &[&BenchCell]) -> String {
             if sp.is_empty() {
                 continue;
             }
-            let geo = (sp.iter().map(|(v, _)| v.ln()).sum::<f64>() / sp.len() as f64).exp();
+            let geo = geomean(sp.iter().map(|(v, _)| *v)).expect("not empty");
             let worst = sp.iter().min_by(|a, b| a.0.total_cmp(&b.0)).copied();
             rows.push(MainnetSummary {
                 engine: e,
@@ -486,14 +497,12 @@ fn mainnet_section(inputs: &Inputs, cells: &[&BenchCell]) -> String {
             .collect();
         // Geometric mean, in percent, of each block's speedup over its `limit`.
         let share = |limit: &dyn Fn(&BenchCell) -> Option<f64>| {
-            let shares: Vec<f64> = of
-                .iter()
-                .filter_map(|c| Some(speedup(c, cells)? / limit(c)?))
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .collect();
-            (!shares.is_empty()).then(|| {
-                (shares.iter().map(|v| v.ln()).sum::<f64>() / shares.len() as f64).exp() * 100.0
-            })
+            geomean(
+                of.iter()
+                    .filter_map(|c| Some(speedup(c, cells)? / limit(c)?))
+                    .filter(|v| v.is_finite() && *v > 0.0),
+            )
+            .map(|g| g * 100.0)
         };
         let of_bound = share(&|c| c.bound_at_threads.or(c.ideal_speedup));
         let of_ceiling = share(&|c| c.machine_ceiling);
