@@ -130,7 +130,7 @@ struct RunArgs {
     /// Probability that an account (or pool) a transaction picks is a hot one; 0 = conflict-free.
     #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
     hot_ratio: f64,
-    /// Delay added to every read of pre-block state, in microseconds (models a disk).
+    /// Delay added to every read of pre-block state, in microseconds (models a disk; keys read together wait once per 64)
     #[arg(long, default_value_t = 0)]
     latency_us: u64,
     /// Seed of the workload generator.

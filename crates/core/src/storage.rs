@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::vm::{ReadError, ReadView};
@@ -17,6 +18,14 @@ pub trait Storage: Send + Sync {
     type Value;
     /// The value of `key` before the block, or `None` if it does not exist.
     fn read(&self, key: &Self::Key) -> Result<Option<Self::Value>, StorageError>;
+
+    /// The values of `keys` before the block, in the same order, read together: storage
+    /// with a deep queue (an SSD) serves them in about the time of one read, so that an
+    /// engine that knows several keys ahead loads them with one wait. By default, one
+    /// read after another.
+    fn read_many(&self, keys: &[Self::Key]) -> Vec<Result<Option<Self::Value>, StorageError>> {
+        keys.iter().map(|key| self.read(key)).collect()
+    }
 
     /// About how long one read blocks (zero for memory). Engines use it to keep enough
     /// reads in flight: with slow reads, more workers than cores.
@@ -97,19 +106,49 @@ where
 /// Adds a fixed delay to every read, modelling a disk-backed node (`--latency-us`).
 ///
 /// The delay blocks the calling thread (like a synchronous disk read), so an engine
-/// hides it only by keeping more reads in flight than it has cores.
-#[derive(Clone, Debug)]
+/// hides it only by keeping more reads in flight than it has cores: from more threads,
+/// or by reading keys together ([`Storage::read_many`]: one delay for every
+/// [`LatencyStorage::QUEUE_DEPTH`] keys, as an SSD's queue serves that many reads at
+/// once).
+#[derive(Debug)]
 pub struct LatencyStorage<S> {
     inner: S,
     latency: Duration,
+    /// Delays waited so far (reads one by one, and batches).
+    waits: AtomicU64,
+}
+
+impl<S: Clone> Clone for LatencyStorage<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.latency)
+    }
 }
 
 impl<S> LatencyStorage<S> {
+    /// Reads served together by one delay of [`Storage::read_many`] (a modest queue
+    /// depth for an NVMe SSD, which serves hundreds).
+    pub const QUEUE_DEPTH: usize = 64;
+
     pub fn new(inner: S, latency: Duration) -> Self {
-        Self { inner, latency }
+        Self {
+            inner,
+            latency,
+            waits: AtomicU64::new(0),
+        }
     }
     pub fn latency(&self) -> Duration {
         self.latency
+    }
+    /// How many delays reads have waited so far: one per read, one per batch of up to
+    /// [`Self::QUEUE_DEPTH`] keys of `read_many`.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Relaxed)
+    }
+    fn wait(&self) {
+        if !self.latency.is_zero() {
+            self.waits.fetch_add(1, Relaxed);
+            wait(self.latency);
+        }
     }
 }
 
@@ -117,10 +156,14 @@ impl<S: Storage> Storage for LatencyStorage<S> {
     type Key = S::Key;
     type Value = S::Value;
     fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
-        if !self.latency.is_zero() {
-            wait(self.latency);
-        }
+        self.wait();
         self.inner.read(key)
+    }
+    fn read_many(&self, keys: &[S::Key]) -> Vec<Result<Option<S::Value>, StorageError>> {
+        for _ in keys.chunks(Self::QUEUE_DEPTH) {
+            self.wait();
+        }
+        self.inner.read_many(keys)
     }
     fn read_latency(&self) -> Duration {
         self.latency + self.inner.read_latency()
@@ -139,6 +182,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
         (**self).read(key)
     }
+    fn read_many(&self, keys: &[S::Key]) -> Vec<Result<Option<S::Value>, StorageError>> {
+        (**self).read_many(keys)
+    }
     fn read_latency(&self) -> Duration {
         (**self).read_latency()
     }
@@ -149,6 +195,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     type Value = S::Value;
     fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
         (**self).read(key)
+    }
+    fn read_many(&self, keys: &[S::Key]) -> Vec<Result<Option<S::Value>, StorageError>> {
+        (**self).read_many(keys)
     }
     fn read_latency(&self) -> Duration {
         (**self).read_latency()
@@ -169,11 +218,34 @@ mod tests {
         assert_eq!(slow.read(&1).unwrap(), Some(10));
         assert_eq!(slow.read(&2).unwrap(), None);
         assert!(start.elapsed() >= Duration::from_micros(600));
+        assert_eq!(slow.waits(), 2);
         assert_eq!(slow.read_latency(), Duration::from_micros(300));
         let by_ref = &slow;
         assert_eq!(
             <&_ as Storage>::read_latency(&by_ref),
             Duration::from_micros(300)
         );
+    }
+
+    #[test]
+    fn keys_read_together_wait_once_per_queue_depth() {
+        let depth = LatencyStorage::<()>::QUEUE_DEPTH;
+        let s: InMemoryStorage<usize, usize> = (0..depth).map(|k| (k, k * 10)).collect();
+        let slow = LatencyStorage::new(s, Duration::from_micros(50));
+        let keys: Vec<usize> = (0..=depth).collect();
+        let start = Instant::now();
+        let got = slow.read_many(&keys);
+        // One key more than the queue holds: two delays, and every value as `read` gives.
+        assert_eq!(slow.waits(), 2);
+        assert!(start.elapsed() >= Duration::from_micros(100));
+        let one_by_one: Vec<_> = keys.iter().map(|k| slow.read(k)).collect();
+        assert_eq!(got, one_by_one);
+        assert_eq!(got[depth], Ok(None));
+        assert_eq!(slow.waits(), 2 + keys.len() as u64);
+        // Through a reference, and with no delay at all: nothing waited.
+        assert_eq!((&slow).read_many(&keys[..3]), one_by_one[..3].to_vec());
+        let fast = LatencyStorage::new(InMemoryStorage::<usize, usize>::new(), Duration::ZERO);
+        assert_eq!(fast.read_many(&[1, 2]), vec![Ok(None), Ok(None)]);
+        assert_eq!(fast.waits(), 0);
     }
 }

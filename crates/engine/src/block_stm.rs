@@ -50,7 +50,12 @@
 //! `validations`, `validation_failures` and `dependency_waits` count chunks.
 //!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
-//! many more workers than threads, so that reads overlap while the cores stay busy. The
+//! more workers than threads (8 per thread), so that reads overlap while the cores stay busy, and
+//! each worker first runs discovery on a window of transactions ([`crate::prefetch`]):
+//! it executes them on the cached pre-block values, and reads the keys they miss
+//! together, one storage wait for many keys, so that their real executions find most
+//! of their keys cached instead of waiting for each (counters `prefetched`,
+//! `prefetch_batches`, `discovery_executions`). The
 //! multi-version memory then sees every read, so a first execution that writes keys no
 //! later transaction has read yet does not send validation back to it (with 32 workers
 //! finishing in any order, that re-validated each transaction about seven times).
@@ -118,6 +123,10 @@ struct BlockStm<'a, V: Vm, S> {
     /// The next transaction whose declared keys a stopped worker loads (slow storage; see
     /// [`BlockStm::load_declared`]).
     next_declared: AtomicUsize,
+    /// Slow storage: workers first run discovery on windows of this many transactions
+    /// ([`crate::prefetch`]), claimed from `next_discovery`.
+    discovery_window: Option<usize>,
+    next_discovery: AtomicUsize,
     tracer: Tracer,
 }
 
@@ -149,6 +158,8 @@ struct Worker<V: Vm> {
     storage_reads: u64,
     /// Of those, the ones it loaded for the lone worker ([`BlockStm::load_declared`]).
     preloaded: u64,
+    /// What its discovery prefetched (slow storage; [`crate::prefetch`]).
+    discovered: crate::prefetch::Discovered,
     judge: WasteJudge,
     /// Dependents of transactions this worker executed, claimed for it by the scheduler
     /// ([`Scheduler::finish_execution`]): its next tasks once the current one is done
@@ -263,8 +274,12 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    let workers = run.workers_by_work(vm, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
+    let workers = if slow_storage {
+        crate::prefetch::workers(run.threads, n)
+    } else {
+        run.workers_by_work(vm, storage)
+    };
     // On slow storage a chain is speculated on all the same: its wasted executions load
     // the pre-block values the final ones need, many at a time, where serial execution
     // would wait for them one by one (1000 dependent transfers at 100 us per read: 7x
@@ -277,6 +292,9 @@ where
             ("dependency_retries", 0),
             ("storage_reads", 0),
             ("preloaded", 0),
+            ("prefetched", 0),
+            ("prefetch_batches", 0),
+            ("discovery_executions", 0),
         ];
         return crate::sequential::in_order(vm, storage, run, &extra);
     }
@@ -332,10 +350,11 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
+    let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     let engine = BlockStm {
         vm,
         storage,
-        memory: MvMemory::new(keys, storage.read_latency() >= crate::workers::SLOW_READ),
+        memory: MvMemory::new(keys, slow_storage),
         scheduler: Scheduler::new(n),
         slots: (0..n)
             .map(|_| {
@@ -352,6 +371,8 @@ where
         judge_interval: judge_interval(n),
         oversubscribed: workers > run.threads.max(1),
         next_declared: AtomicUsize::new(0),
+        discovery_window: slow_storage.then(|| crate::prefetch::window(n, workers)),
+        next_discovery: AtomicUsize::new(0),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -368,12 +389,16 @@ where
     let mut sequence_waits = 0;
     let mut storage_reads = 0;
     let mut preloaded = 0;
+    let mut discovered = crate::prefetch::Discovered::default();
     for w in worker_metrics {
         metrics.add_counts(&w);
         dependency_retries += w.extra("dependency_retries").unwrap_or(0);
         sequence_waits += w.extra("sequence_waits").unwrap_or(0);
         storage_reads += w.extra("storage_reads").unwrap_or(0);
         preloaded += w.extra("preloaded").unwrap_or(0);
+        discovered.keys += w.extra("prefetched").unwrap_or(0);
+        discovered.batches += w.extra("prefetch_batches").unwrap_or(0);
+        discovered.executions += w.extra("discovery_executions").unwrap_or(0);
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
     let finished_alone = u64::from(engine.gave_up.load(Relaxed));
@@ -413,6 +438,9 @@ where
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
         ("preloaded", preloaded),
+        ("prefetched", discovered.keys),
+        ("prefetch_batches", discovered.batches),
+        ("discovery_executions", discovered.executions),
         ("sequenced", sequenced),
         ("sequence_waits", sequence_waits),
     ];
@@ -534,11 +562,25 @@ where
             sequence_waits: 0,
             storage_reads: 0,
             preloaded: 0,
+            discovered: Default::default(),
             judge: WasteJudge::new(self.judge_interval, self.workers),
             resumed: Vec::new(),
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
+        if let Some(window) = self.discovery_window {
+            w.discovered = crate::prefetch::discover(
+                self.vm,
+                self.storage,
+                &self.memory,
+                &self.next_discovery,
+                window,
+                || self.scheduler.done(),
+                &mut w.trace,
+            );
+            w.storage_reads += w.discovered.keys;
+            w.clock.execution += w.clock.lap();
+        }
         let backoff = Backoff::new();
         let mut task = None;
         // This worker judged speculation wasted and finishes the block by itself.
@@ -587,6 +629,9 @@ where
             ("sequence_waits", w.sequence_waits),
             ("storage_reads", w.storage_reads),
             ("preloaded", w.preloaded),
+            ("prefetched", w.discovered.keys),
+            ("prefetch_batches", w.discovered.batches),
+            ("discovery_executions", w.discovered.executions),
         ];
         w.metrics
     }

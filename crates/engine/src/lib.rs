@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mv_memory;
 pub mod optimistic;
 pub mod preexec;
+pub mod prefetch;
 mod ranges;
 pub mod scheduler;
 pub mod sealevel;

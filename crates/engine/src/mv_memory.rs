@@ -419,6 +419,66 @@ where
         })
     }
 
+    /// The cached pre-block value of `key`, if it is loaded (slow storage); `None` if it
+    /// is not (or is being loaded), without waiting or loading. Records no reader.
+    pub fn cached_base(&self, key: &K) -> Option<Result<Option<V>, StorageError>> {
+        if !self.cache_base {
+            return None;
+        }
+        let hash = self.hasher.hash_one(key);
+        match &self.shard(hash).find(hash, key)?.base {
+            Base::Loaded(base) => Some((**base).clone()),
+            Base::Loading | Base::Unloaded => None,
+        }
+    }
+
+    /// Caches the pre-block values of `keys` (slow storage; distinct keys): those that
+    /// nobody has loaded or is loading are claimed and read together, outside the locks,
+    /// by one call of `read_many` (which returns their values in order); loads by others
+    /// are then waited for. Returns how many keys this call read. Like [`Self::pre_block`],
+    /// it records no reader: pre-block values never change, so loading them early
+    /// changes nothing any transaction sees.
+    pub fn preload(
+        &self,
+        keys: &[K],
+        read_many: impl FnOnce(&[K]) -> Vec<Result<Option<V>, StorageError>>,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+    ) -> usize {
+        if !self.cache_base {
+            return 0;
+        }
+        let mut claimed = Vec::new();
+        let mut others = Vec::new();
+        for key in keys {
+            let hash = self.hasher.hash_one(key);
+            let mut table = self.shard(hash);
+            let state = table.state_mut(hash, key);
+            match state.base {
+                Base::Loaded(_) => {}
+                Base::Loading => others.push((key, hash)),
+                Base::Unloaded => {
+                    state.base = Base::Loading;
+                    claimed.push(key.clone());
+                }
+            }
+        }
+        if !claimed.is_empty() {
+            let values = read_many(&claimed);
+            assert_eq!(values.len(), claimed.len(), "one value per key read");
+            for (key, value) in claimed.iter().zip(values) {
+                let hash = self.hasher.hash_one(key);
+                self.shard(hash).state_mut(hash, key).base = Base::Loaded(Box::new(value));
+            }
+        }
+        for (key, hash) in others {
+            self.with_base(key, hash, &load, |state| match &state.base {
+                Base::Loaded(_) => Break(()),
+                Base::Loading | Base::Unloaded => Continue(state.claim_load()),
+            });
+        }
+        claimed.len()
+    }
+
     /// A read on fast storage: [`Self::read`] with nothing cached or inserted.
     fn read_uncached(
         &self,
@@ -808,6 +868,52 @@ mod tests {
         assert_eq!(fast.pre_block(&3, counted), Ok(Some(30)));
         assert_eq!(fast.pre_block(&3, counted), Ok(Some(30)));
         assert_eq!(loads.load(std::sync::atomic::Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn preloading_reads_unclaimed_keys_together_and_waits_for_the_others() {
+        let [slow, fast] = memories();
+        let batches = std::sync::Mutex::new(Vec::new());
+        let read_many = |keys: &[u32]| {
+            batches.lock().unwrap().push(keys.to_vec());
+            keys.iter().map(load).collect()
+        };
+        let unused = |_: &u32| -> Result<Option<i64>, StorageError> { unreachable!() };
+        assert_eq!(slow.cached_base(&3), None);
+        // 3 is loaded already and 4 is being loaded by a reader: only 5 and 9 are read
+        // here (together), and the call returns once 4 is loaded too.
+        assert_eq!(slow.pre_block(&3, load), Ok(Some(30)));
+        let reader_has_claimed_4 = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                slow.pre_block(&4, |k| {
+                    reader_has_claimed_4.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    load(k)
+                })
+            });
+            reader_has_claimed_4.wait();
+            assert_eq!(slow.preload(&[3, 4, 5, 9], read_many, unused), 2);
+            assert_eq!(slow.cached_base(&4), Some(Ok(Some(40))));
+        });
+        assert_eq!(*batches.lock().unwrap(), vec![vec![5, 9]]);
+        assert_eq!(slow.cached_base(&5), Some(Ok(Some(50))));
+        assert_eq!(
+            slow.cached_base(&9),
+            Some(Err(StorageError("disk gone".into())))
+        );
+        // Cached values serve reads without loading, and preloading records no reader.
+        assert_eq!(
+            value(slow.read(&5, 2, unused, add)),
+            (Ok(Some(50)), Origin::Storage)
+        );
+        assert!(!slow.write(9, 0, Entry::Write(0, 1)));
+        assert_eq!(slow.preload(&[5, 9], read_many, unused), 0);
+        assert_eq!(batches.lock().unwrap().len(), 1);
+        // Fast storage caches nothing, so there is nothing to preload.
+        assert_eq!(fast.preload(&[1, 2], read_many, unused), 0);
+        assert_eq!(fast.cached_base(&1), None);
+        assert_eq!(batches.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub enum SpanKind {
     Blocked,
     /// Waiting for work: spinning for a task, or for a lock or dependency to clear.
     Wait,
-    /// Predicting access sets by executing on the pre-block state (dag, sealevel hints).
+    /// Executing on the pre-block state to predict access sets (dag, sealevel hints) or
+    /// to find the keys to prefetch (block-stm on slow storage).
     Hint,
     /// Merging a finished execution into the block's state in block order (optimistic).
     Merge,

@@ -41,7 +41,7 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
     }
 }
 
-/// As [`check`], on slow storage (reads that block: 16 workers per thread, pre-block
+/// As [`check`], on slow storage (reads that block: 8 workers per thread, discovery, pre-block
 /// values cached in the multi-version memory, which also tracks which transactions read
 /// each key so that a write no later transaction has read triggers no revalidation).
 fn check_slow(vm: &MockVm, keys: u32, repeat: usize) {

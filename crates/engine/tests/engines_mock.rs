@@ -300,7 +300,12 @@ fn a_lone_worker_on_slow_storage_finds_the_rest_of_the_block_loaded() {
         assert_eq!(outcome, expected);
         if extra(&m, "finished_alone") == 1 {
             gave_up += 1;
-            assert!(extra(&m, "preloaded") > 0, "{m:?}");
+            // Loaded ahead of the lone worker: by the stopped workers, or before that by
+            // discovery (crate::prefetch).
+            assert!(
+                extra(&m, "preloaded") + extra(&m, "prefetched") > 0,
+                "{m:?}"
+            );
             assert!(
                 extra(&m, "preloaded") <= extra(&m, "storage_reads"),
                 "{m:?}"
@@ -311,6 +316,63 @@ fn a_lone_worker_on_slow_storage_finds_the_rest_of_the_block_loaded() {
     }
     // Speculating on a chain is mostly waste: block-stm gives up on it (every time, here).
     assert!(gave_up > 0, "block-stm never went on alone");
+}
+
+/// Block-STM on slow storage discovers the keys its transactions read and loads them in
+/// batches ahead of their executions: every key is still read from storage once, with
+/// fewer waits than keys, and the outcome is exact.
+#[test]
+fn block_stm_on_slow_storage_prefetches_keys_in_batches() {
+    // Each transaction reads three keys of its own, one after another (the second and
+    // third are found only once the first is loaded), and writes the last.
+    let n = 96u32;
+    let block = vm((0..n)
+        .map(|i| MockTx {
+            reads: vec![3 * i, 3 * i + 1, 3 * i + 2],
+            extra_read: 3 * i,
+            writes: vec![3 * i + 2],
+            deltas: vec![],
+            work: 5,
+            declared: vec![],
+            sequence: None,
+        })
+        .collect());
+    let inner = storage_for(3 * n);
+    // Slow enough that every discovery round of these light transactions is within its
+    // budget (a share of one read).
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_millis(2));
+    let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let (mut prefetched, mut batches) = (0, 0);
+    for _ in 0..2 {
+        let waits_before = slow.waits();
+        let (outcome, m) = EngineKind::BlockStm
+            .run(&block, &slow, &RunOptions::threads(2))
+            .unwrap();
+        assert_eq!(outcome, expected);
+        // Every key is loaded once (discovery or execution), never twice.
+        assert_eq!(extra(&m, "storage_reads"), u64::from(3 * n), "{m:?}");
+        assert!(
+            extra(&m, "prefetched") <= extra(&m, "storage_reads"),
+            "{m:?}"
+        );
+        assert!(extra(&m, "discovery_executions") >= extra(&m, "prefetch_batches"));
+        // Keys read one by one wait once each; batches once per batch.
+        let waits = slow.waits() - waits_before;
+        assert_eq!(
+            waits,
+            extra(&m, "storage_reads") - extra(&m, "prefetched") + extra(&m, "prefetch_batches"),
+            "{m:?}"
+        );
+        prefetched += extra(&m, "prefetched");
+        batches += extra(&m, "prefetch_batches");
+    }
+    assert!(prefetched > 0, "nothing prefetched");
+    assert!(
+        batches < prefetched,
+        "{batches} batches for {prefetched} keys"
+    );
 }
 
 fn extra(m: &Metrics, name: &str) -> u64 {

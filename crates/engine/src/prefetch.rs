@@ -1,0 +1,217 @@
+//! Prefetching pre-block state on slow storage, by discovery.
+//!
+//! On storage whose reads block (a disk), an engine's workers spend their time waiting
+//! for reads, one at a time per worker, and every wait costs its thread a sleep and a
+//! wake-up. A transaction's keys are not known before it runs, but running it on the
+//! pre-block values finds them, one at a time:
+//!
+//! * A worker claims a window of consecutive transactions and executes each on the
+//!   pre-block values cached in the multi-version memory. The first read of a key not
+//!   cached yet is recorded and ends that execution ([`ReadError::Aborted`]).
+//! * The window's missing keys are then read together ([`MvMemory::preload`] through
+//!   [`Storage::read_many`]: one wait for many keys), and the transactions that missed
+//!   are executed again, until none misses or [`MAX_ROUNDS`] have run. An ERC20
+//!   transfer takes four rounds: the sender's account, its balance, the recipient's
+//!   balance, then none.
+//! * Each round executes a transaction from its start again, so a heavy transaction's
+//!   rounds cost more than the waits they save: a transaction leaves discovery once one
+//!   of its rounds took longer than a storage read / [`ROUND_BUDGET_SHARE`] (a swap of
+//!   about ten keys stops after its first few, cheap rounds), and finds its remaining
+//!   keys when it executes for real.
+//!
+//! Exactness: nothing here is a result. Discovery executions are thrown away; they only
+//! fill the cache of pre-block values, which never change, so loading them early
+//! changes nothing that any transaction sees. A transaction whose keys depend on earlier
+//! transactions of the block may be shown the wrong keys: the engine then reads the
+//! right ones when it executes the transaction for real, as it would without this.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm};
+
+use crate::mv_memory::MvMemory;
+use crate::trace::{Recorder, SpanKind};
+
+/// Discovery rounds per window, at most (a transaction that reads more pre-block keys
+/// than this finds the rest when it executes for real).
+pub const MAX_ROUNDS: usize = 8;
+
+/// A transaction stays in discovery while its rounds take less than one read divided by
+/// this ([`Storage::read_latency`]): 6 us at 100 us per read. ERC20 transfers, 1000 at
+/// 100 us per read on 2 threads, three alternating runs each: 4 gave 17.6-20.6x
+/// `sequential`, 16 gave 21.6-24.2x; swaps 12.1-12.4x against 13.9-14.1x (without
+/// discovery 13.2-14.9x: their later rounds cost more CPU than the waits they save).
+pub const ROUND_BUDGET_SHARE: u32 = 16;
+
+/// Workers per thread on slow storage with discovery: keys read in batches need fewer
+/// workers to keep reads in flight, and fewer workers share the cores better (ERC20 and
+/// raw transfers at 100 us per read on 2 threads: 8 per thread ran them in 26 and 10 ms,
+/// 16 per thread in 32 and 13 ms).
+pub const WORKERS_PER_THREAD: usize = 8;
+
+/// The workers to run a block of `txs` transactions on `threads` threads with discovery.
+pub fn workers(threads: usize, txs: usize) -> usize {
+    (threads.max(1) * WORKERS_PER_THREAD)
+        .min(512)
+        .min(txs)
+        .max(1)
+}
+
+/// Transactions per window: about one window per worker and round, so that every worker
+/// has keys in flight, and no more than one storage batch of keys per round.
+pub fn window(txs: usize, workers: usize) -> usize {
+    txs.div_ceil(workers.max(1)).clamp(1, 64)
+}
+
+/// What a worker's discovery did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Discovered {
+    /// Keys it read from storage in batches.
+    pub keys: u64,
+    /// Batches it read them in.
+    pub batches: u64,
+    /// Discovery executions (thrown away).
+    pub executions: u64,
+}
+
+/// Runs discovery on windows of `window` transactions claimed from `next` until the
+/// block's transactions are all claimed or `stop` says so (see the module
+/// documentation). Records a [`SpanKind::Hint`] span per discovery execution.
+pub fn discover<V, S>(
+    vm: &V,
+    storage: &S,
+    memory: &MvMemory<V::Key, V::Value, V::Delta>,
+    next: &AtomicUsize,
+    window: usize,
+    stop: impl Fn() -> bool,
+    trace: &mut Recorder,
+) -> Discovered
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let budget = storage.read_latency() / ROUND_BUDGET_SHARE;
+    let mut done = Discovered::default();
+    let mut pending: Vec<TxIndex> = Vec::with_capacity(window);
+    let mut missing: Vec<V::Key> = Vec::with_capacity(window);
+    while !stop() {
+        let first = next.fetch_add(window, Relaxed);
+        if first >= n {
+            break;
+        }
+        pending.clear();
+        pending.extend(first..(first + window).min(n));
+        for _ in 0..MAX_ROUNDS {
+            missing.clear();
+            pending.retain(|&tx| {
+                let started = std::time::Instant::now();
+                let span = trace.start();
+                let mut view = CachedPreBlock {
+                    memory,
+                    missing: None,
+                };
+                // A panic or an error is an artefact of running out of context, or the
+                // transaction's own failure: the real execution meets and reports it.
+                let _ = catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view)));
+                trace.record(SpanKind::Hint, Some(tx), span);
+                done.executions += 1;
+                match view.missing {
+                    Some(key) => {
+                        missing.push(key);
+                        started.elapsed() < budget
+                    }
+                    None => false,
+                }
+            });
+            if missing.is_empty() {
+                break;
+            }
+            dedup(&mut missing);
+            let read = memory.preload(
+                &missing,
+                |keys| storage.read_many(keys),
+                |k| storage.read(k),
+            );
+            if read > 0 {
+                done.keys += read as u64;
+                done.batches += 1;
+            }
+        }
+    }
+    done
+}
+
+/// Removes repeated keys, keeping the first of each (transactions of a window often
+/// miss the same key: the contract they all call).
+fn dedup<K: PartialEq>(keys: &mut Vec<K>) {
+    let mut i = 0;
+    while i < keys.len() {
+        if keys[..i].contains(&keys[i]) {
+            keys.swap_remove(i);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// The pre-block values the memory has cached; the first key it has not ends the
+/// execution and is kept in `missing`.
+struct CachedPreBlock<'m, K, V, D> {
+    memory: &'m MvMemory<K, V, D>,
+    missing: Option<K>,
+}
+
+impl<K, V, D> ReadView<K, V> for CachedPreBlock<'_, K, V, D>
+where
+    K: Eq + std::hash::Hash + Clone + Send,
+    V: Clone + PartialEq + Send,
+    D: Clone + Send,
+{
+    fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
+        if self.missing.is_some() {
+            // The VM went on after the abort (it may catch errors): it learns nothing more.
+            return Err(ReadError::Aborted);
+        }
+        match self.memory.cached_base(key) {
+            Some(value) => value.map_err(ReadError::Storage),
+            None => {
+                self.missing = Some(key.clone());
+                Err(ReadError::Aborted)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_spread_the_block_over_the_workers_within_one_batch() {
+        assert_eq!(window(1000, 32), 32);
+        assert_eq!(window(100, 32), 4);
+        assert_eq!(window(10, 32), 1);
+        assert_eq!(window(0, 32), 1);
+        assert_eq!(window(100_000, 32), 64);
+        assert_eq!(window(5, 0), 5);
+    }
+
+    #[test]
+    fn workers_per_thread_within_the_block() {
+        assert_eq!(workers(2, 1000), 2 * WORKERS_PER_THREAD);
+        assert_eq!(workers(0, 1000), WORKERS_PER_THREAD);
+        assert_eq!(workers(2, 5), 5);
+        assert_eq!(workers(2, 0), 1);
+        assert_eq!(workers(1000, 100_000), 512);
+    }
+
+    #[test]
+    fn dedup_keeps_one_of_each() {
+        let mut keys = vec![3, 1, 3, 2, 1, 3];
+        dedup(&mut keys);
+        keys.sort_unstable();
+        assert_eq!(keys, vec![1, 2, 3]);
+    }
+}
