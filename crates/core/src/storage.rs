@@ -243,7 +243,11 @@ mod tests {
         assert_eq!(got[depth], Ok(None));
         assert_eq!(slow.waits(), 2 + keys.len() as u64);
         // Through a reference, and with no delay at all: nothing waited.
-        assert_eq!((&slow).read_many(&keys[..3]), one_by_one[..3].to_vec());
+        let by_ref = &slow;
+        assert_eq!(
+            Storage::read_many(&by_ref, &keys[..3]),
+            one_by_one[..3].to_vec()
+        );
         let fast = LatencyStorage::new(InMemoryStorage::<usize, usize>::new(), Duration::ZERO);
         assert_eq!(fast.read_many(&[1, 2]), vec![Ok(None), Ok(None)]);
         assert_eq!(fast.waits(), 0);
