@@ -26,6 +26,13 @@
 //! and merged in parallel, and only when contention makes that wasteful does the rest of
 //! the block run as described here, per transaction, over the committed state.
 //!
+//! Slow storage (reads that block): the engine runs 8 workers per thread over a shared
+//! cache of pre-block values ([`crate::prefetch::PreBlockCache`]: each key read once,
+//! by whichever worker needs it first), and every worker first runs discovery on a
+//! window of transactions, reading the keys they miss in batches ([`crate::prefetch`]),
+//! so that pre-executions and the merger's re-executions find them cached (counters
+//! `prefetched`, `prefetch_batches`, `discovery_executions`).
+//!
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
 //! executes the rest in order, as `sequential` does (`serial_switch` in the metrics);
@@ -130,28 +137,53 @@ where
         return crate::ranges::execute(vm, storage, run, workers, |rest, committed| {
             let tracer = Tracer::new(run.trace);
             let workers = run.workers_by_work(rest, committed);
-            let (state, outputs, mut metrics) = merge_units(rest, committed, workers, &tracer)?;
+            let (state, outputs, mut metrics) =
+                merge_units::<_, _, S>(rest, committed, workers, &tracer, None)?;
             metrics.trace = tracer.finish();
             Ok((state, outputs, metrics))
         });
     }
     let tracer = Tracer::new(run.trace);
-    let (cache, outputs, metrics) = merge_units(vm, storage, workers, &tracer)?;
+    if slow_storage {
+        // Every worker first discovers keys and reads them in batches into a cache that
+        // pre-executions and the merger then share (see crate::prefetch).
+        let cached = crate::prefetch::PreBlockCache::new(storage, 3 * n);
+        let workers = crate::prefetch::workers(run.threads, n);
+        let discovery = Discovery {
+            cache: &cached,
+            next: AtomicUsize::new(0),
+            window: crate::prefetch::window(n, workers),
+        };
+        let (cache, outputs, metrics) =
+            merge_units(vm, &cached, workers, &tracer, Some(&discovery))?;
+        let state_diff = || Ok(crate::sequential::into_state_diff(cache));
+        return crate::finish(vm, outputs, state_diff, tracer, metrics);
+    }
+    let (cache, outputs, metrics) = merge_units::<_, _, S>(vm, storage, workers, &tracer, None)?;
     let state_diff = || Ok(crate::sequential::into_state_diff(cache));
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
 
+/// Discovery before merging (slow storage): workers claim windows from `next`.
+struct Discovery<'c, 's, S: Storage> {
+    cache: &'c crate::prefetch::PreBlockCache<'s, S>,
+    next: AtomicUsize,
+    window: usize,
+}
+
 /// The engine over `vm`'s transactions on `workers`: the merged state (written keys
 /// marked) and the outputs, not yet finalized.
-fn merge_units<V, S>(
+fn merge_units<V, S, P>(
     vm: &V,
     storage: &S,
     workers: usize,
     tracer: &Tracer,
+    discovery: Option<&Discovery<'_, '_, P>>,
 ) -> Result<crate::ranges::Rest<V>, EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
+    P: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
     let shared = Shared {
@@ -166,8 +198,24 @@ where
         stop: AtomicBool::new(false),
         tracer,
     };
+    let discovered = Mutex::new(crate::prefetch::Discovered::default());
     let mut reports = crate::workers::run(workers, |id| {
         let _stop = crate::workers::SetOnPanic(&shared.stop);
+        if let Some(d) = discovery {
+            let mut trace = tracer.recorder(id);
+            let mine = d.cache.discover(
+                vm,
+                &d.next,
+                d.window,
+                || shared.stop.load(Ordering::Relaxed),
+                &mut trace,
+            );
+            tracer.submit(trace);
+            let mut all = discovered.lock().unwrap_or_else(|e| e.into_inner());
+            all.keys += mine.keys;
+            all.batches += mine.batches;
+            all.executions += mine.executions;
+        }
         if id == 0 {
             let report = shared.merge();
             shared.stop.store(true, Ordering::SeqCst);
@@ -191,6 +239,14 @@ where
         ("serial_switch", u64::from(merge.serial_switch)),
         ("workers", workers as u64),
     ];
+    if discovery.is_some() {
+        let d = discovered.into_inner().unwrap_or_else(|e| e.into_inner());
+        metrics.extra.extend([
+            ("prefetched", d.keys),
+            ("prefetch_batches", d.batches),
+            ("discovery_executions", d.executions),
+        ]);
+    }
     let (cache, outputs) = merge.result?;
     Ok((cache, outputs, metrics))
 }

@@ -1,4 +1,5 @@
-//! Prefetching pre-block state on slow storage, by discovery.
+//! Prefetching pre-block state on slow storage, by discovery (`block-stm`, into its
+//! multi-version memory; `optimistic`, into a [`PreBlockCache`]).
 //!
 //! On storage whose reads block (a disk), an engine's workers spend their time waiting
 //! for reads, one at a time per worker, and every wait costs its thread a sleep and a
@@ -28,7 +29,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm};
+use parex_core::{ReadError, ReadView, Storage, StorageError, TxIndex, Vm};
 
 use crate::mv_memory::MvMemory;
 use crate::trace::{Recorder, SpanKind};
@@ -78,10 +79,10 @@ pub struct Discovered {
 /// Runs discovery on windows of `window` transactions claimed from `next` until the
 /// block's transactions are all claimed or `stop` says so (see the module
 /// documentation). Records a [`SpanKind::Hint`] span per discovery execution.
-pub fn discover<V, S>(
+pub fn discover<V, S, D>(
     vm: &V,
     storage: &S,
-    memory: &MvMemory<V::Key, V::Value, V::Delta>,
+    memory: &MvMemory<V::Key, V::Value, D>,
     next: &AtomicUsize,
     window: usize,
     stop: impl Fn() -> bool,
@@ -90,6 +91,7 @@ pub fn discover<V, S>(
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
+    D: Clone + Send,
 {
     let n = vm.tx_count();
     let budget = storage.read_latency() / ROUND_BUDGET_SHARE;
@@ -141,6 +143,62 @@ where
         }
     }
     done
+}
+
+/// Slow storage behind a cache of its pre-block values, for engines without a
+/// multi-version memory of their own (`optimistic`): every key is read from storage at
+/// most once, by whichever worker needs it first (others wait for it), and discovery
+/// ([`Self::discover`]) fills the cache in batches. Reads report the storage's latency,
+/// so engines keep treating it as slow.
+pub struct PreBlockCache<'s, S: Storage> {
+    storage: &'s S,
+    memory: MvMemory<S::Key, S::Value, ()>,
+}
+
+impl<'s, S> PreBlockCache<'s, S>
+where
+    S: Storage,
+    S::Key: Eq + std::hash::Hash + Clone + Send,
+    S::Value: Clone + PartialEq + Send,
+{
+    /// An empty cache over `storage`, sized for about `keys` keys.
+    pub fn new(storage: &'s S, keys: usize) -> Self {
+        Self {
+            storage,
+            memory: MvMemory::new(keys, true),
+        }
+    }
+
+    /// [`discover`] on this cache.
+    pub fn discover<V>(
+        &self,
+        vm: &V,
+        next: &AtomicUsize,
+        window: usize,
+        stop: impl Fn() -> bool,
+        trace: &mut Recorder,
+    ) -> Discovered
+    where
+        V: Vm<Key = S::Key, Value = S::Value>,
+    {
+        discover(vm, self.storage, &self.memory, next, window, stop, trace)
+    }
+}
+
+impl<S> Storage for PreBlockCache<'_, S>
+where
+    S: Storage,
+    S::Key: Eq + std::hash::Hash + Clone + Send,
+    S::Value: Clone + PartialEq + Send,
+{
+    type Key = S::Key;
+    type Value = S::Value;
+    fn read(&self, key: &S::Key) -> Result<Option<S::Value>, StorageError> {
+        self.memory.pre_block(key, |k| self.storage.read(k))
+    }
+    fn read_latency(&self) -> std::time::Duration {
+        self.storage.read_latency()
+    }
 }
 
 /// Removes repeated keys, keeping the first of each (transactions of a window often

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::trace::{SpanKind, Tracer};
 
 /// With storage reads slower than this, workers mostly wait on storage, and engines run
-/// `WORKERS_PER_THREAD_IF_SLOW` of them per thread so that reads overlap (`block-stm`,
-/// which reads keys in batches, fewer: [`crate::prefetch::WORKERS_PER_THREAD`]).
+/// `WORKERS_PER_THREAD_IF_SLOW` of them per thread so that reads overlap (`block-stm` and
+/// `optimistic`, which read keys in batches, fewer: [`crate::prefetch::WORKERS_PER_THREAD`]).
 pub const SLOW_READ: Duration = Duration::from_micros(5);
 pub const WORKERS_PER_THREAD_IF_SLOW: usize = 16;
 /// Transactions each worker must have to be worth starting on fast storage: waking a
