@@ -123,10 +123,8 @@ struct BlockStm<'a, V: Vm, S> {
     /// The next transaction whose declared keys a stopped worker loads (slow storage; see
     /// [`BlockStm::load_declared`]).
     next_declared: AtomicUsize,
-    /// Slow storage: workers first run discovery on windows of this many transactions
-    /// ([`crate::prefetch`]), claimed from `next_discovery`.
-    discovery_window: Option<usize>,
-    next_discovery: AtomicUsize,
+    /// Slow storage: workers first run discovery on these windows ([`crate::prefetch`]).
+    discovery: Option<crate::prefetch::Windows>,
     tracer: Tracer,
 }
 
@@ -371,8 +369,7 @@ where
         judge_interval: judge_interval(n),
         oversubscribed: workers > run.threads.max(1),
         next_declared: AtomicUsize::new(0),
-        discovery_window: slow_storage.then(|| crate::prefetch::window(n, workers)),
-        next_discovery: AtomicUsize::new(0),
+        discovery: slow_storage.then(|| crate::prefetch::Windows::new(n, workers)),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -568,13 +565,12 @@ where
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
         };
-        if let Some(window) = self.discovery_window {
+        if let Some(windows) = &self.discovery {
             w.discovered = crate::prefetch::discover(
                 self.vm,
                 self.storage,
                 &self.memory,
-                &self.next_discovery,
-                window,
+                windows,
                 || self.scheduler.done(),
                 &mut w.trace,
             );

@@ -151,8 +151,7 @@ where
         let workers = crate::prefetch::workers(run.threads, n);
         let discovery = Discovery {
             cache: &cached,
-            next: AtomicUsize::new(0),
-            window: crate::prefetch::window(n, workers),
+            windows: crate::prefetch::Windows::new(n, workers),
         };
         let (cache, outputs, metrics) =
             merge_units(vm, &cached, workers, &tracer, Some(&discovery))?;
@@ -164,11 +163,10 @@ where
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
 
-/// Discovery before merging (slow storage): workers claim windows from `next`.
+/// Discovery before merging (slow storage): into `cache`, on `windows`.
 struct Discovery<'c, 's, S: Storage> {
     cache: &'c crate::prefetch::PreBlockCache<'s, S>,
-    next: AtomicUsize,
-    window: usize,
+    windows: crate::prefetch::Windows,
 }
 
 /// The engine over `vm`'s transactions on `workers`: the merged state (written keys
@@ -205,8 +203,7 @@ where
             let mut trace = tracer.recorder(id);
             let mine = d.cache.discover(
                 vm,
-                &d.next,
-                d.window,
+                &d.windows,
                 || shared.stop.load(Ordering::Relaxed),
                 &mut trace,
             );

@@ -59,10 +59,27 @@ pub fn workers(threads: usize, txs: usize) -> usize {
         .max(1)
 }
 
-/// Transactions per window: about one window per worker and round, so that every worker
-/// has keys in flight, and no more than one storage batch of keys per round.
-pub fn window(txs: usize, workers: usize) -> usize {
-    txs.div_ceil(workers.max(1)).clamp(1, 64)
+/// A block's discovery windows, claimed by the workers in block order.
+pub struct Windows {
+    next: AtomicUsize,
+    size: usize,
+}
+
+impl Windows {
+    /// Windows for `txs` transactions and `workers` workers: about one window per worker
+    /// and round, so that every worker has keys in flight, and no more than one storage
+    /// batch of keys per round.
+    pub fn new(txs: usize, workers: usize) -> Self {
+        Self {
+            next: AtomicUsize::new(0),
+            size: txs.div_ceil(workers.max(1)).clamp(1, 64),
+        }
+    }
+
+    /// Transactions per window.
+    pub fn size(&self) -> usize {
+        self.size
+    }
 }
 
 /// What a worker's discovery did.
@@ -76,15 +93,14 @@ pub struct Discovered {
     pub executions: u64,
 }
 
-/// Runs discovery on windows of `window` transactions claimed from `next` until the
-/// block's transactions are all claimed or `stop` says so (see the module
+/// Runs discovery on `windows` claimed in turn until the block's transactions are all
+/// claimed or `stop` says so (see the module
 /// documentation). Records a [`SpanKind::Hint`] span per discovery execution.
 pub fn discover<V, S, D>(
     vm: &V,
     storage: &S,
     memory: &MvMemory<V::Key, V::Value, D>,
-    next: &AtomicUsize,
-    window: usize,
+    windows: &Windows,
     stop: impl Fn() -> bool,
     trace: &mut Recorder,
 ) -> Discovered
@@ -96,10 +112,11 @@ where
     let n = vm.tx_count();
     let budget = storage.read_latency() / ROUND_BUDGET_SHARE;
     let mut done = Discovered::default();
+    let window = windows.size;
     let mut pending: Vec<TxIndex> = Vec::with_capacity(window);
     let mut missing: Vec<V::Key> = Vec::with_capacity(window);
     while !stop() {
-        let first = next.fetch_add(window, Relaxed);
+        let first = windows.next.fetch_add(window, Relaxed);
         if first >= n {
             break;
         }
@@ -169,19 +186,18 @@ where
         }
     }
 
-    /// [`discover`] on this cache.
+    /// [`discover`] into this cache.
     pub fn discover<V>(
         &self,
         vm: &V,
-        next: &AtomicUsize,
-        window: usize,
+        windows: &Windows,
         stop: impl Fn() -> bool,
         trace: &mut Recorder,
     ) -> Discovered
     where
         V: Vm<Key = S::Key, Value = S::Value>,
     {
-        discover(vm, self.storage, &self.memory, next, window, stop, trace)
+        discover(vm, self.storage, &self.memory, windows, stop, trace)
     }
 }
 
@@ -248,12 +264,13 @@ mod tests {
 
     #[test]
     fn windows_spread_the_block_over_the_workers_within_one_batch() {
-        assert_eq!(window(1000, 32), 32);
-        assert_eq!(window(100, 32), 4);
-        assert_eq!(window(10, 32), 1);
-        assert_eq!(window(0, 32), 1);
-        assert_eq!(window(100_000, 32), 64);
-        assert_eq!(window(5, 0), 5);
+        let size = |txs, workers| Windows::new(txs, workers).size();
+        assert_eq!(size(1000, 32), 32);
+        assert_eq!(size(100, 32), 4);
+        assert_eq!(size(10, 32), 1);
+        assert_eq!(size(0, 32), 1);
+        assert_eq!(size(100_000, 32), 64);
+        assert_eq!(size(5, 0), 5);
     }
 
     #[test]
