@@ -188,13 +188,42 @@ impl EngineKind {
             // does it, without any engine's bookkeeping.
             return sequential::in_order(vm, storage, options, &[("workers", 1)]);
         }
+        let slow_storage = storage.read_latency() >= workers::SLOW_READ;
         match self {
             EngineKind::Sequential => sequential::execute(vm, storage, options),
             EngineKind::BlockStm => block_stm::execute(vm, storage, options),
             EngineKind::Optimistic => optimistic::execute(vm, storage, options),
+            // The others have no discovery of their own: on slow storage they run over a
+            // cache that discovery filled first.
+            EngineKind::Dag | EngineKind::Sealevel | EngineKind::SealevelPreexec
+                if slow_storage =>
+            {
+                prefetch::discovered_first(vm, storage, options.threads, |cached| {
+                    self.run_unprefetched(vm, cached, options)
+                })
+            }
+            _ => self.run_unprefetched(vm, storage, options),
+        }
+    }
+
+    /// Runs this engine on `storage` as it is (no cache or discovery around it).
+    fn run_unprefetched<V, S>(
+        self,
+        vm: &V,
+        storage: &S,
+        options: &RunOptions,
+    ) -> Result<(VmOutcome<V>, Metrics), EngineError>
+    where
+        V: Vm,
+        S: Storage<Key = V::Key, Value = V::Value>,
+    {
+        match self {
             EngineKind::Dag => dag::execute(vm, storage, options),
             EngineKind::Sealevel => sealevel::execute(vm, storage, options),
             EngineKind::SealevelPreexec => sealevel::execute_preexec(vm, storage, options),
+            EngineKind::Sequential => sequential::execute(vm, storage, options),
+            EngineKind::BlockStm => block_stm::execute(vm, storage, options),
+            EngineKind::Optimistic => optimistic::execute(vm, storage, options),
         }
     }
 }

@@ -128,11 +128,17 @@ where
 {
     let n = vm.tx_count();
     let workers = run.workers_by_work(vm, storage);
+    let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     if crate::declared::declared_chain(vm, storage, workers) {
         // The declarations already say the block is a chain: merge checks would all fail.
+        // On slow storage, its keys are discovered and read in batches first.
+        if slow_storage {
+            return crate::prefetch::discovered_first(vm, storage, run.threads, |cached| {
+                crate::sequential::in_order(vm, cached, run, &[])
+            });
+        }
         return crate::sequential::in_order(vm, storage, run, &[]);
     }
-    let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     if crate::ranges::applies(n, workers, slow_storage, run) {
         return crate::ranges::execute(vm, storage, run, workers, |rest, committed| {
             let tracer = Tracer::new(run.trace);

@@ -1,5 +1,6 @@
 //! Prefetching pre-block state on slow storage, by discovery (`block-stm`, into its
-//! multi-version memory; `optimistic`, into a [`PreBlockCache`]).
+//! multi-version memory; `optimistic`, into a [`PreBlockCache`] as its workers start; the
+//! other parallel engines, into one in a pass before theirs: [`discovered_first`]).
 //!
 //! On storage whose reads block (a disk), an engine's workers spend their time waiting
 //! for reads, one at a time per worker, and every wait costs its thread a sleep and a
@@ -215,6 +216,46 @@ where
     fn read_latency(&self) -> std::time::Duration {
         self.storage.read_latency()
     }
+}
+
+/// Runs `engine` over a [`PreBlockCache`] of slow `storage` that discovery has filled
+/// first, on [`workers`] workers for `threads` threads: for the engines without discovery
+/// of their own (`dag`, `sealevel`, `sealevel-preexec`), whose passes and in-order re-runs
+/// then find the keys cached instead of waiting for each. Adds the discovery's counters
+/// to the engine's metrics and its time to their execution time.
+pub fn discovered_first<V, S, R>(
+    vm: &V,
+    storage: &S,
+    threads: usize,
+    engine: impl FnOnce(&PreBlockCache<'_, S>) -> Result<(R, crate::Metrics), crate::EngineError>,
+) -> Result<(R, crate::Metrics), crate::EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let cache = PreBlockCache::new(storage, 3 * n);
+    let workers = workers(threads, n);
+    let windows = Windows::new(n, workers);
+    let found = crate::workers::run(workers, |_| {
+        let started = std::time::Instant::now();
+        let found = cache.discover(vm, &windows, || false, &mut Recorder::off());
+        (found, started.elapsed())
+    });
+    let (result, mut metrics) = engine(&cache)?;
+    let mut total = Discovered::default();
+    for (found, time) in found {
+        total.keys += found.keys;
+        total.batches += found.batches;
+        total.executions += found.executions;
+        metrics.execution_time += time;
+    }
+    metrics.extra.extend([
+        ("prefetched", total.keys),
+        ("prefetch_batches", total.batches),
+        ("discovery_executions", total.executions),
+    ]);
+    Ok((result, metrics))
 }
 
 /// Removes repeated keys, keeping the first of each (transactions of a window often

@@ -321,9 +321,10 @@ fn a_lone_worker_on_slow_storage_finds_the_rest_of_the_block_loaded() {
     assert!(gave_up > 0, "block-stm never went on alone");
 }
 
-/// `block-stm` and `optimistic` on slow storage discover the keys their transactions read
-/// and load them in batches ahead of their executions: every key is still read from
-/// storage once, with fewer waits than keys, and the outcome is exact.
+/// Every parallel engine on slow storage discovers the keys its transactions read and
+/// loads them in batches ahead of its executions (`block-stm` and `optimistic` as they
+/// start, the others in a pass before theirs): every key is still read from storage once,
+/// with fewer waits than keys, and the outcome is exact.
 #[test]
 fn slow_storage_keys_are_prefetched_in_batches() {
     // Each transaction reads three keys of its own, one after another (the second and
@@ -348,7 +349,7 @@ fn slow_storage_keys_are_prefetched_in_batches() {
         .unwrap()
         .0;
     let keys = u64::from(3 * n);
-    for kind in [EngineKind::BlockStm, EngineKind::Optimistic] {
+    for &kind in &EngineKind::ALL[1..] {
         let (mut prefetched, mut batches) = (0, 0);
         for _ in 0..2 {
             let waits_before = slow.waits();
