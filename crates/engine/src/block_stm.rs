@@ -290,10 +290,8 @@ where
             ("dependency_retries", 0),
             ("storage_reads", 0),
             ("preloaded", 0),
-            ("prefetched", 0),
-            ("prefetch_batches", 0),
-            ("discovery_executions", 0),
         ];
+        let extra = [&extra[..], &crate::prefetch::Discovered::default().extras()].concat();
         return crate::sequential::in_order(vm, storage, run, &extra);
     }
     let chunk = options
@@ -393,9 +391,7 @@ where
         sequence_waits += w.extra("sequence_waits").unwrap_or(0);
         storage_reads += w.extra("storage_reads").unwrap_or(0);
         preloaded += w.extra("preloaded").unwrap_or(0);
-        discovered.keys += w.extra("prefetched").unwrap_or(0);
-        discovered.batches += w.extra("prefetch_batches").unwrap_or(0);
-        discovered.executions += w.extra("discovery_executions").unwrap_or(0);
+        discovered += crate::prefetch::Discovered::from_metrics(&w);
     }
     metrics.reexecutions = metrics.executions.saturating_sub(n as u64);
     let finished_alone = u64::from(engine.gave_up.load(Relaxed));
@@ -435,12 +431,10 @@ where
         ("dependency_retries", dependency_retries),
         ("storage_reads", storage_reads),
         ("preloaded", preloaded),
-        ("prefetched", discovered.keys),
-        ("prefetch_batches", discovered.batches),
-        ("discovery_executions", discovered.executions),
         ("sequenced", sequenced),
         ("sequence_waits", sequence_waits),
     ];
+    metrics.extra.extend(discovered.extras());
     Ok((
         BlockOutcome {
             tx_outcomes: outputs,
@@ -625,10 +619,8 @@ where
             ("sequence_waits", w.sequence_waits),
             ("storage_reads", w.storage_reads),
             ("preloaded", w.preloaded),
-            ("prefetched", w.discovered.keys),
-            ("prefetch_batches", w.discovered.batches),
-            ("discovery_executions", w.discovered.executions),
         ];
+        w.metrics.extra.extend(w.discovered.extras());
         w.metrics
     }
 

@@ -188,26 +188,22 @@ impl EngineKind {
             // does it, without any engine's bookkeeping.
             return sequential::in_order(vm, storage, options, &[("workers", 1)]);
         }
-        let slow_storage = storage.read_latency() >= workers::SLOW_READ;
-        match self {
-            EngineKind::Sequential => sequential::execute(vm, storage, options),
-            EngineKind::BlockStm => block_stm::execute(vm, storage, options),
-            EngineKind::Optimistic => optimistic::execute(vm, storage, options),
-            // The others have no discovery of their own: on slow storage they run over a
-            // cache that discovery filled first.
+        // On slow storage, the parallel engines without discovery of their own run over a
+        // cache that discovery filled first (`sequential`, the baseline, reads as it goes).
+        let discovers_first = matches!(
+            self,
             EngineKind::Dag | EngineKind::Sealevel | EngineKind::SealevelPreexec
-                if slow_storage =>
-            {
-                prefetch::discovered_first(vm, storage, options.threads, |cached| {
-                    self.run_unprefetched(vm, cached, options)
-                })
-            }
-            _ => self.run_unprefetched(vm, storage, options),
+        );
+        if discovers_first && storage.read_latency() >= workers::SLOW_READ {
+            return prefetch::discovered_first(vm, storage, options.threads, |cached| {
+                self.dispatch(vm, cached, options)
+            });
         }
+        self.dispatch(vm, storage, options)
     }
 
-    /// Runs this engine on `storage` as it is (no cache or discovery around it).
-    fn run_unprefetched<V, S>(
+    /// Runs this engine's own function on `storage` as it is.
+    fn dispatch<V, S>(
         self,
         vm: &V,
         storage: &S,
@@ -218,12 +214,12 @@ impl EngineKind {
         S: Storage<Key = V::Key, Value = V::Value>,
     {
         match self {
-            EngineKind::Dag => dag::execute(vm, storage, options),
-            EngineKind::Sealevel => sealevel::execute(vm, storage, options),
-            EngineKind::SealevelPreexec => sealevel::execute_preexec(vm, storage, options),
             EngineKind::Sequential => sequential::execute(vm, storage, options),
             EngineKind::BlockStm => block_stm::execute(vm, storage, options),
             EngineKind::Optimistic => optimistic::execute(vm, storage, options),
+            EngineKind::Dag => dag::execute(vm, storage, options),
+            EngineKind::Sealevel => sealevel::execute(vm, storage, options),
+            EngineKind::SealevelPreexec => sealevel::execute_preexec(vm, storage, options),
         }
     }
 }

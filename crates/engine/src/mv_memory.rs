@@ -448,6 +448,7 @@ where
             return 0;
         }
         let mut claimed = Vec::new();
+        let mut claimed_hashes = Vec::new();
         let mut others = Vec::new();
         for key in keys {
             let hash = self.hasher.hash_one(key);
@@ -457,16 +458,16 @@ where
                 Base::Loaded(_) => {}
                 Base::Loading => others.push((key, hash)),
                 Base::Unloaded => {
-                    state.base = Base::Loading;
+                    state.claim_load();
                     claimed.push(key.clone());
+                    claimed_hashes.push(hash);
                 }
             }
         }
         if !claimed.is_empty() {
             let values = read_many(&claimed);
             assert_eq!(values.len(), claimed.len(), "one value per key read");
-            for (key, value) in claimed.iter().zip(values) {
-                let hash = self.hasher.hash_one(key);
+            for ((key, hash), value) in claimed.iter().zip(claimed_hashes).zip(values) {
                 self.shard(hash).state_mut(hash, key).base = Base::Loaded(Box::new(value));
             }
         }

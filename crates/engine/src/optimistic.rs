@@ -214,10 +214,7 @@ where
                 &mut trace,
             );
             tracer.submit(trace);
-            let mut all = discovered.lock().unwrap_or_else(|e| e.into_inner());
-            all.keys += mine.keys;
-            all.batches += mine.batches;
-            all.executions += mine.executions;
+            *discovered.lock().unwrap_or_else(|e| e.into_inner()) += mine;
         }
         if id == 0 {
             let report = shared.merge();
@@ -243,12 +240,8 @@ where
         ("workers", workers as u64),
     ];
     if discovery.is_some() {
-        let d = discovered.into_inner().unwrap_or_else(|e| e.into_inner());
-        metrics.extra.extend([
-            ("prefetched", d.keys),
-            ("prefetch_batches", d.batches),
-            ("discovery_executions", d.executions),
-        ]);
+        let discovered = discovered.into_inner().unwrap_or_else(|e| e.into_inner());
+        metrics.extra.extend(discovered.extras());
     }
     let (cache, outputs) = merge.result?;
     Ok((cache, outputs, metrics))

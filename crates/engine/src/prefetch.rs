@@ -94,6 +94,36 @@ pub struct Discovered {
     pub executions: u64,
 }
 
+impl Discovered {
+    /// The counters as metrics extras: `prefetched`, `prefetch_batches`,
+    /// `discovery_executions`.
+    pub fn extras(&self) -> [(&'static str, u64); 3] {
+        [
+            ("prefetched", self.keys),
+            ("prefetch_batches", self.batches),
+            ("discovery_executions", self.executions),
+        ]
+    }
+
+    /// The counters back from metrics extras written by [`Self::extras`] (zero if absent).
+    pub fn from_metrics(metrics: &crate::Metrics) -> Self {
+        let get = |name| metrics.extra(name).unwrap_or(0);
+        Self {
+            keys: get("prefetched"),
+            batches: get("prefetch_batches"),
+            executions: get("discovery_executions"),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Discovered {
+    fn add_assign(&mut self, other: Self) {
+        self.keys += other.keys;
+        self.batches += other.batches;
+        self.executions += other.executions;
+    }
+}
+
 /// Runs discovery on `windows` claimed in turn until the block's transactions are all
 /// claimed or `stop` says so (see the module
 /// documentation). Records a [`SpanKind::Hint`] span per discovery execution.
@@ -245,16 +275,10 @@ where
     let (result, mut metrics) = engine(&cache)?;
     let mut total = Discovered::default();
     for (found, time) in found {
-        total.keys += found.keys;
-        total.batches += found.batches;
-        total.executions += found.executions;
+        total += found;
         metrics.execution_time += time;
     }
-    metrics.extra.extend([
-        ("prefetched", total.keys),
-        ("prefetch_batches", total.batches),
-        ("discovery_executions", total.executions),
-    ]);
+    metrics.extra.extend(total.extras());
     Ok((result, metrics))
 }
 
