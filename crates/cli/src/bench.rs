@@ -9,7 +9,9 @@
 //! gets enough runs for one slow moment of the machine not to decide its median.
 //! Every run's outcome must equal `sequential`'s warm-up outcome (per-transaction outcomes
 //! and state diff) or the engine's cell is dropped and the command fails at the end,
-//! naming the cell and the engine.
+//! naming the cell and the engine. Beside each engine's speedup (medians' ratio) go the
+//! quartiles of its per-round speedups: a round's runs are back to back, so their ratio is
+//! what the machine's drift disturbs least, and the quartiles' spread is the noise.
 //!
 //! Each round also runs, for every thread count T above one, `sequential` on T threads at
 //! once ([`sequential_copies`]): T x `sequential`'s median over theirs is the machine's
@@ -272,6 +274,11 @@ struct Cell {
     gas_per_s: f64,
     txs_per_s: f64,
     speedup_vs_sequential: f64,
+    /// The 25th and 75th percentiles of the per-round speedups: each round runs every
+    /// engine once, back to back, so a round's ratio compares runs made under the same
+    /// machine conditions; the spread says how far to trust `speedup_vs_sequential`
+    /// (none for `sequential`).
+    speedup_quartiles: Option<[f64; 2]>,
     /// The machine's ceiling at this thread count: the speedup that `threads` independent
     /// `sequential` runs of the block reach side by side (none at 1 thread, or with
     /// `--no-ceiling`).
@@ -453,6 +460,9 @@ impl Bench {
                     } else {
                         1.0
                     },
+                    speedup_quartiles: (engine != EngineKind::Sequential)
+                        .then(|| round_speedup_quartiles(&stats[0].times, &s.times))
+                        .flatten(),
                     machine_ceiling: ceiling(t),
                     reexecutions_per_tx: if txs == 0 {
                         0.0
@@ -599,6 +609,30 @@ fn median(times: &[Duration]) -> f64 {
     }
 }
 
+/// The `q` quantile (0 to 1) of sorted `values`, interpolated between the nearest ranks.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let position = q * (sorted.len() - 1) as f64;
+    let below = position.floor() as usize;
+    let above = position.ceil() as usize;
+    sorted[below] + (sorted[above] - sorted[below]) * (position - below as f64)
+}
+
+/// The 25th and 75th percentiles of `sequential`'s time over the engine's, round by
+/// round (`times[r]` of both are from round `r`); none without two rounds to compare.
+fn round_speedup_quartiles(sequential: &[Duration], engine: &[Duration]) -> Option<[f64; 2]> {
+    let mut ratios: Vec<f64> = sequential
+        .iter()
+        .zip(engine)
+        .filter(|(_, e)| !e.is_zero())
+        .map(|(s, e)| s.as_secs_f64() / e.as_secs_f64())
+        .collect();
+    if ratios.len() < 2 {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    Some([quantile(&ratios, 0.25), quantile(&ratios, 0.75)])
+}
+
 fn per_second(amount: f64, seconds: f64) -> f64 {
     if seconds > 0.0 { amount / seconds } else { 0.0 }
 }
@@ -694,16 +728,23 @@ fn times(ratio: Option<f64>) -> String {
     ratio.map_or("-".to_string(), |r| format!("{r:.2}x"))
 }
 
+/// Quartiles as the tables print them (`-` for none).
+fn quartiles(q: Option<[f64; 2]>) -> String {
+    q.map_or("-".to_string(), |[low, high]| {
+        format!("{low:.2}-{high:.2}x")
+    })
+}
+
 fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
     let synthetic: Vec<&Cell> = cells.iter().filter(|c| c.workload != "mainnet").collect();
     if !synthetic.is_empty() {
         out!(
-            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | machine ceiling | re-exec/tx | peak RSS MB |"
+            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | per-round quartiles | machine ceiling | re-exec/tx | peak RSS MB |"
         );
-        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for c in synthetic {
             out!(
-                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {} | {:.3} | {} |",
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {} | {} | {:.3} | {} |",
                 c.workload,
                 c.hot_ratio,
                 c.txs,
@@ -716,6 +757,7 @@ fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
                 c.gas_per_s / 1e6,
                 c.txs_per_s / 1e3,
                 c.speedup_vs_sequential,
+                quartiles(c.speedup_quartiles),
                 times(c.machine_ceiling),
                 c.reexecutions_per_tx,
                 c.peak_rss_mb.map_or("-".to_string(), |m| format!("{m:.0}")),
@@ -994,17 +1036,33 @@ mod tests {
         assert!(parse_workload("nft").unwrap_err().contains("raw, erc20"));
     }
 
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
     #[test]
     fn medians_and_geometric_means() {
-        let ms = |v: &[u64]| {
-            v.iter()
-                .map(|&m| Duration::from_millis(m))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(median(&ms(&[3, 1, 2])), 0.002);
         assert_eq!(median(&ms(&[4, 1, 2, 3])), 0.0025);
         assert_eq!(median(&[]), 0.0);
         assert!((geomean([2.0, 8.0].into_iter()).unwrap() - 4.0).abs() < 1e-12);
         assert_eq!(geomean(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn per_round_speedups_are_paired_by_round() {
+        // The machine slows down by 2x halfway: each round's ratio is still 2.
+        let sequential = ms(&[100, 100, 200, 200]);
+        let engine = ms(&[50, 50, 100, 100]);
+        assert_eq!(
+            round_speedup_quartiles(&sequential, &engine),
+            Some([2.0, 2.0])
+        );
+        // Ratios 1, 2, 3, 4, 5: quartiles interpolated between ranks.
+        let q = round_speedup_quartiles(&ms(&[10, 20, 30, 40, 50]), &ms(&[10; 5])).unwrap();
+        assert_eq!(q, [2.0, 4.0]);
+        let q = round_speedup_quartiles(&ms(&[10, 20, 30, 40]), &ms(&[10; 4])).unwrap();
+        assert_eq!(q, [1.75, 3.25]);
+        assert_eq!(round_speedup_quartiles(&ms(&[10]), &ms(&[5])), None);
     }
 }

@@ -212,6 +212,7 @@ fn bench_writes_the_documented_json() {
         "gas_per_s",
         "txs_per_s",
         "speedup_vs_sequential",
+        "speedup_quartiles",
         "machine_ceiling",
         "reexecutions_per_tx",
         "peak_rss_mb",
@@ -258,6 +259,8 @@ fn bench_writes_the_documented_json() {
             assert_eq!(speedup, 1.0);
             assert_eq!(c["reexecutions_per_tx"], 0.0);
         }
+        // One round: no spread of per-round speedups to report.
+        assert!(c["speedup_quartiles"].is_null(), "{c}");
         // Two sequential runs side by side: measured in every cell at 2 threads, the same
         // for every engine of the cell.
         let ceiling = c["machine_ceiling"]
@@ -423,6 +426,14 @@ fn bench_measures_the_machine_ceiling_above_one_thread_unless_told_not_to() {
     let (out, j) = run("bench-ceiling", &["--threads", "1,3"]);
     assert!(out.contains("| machine ceiling |"), "{out}");
     for c in j["cells"].as_array().unwrap() {
+        // Two rounds: the per-round speedups' quartiles, for every engine but the base.
+        let quartiles = &c["speedup_quartiles"];
+        if c["engine"] == "sequential" {
+            assert!(quartiles.is_null(), "{c}");
+        } else {
+            let [low, high] = [0, 1].map(|i| quartiles[i].as_f64().expect("two quartiles"));
+            assert!(0.0 < low && low <= high && high.is_finite(), "{c}");
+        }
         let ceiling = &c["machine_ceiling"];
         if c["threads"] == 1 {
             assert!(ceiling.is_null(), "no ceiling at one thread: {c}");

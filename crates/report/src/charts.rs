@@ -15,9 +15,12 @@ pub struct BarGroup {
     pub values: Vec<Option<f64>>,
     /// Hover text per bar.
     pub titles: Vec<String>,
+    /// Per bar, the middle half of the measurements behind it (drawn as a whisker).
+    pub spreads: Vec<Option<[f64; 2]>>,
 }
 
-/// Grouped vertical bars with a dashed reference line at `reference` (1.0 for speedups).
+/// Grouped vertical bars with a dashed reference line at `reference` (1.0 for speedups);
+/// a bar with a spread gets a whisker from its low to its high end.
 pub fn grouped_bars(
     title: &str,
     y_label: &str,
@@ -31,10 +34,15 @@ pub fn grouped_bars(
     let plot_w = width - ml - mr;
     let group_w = plot_w / groups.len().max(1) as f64;
     let height = 340.0;
+    let highest_spread = groups
+        .iter()
+        .flat_map(|g| g.spreads.iter().flatten())
+        .map(|[_, high]| *high);
     let max = groups
         .iter()
         .flat_map(|g| g.values.iter().flatten())
         .copied()
+        .chain(highest_spread)
         .fold(reference.unwrap_or(0.0), f64::max);
     let y = Scale::linear(0.0, max * 1.12, height - mb, mt);
     let mut svg = Svg::new(width, height, title);
@@ -69,6 +77,15 @@ pub fn grouped_bars(
                 series[si].color,
                 title,
             );
+            if let Some(Some([low, high])) = g.spreads.get(si) {
+                let cx = x + bar_w / 2.0;
+                let cap = (bar_w / 4.0).min(6.0);
+                let style = r#"stroke-width="1.5" class="spread""#;
+                svg.line(cx, y.at(*low), cx, y.at(*high), "#111827", style);
+                for end in [*low, *high] {
+                    svg.line(cx - cap, y.at(end), cx + cap, y.at(end), "#111827", style);
+                }
+            }
             if bar_w >= 30.0 {
                 svg.text(
                     x + bar_w / 2.0,

@@ -65,6 +65,8 @@ pub struct BenchCell {
     pub gas_per_s: Option<f64>,
     pub txs_per_s: Option<f64>,
     pub speedup_vs_sequential: Option<f64>,
+    /// The 25th and 75th percentiles of the per-round speedups (`parex bench`).
+    pub speedup_quartiles: Option<[f64; 2]>,
     pub reexecutions_per_tx: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub block: Option<u64>,

@@ -288,17 +288,26 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
             .map(|l| {
                 let mut values = Vec::new();
                 let mut titles = Vec::new();
+                let mut spreads = Vec::new();
                 for se in &series {
                     let cell = at
                         .iter()
                         .find(|c| c.engine == se.name && &c.workload_label() == l);
                     let v = cell.and_then(|c| speedup(c, cells));
                     values.push(v);
+                    spreads.push(cell.and_then(|c| c.speedup_quartiles));
                     titles.push(match (cell, v) {
                         (Some(c), Some(v)) => format!(
-                            "{} on {l}, {regime}: {}× sequential{}{}",
+                            "{} on {l}, {regime}: {}× sequential{}{}{}",
                             se.name,
                             num(v),
+                            c.speedup_quartiles
+                                .map(|[low, high]| format!(
+                                    " (per-round quartiles {}–{}×)",
+                                    num(low),
+                                    num(high)
+                                ))
+                                .unwrap_or_default(),
                             c.median_ms
                                 .map(|m| format!(", median {} ms", num(m)))
                                 .unwrap_or_default(),
@@ -313,6 +322,7 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
                     label: l.clone(),
                     values,
                     titles,
+                    spreads,
                 }
             })
             .collect();
@@ -677,14 +687,14 @@ fn analyze_section(inputs: &Inputs) -> String {
 
 fn cells_table(cells: &[&BenchCell], all: &[&BenchCell]) -> String {
     let mut s = String::from(
-        r#"<table class="num cells"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th><th>machine ceiling</th></tr></thead><tbody>"#,
+        r#"<table class="num cells"><thead><tr><th>workload</th><th>engine</th><th>threads</th><th>txs</th><th>gas</th><th>median</th><th>min</th><th>throughput</th><th>tx/s</th><th>speedup</th><th>per-round quartiles</th><th>re-exec / tx</th><th>peak RSS</th><th>bound</th><th>machine ceiling</th></tr></thead><tbody>"#,
     );
     for c in cells {
         let sp = speedup(c, all);
         let f = |v: Option<f64>, g: &dyn Fn(f64) -> String| v.map(g).unwrap_or_default();
         let _ = write!(
             s,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if sp.is_some_and(|v| v < 1.0) && c.engine != "sequential" {
                 r#" class="bad""#
             } else {
@@ -700,6 +710,9 @@ fn cells_table(cells: &[&BenchCell], all: &[&BenchCell]) -> String {
             f(c.gas_per_s, &gas_rate),
             f(c.txs_per_s, &int),
             f(sp, &|v| format!("{}×", num(v))),
+            c.speedup_quartiles
+                .map(|[low, high]| format!("{}–{}×", num(low), num(high)))
+                .unwrap_or_default(),
             f(c.reexecutions_per_tx, &num),
             f(c.peak_rss_mb, &|v| format!("{} MB", num(v))),
             f(c.bound_at_threads.or(c.ideal_speedup), &|v| format!(
@@ -723,7 +736,9 @@ fn cells_section(cells: &[&BenchCell]) -> String {
         "<p>Rows in red are slower than sequential. <i>Bound</i>: what the block's \
          dependencies allow at the cell's threads (<code>parex analyze</code>); \
          <i>machine ceiling</i>: what the machine allows, the speedup of as many \
-         independent sequential runs side by side.</p>",
+         independent sequential runs side by side; <i>per-round quartiles</i>: the \
+         middle half of the speedups of single rounds (each round runs every engine \
+         once, back to back), which says how far the machine's noise moves the median.</p>",
     );
     let synth: Vec<&BenchCell> = cells.iter().copied().filter(|c| !c.is_mainnet()).collect();
     let mainnet: Vec<&BenchCell> = cells.iter().copied().filter(|c| c.is_mainnet()).collect();

@@ -163,6 +163,16 @@ fn the_full_report_is_well_formed_and_has_every_chart() {
             .iter()
             .any(|t| t.starts_with("dag on swap hot 0, 2 threads: 1.75×"))
     );
+    // The one cell with per-round quartiles (block-stm on raw) gets a whisker (a stem and
+    // two caps) and says so in its title.
+    let whisker = bars
+        .descendants()
+        .filter(|n| n.has_tag_name("line") && n.attribute("class") == Some("spread"))
+        .count();
+    assert_eq!(whisker, 3);
+    assert!(bar_titles.iter().any(|t| t.starts_with(
+        "block-stm on raw hot 0, 2 threads: 0.64× sequential (per-round quartiles 0.61–0.66×)"
+    )));
     // A dashed reference line at 1.
     assert!(
         bars.descendants()
@@ -223,6 +233,9 @@ fn the_full_report_is_well_formed_and_has_every_chart() {
     assert!(html.contains("<th>machine ceiling</th>"));
     assert!(html.contains("<td>1.81×</td>") && html.contains("<td>1.77×</td>"));
     assert!(html.contains("<th>geomean share of the machine ceiling reached</th>"));
+    // The spread of the per-round speedups, where the bench recorded it.
+    assert!(html.contains("<th>per-round quartiles</th>"));
+    assert!(html.contains("<td>0.61–0.66×</td>"));
     assert!(
         !html.contains("omitted"),
         "nothing omitted with full inputs"
