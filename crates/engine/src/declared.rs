@@ -8,7 +8,7 @@ use parex_core::{AccessKind, PreBlockView, Storage, Vm};
 pub(crate) type Declaration<K> = Box<[(K, AccessKind)]>;
 
 /// Transactions whose declarations are judged before anything else is done...
-const CHAIN_SAMPLE: usize = 64;
+pub(crate) const CHAIN_SAMPLE: usize = 64;
 /// ...and the share of them that must conflict with their predecessor's declaration for
 /// the block to count as a chain.
 const CHAIN_SHARE: f64 = 0.75;

@@ -41,6 +41,14 @@ impl Metrics {
         self.finalize_time += other.finalize_time;
     }
 
+    /// Adds `value` to the engine-specific counter `name` (reported from now on).
+    pub fn add_extra(&mut self, name: &'static str, value: u64) {
+        match self.extra.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v += value,
+            None => self.extra.push((name, value)),
+        }
+    }
+
     /// The engine-specific counter `name`, if the engine reported it.
     pub fn extra(&self, name: &str) -> Option<u64> {
         self.extra.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)

@@ -35,6 +35,9 @@ use hashbrown::HashTable;
 use parex_core::{StorageError, TxIndex};
 use smallvec::SmallVec;
 
+/// Pre-block values read from storage (or the failures to read them), each key once.
+pub type CachedBases<K, V> = Vec<(K, Result<Option<V>, StorageError>)>;
+
 /// Re-executions of one transaction are numbered from 0.
 pub type Incarnation = u32;
 
@@ -480,6 +483,39 @@ where
         claimed.len()
     }
 
+    /// The pre-block values this memory has cached (slow storage), each key once.
+    pub fn into_cached_bases(self) -> CachedBases<K, V> {
+        let tables = self.shards.into_vec().into_iter().map(|shard| {
+            shard
+                .into_inner()
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+        });
+        tables
+            .flat_map(|table| table.states)
+            .filter_map(|state| match state.base {
+                Base::Loaded(value) => Some((state.key, *value)),
+                Base::Loading | Base::Unloaded => None,
+            })
+            .collect()
+    }
+
+    /// Caches `bases` as the pre-block values of their keys (slow storage): values read
+    /// before this memory existed (by a discovery pass), so that nobody reads them again.
+    pub fn seed_bases(&self, bases: CachedBases<K, V>) {
+        if !self.cache_base {
+            return;
+        }
+        for (key, value) in bases {
+            let hash = self.hasher.hash_one(&key);
+            let mut table = self.shard(hash);
+            let state = table.state_mut(hash, &key);
+            if let Base::Unloaded = state.base {
+                state.base = Base::Loaded(Box::new(value));
+            }
+        }
+    }
+
     /// A read on fast storage: [`Self::read`] with nothing cached or inserted.
     fn read_uncached(
         &self,
@@ -915,6 +951,41 @@ mod tests {
         assert_eq!(fast.preload(&[1, 2], read_many, unused), 0);
         assert_eq!(fast.cached_base(&1), None);
         assert_eq!(batches.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cached_values_move_to_a_new_memory_and_are_not_loaded_again() {
+        let [first, _] = memories();
+        let unused = |_: &u32| -> Result<Option<i64>, StorageError> { unreachable!() };
+        assert_eq!(first.pre_block(&3, load), Ok(Some(30)));
+        assert_eq!(
+            first.pre_block(&9, load),
+            Err(StorageError("disk gone".into()))
+        );
+        first.write(4, 1, Entry::Write(0, 7));
+        // Only loaded values move: 4 was written, never loaded.
+        let mut cached = first.into_cached_bases();
+        cached.sort_by_key(|(k, _)| *k);
+        assert_eq!(
+            cached,
+            vec![
+                (3, Ok(Some(30))),
+                (9, Err(StorageError("disk gone".into())))
+            ]
+        );
+        let [second, fast] = memories();
+        second.seed_bases(cached.clone());
+        assert_eq!(
+            value(second.read(&3, 0, unused, add)),
+            (Ok(Some(30)), Origin::Storage)
+        );
+        assert_eq!(
+            second.pre_block(&9, unused),
+            Err(StorageError("disk gone".into()))
+        );
+        // A memory over fast storage caches nothing.
+        fast.seed_bases(cached);
+        assert_eq!(fast.cached_base(&3), None);
     }
 
     #[test]

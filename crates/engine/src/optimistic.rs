@@ -50,6 +50,7 @@ use crossbeam::utils::Backoff;
 use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
 use crate::preexec::{PreExecution, preexecute};
+use crate::prefetch::ChainCheck;
 use crate::trace::{Recorder, SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
@@ -129,14 +130,20 @@ where
     let n = vm.tx_count();
     let workers = run.workers_by_work(vm, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
+    if slow_storage {
+        // The judged transactions' keys are discovered and read in batches before their
+        // declarations say whether the block is a chain (merge checks would all fail: it
+        // runs in order); if not, the same cache serves the engine.
+        let in_order = |cached: &_| crate::sequential::in_order(vm, cached, run, &[]);
+        return match crate::prefetch::chain_check(vm, storage, run.threads, in_order) {
+            ChainCheck::Chain(result) => result,
+            ChainCheck::NotChain(cached, judging) => {
+                judging.added_to(merge_discovered(vm, &cached, run.threads, run.trace))
+            }
+        };
+    }
     if crate::declared::declared_chain(vm, storage, workers) {
         // The declarations already say the block is a chain: merge checks would all fail.
-        // On slow storage, its keys are discovered and read in batches first.
-        if slow_storage {
-            return crate::prefetch::discovered_first(vm, storage, run.threads, |cached| {
-                crate::sequential::in_order(vm, cached, run, &[])
-            });
-        }
         return crate::sequential::in_order(vm, storage, run, &[]);
     }
     if crate::ranges::applies(n, workers, slow_storage, run) {
@@ -150,21 +157,32 @@ where
         });
     }
     let tracer = Tracer::new(run.trace);
-    if slow_storage {
-        // Every worker first discovers keys and reads them in batches into a cache that
-        // pre-executions and the merger then share (see crate::prefetch).
-        let cached = crate::prefetch::PreBlockCache::new(storage, 3 * n);
-        let workers = crate::prefetch::workers(run.threads, n);
-        let discovery = Discovery {
-            cache: &cached,
-            windows: crate::prefetch::Windows::new(n, workers),
-        };
-        let (cache, outputs, metrics) =
-            merge_units(vm, &cached, workers, &tracer, Some(&discovery))?;
-        let state_diff = || Ok(crate::sequential::into_state_diff(cache));
-        return crate::finish(vm, outputs, state_diff, tracer, metrics);
-    }
     let (cache, outputs, metrics) = merge_units::<_, _, S>(vm, storage, workers, &tracer, None)?;
+    let state_diff = || Ok(crate::sequential::into_state_diff(cache));
+    crate::finish(vm, outputs, state_diff, tracer, metrics)
+}
+
+/// The engine on slow storage, over `cached`: every worker first discovers keys and
+/// reads them in batches into the cache that pre-executions and the merger then share
+/// (see crate::prefetch).
+fn merge_discovered<V, S>(
+    vm: &V,
+    cached: &crate::prefetch::PreBlockCache<'_, S>,
+    threads: usize,
+    trace: bool,
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let tracer = Tracer::new(trace);
+    let workers = crate::prefetch::workers(threads, n);
+    let discovery = Discovery {
+        cache: cached,
+        windows: crate::prefetch::Windows::new(n, workers),
+    };
+    let (cache, outputs, metrics) = merge_units(vm, cached, workers, &tracer, Some(&discovery))?;
     let state_diff = || Ok(crate::sequential::into_state_diff(cache));
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }

@@ -1,6 +1,9 @@
 //! Prefetching pre-block state on slow storage, by discovery (`block-stm`, into its
 //! multi-version memory; `optimistic`, into a [`PreBlockCache`] as its workers start; the
 //! other parallel engines, into one in a pass before theirs: [`discovered_first`]).
+//! `block-stm` and `optimistic` first judge whether the block is a chain from the
+//! declarations of its first transactions, after discovering those transactions' keys
+//! ([`chain_check`]), and run a chain in order over the cache.
 //!
 //! On storage whose reads block (a disk), an engine's workers spend their time waiting
 //! for reads, one at a time per worker, and every wait costs its thread a sleep and a
@@ -60,20 +63,24 @@ pub fn workers(threads: usize, txs: usize) -> usize {
         .max(1)
 }
 
-/// A block's discovery windows, claimed by the workers in block order.
+/// Discovery windows over a block's first transactions (all of them, mostly), claimed by
+/// the workers in block order.
 pub struct Windows {
     next: AtomicUsize,
     size: usize,
+    /// The transactions covered are `0..end`.
+    end: usize,
 }
 
 impl Windows {
-    /// Windows for `txs` transactions and `workers` workers: about one window per worker
-    /// and round, so that every worker has keys in flight, and no more than one storage
-    /// batch of keys per round.
+    /// Windows over the first `txs` transactions for `workers` workers: about one window
+    /// per worker and round, so that every worker has keys in flight, and no more than one
+    /// storage batch of keys per round.
     pub fn new(txs: usize, workers: usize) -> Self {
         Self {
             next: AtomicUsize::new(0),
             size: txs.div_ceil(workers.max(1)).clamp(1, 64),
+            end: txs,
         }
     }
 
@@ -140,7 +147,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
     D: Clone + Send,
 {
-    let n = vm.tx_count();
+    let n = vm.tx_count().min(windows.end);
     let budget = storage.read_latency() / ROUND_BUDGET_SHARE;
     let mut done = Discovered::default();
     let window = windows.size;
@@ -217,6 +224,11 @@ where
         }
     }
 
+    /// The pre-block values cached, each key once.
+    pub fn into_cached(self) -> crate::mv_memory::CachedBases<S::Key, S::Value> {
+        self.memory.into_cached_bases()
+    }
+
     /// [`discover`] into this cache.
     pub fn discover<V>(
         &self,
@@ -266,20 +278,92 @@ where
     let n = vm.tx_count();
     let cache = PreBlockCache::new(storage, 3 * n);
     let workers = workers(threads, n);
-    let windows = Windows::new(n, workers);
+    let found = discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
+    found.added_to(engine(&cache))
+}
+
+/// What a discovery pass did, and the time its workers spent (summed).
+#[derive(Default)]
+pub struct Pass {
+    pub found: Discovered,
+    pub time: std::time::Duration,
+}
+
+impl Pass {
+    /// `result`'s metrics with this pass's counters added, and its time as execution.
+    pub fn added_to<R>(
+        self,
+        result: Result<(R, crate::Metrics), crate::EngineError>,
+    ) -> Result<(R, crate::Metrics), crate::EngineError> {
+        let (result, mut metrics) = result?;
+        metrics.execution_time += self.time;
+        for (name, value) in self.found.extras() {
+            metrics.add_extra(name, value);
+        }
+        Ok((result, metrics))
+    }
+}
+
+/// Discovery of `windows` into `cache` on `workers` workers, side by side.
+fn discover_in_pass<V, S>(
+    vm: &V,
+    cache: &PreBlockCache<'_, S>,
+    workers: usize,
+    windows: &Windows,
+) -> Pass
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
     let found = crate::workers::run(workers, |_| {
         let started = std::time::Instant::now();
-        let found = cache.discover(vm, &windows, || false, &mut Recorder::off());
+        let found = cache.discover(vm, windows, || false, &mut Recorder::off());
         (found, started.elapsed())
     });
-    let (result, mut metrics) = engine(&cache)?;
-    let mut total = Discovered::default();
+    let mut pass = Pass::default();
     for (found, time) in found {
-        total += found;
-        metrics.execution_time += time;
+        pass.found += found;
+        pass.time += time;
     }
-    metrics.extra.extend(total.extras());
-    Ok((result, metrics))
+    pass
+}
+
+/// What [`chain_check`] found on slow storage.
+pub enum ChainCheck<'s, S: Storage, R> {
+    /// The block starts as a chain: it ran in order over its discovered keys.
+    Chain(Result<(R, crate::Metrics), crate::EngineError>),
+    /// It does not: a cache holding the judged transactions' keys, and what their
+    /// discovery did.
+    NotChain(PreBlockCache<'s, S>, Pass),
+}
+
+/// On slow storage, whether the block starts as a chain ([`crate::declared::declared_chain`]),
+/// judged after a discovery of the judged transactions, so that their declarations find
+/// their keys cached instead of waiting for each (64 declarations, one read at a time
+/// per worker, cost about 12 reads' time); a chain then runs `in_order` over the cache,
+/// after a discovery of the rest of the block.
+pub fn chain_check<'s, V, S, R>(
+    vm: &V,
+    storage: &'s S,
+    threads: usize,
+    in_order: impl FnOnce(&PreBlockCache<'s, S>) -> Result<(R, crate::Metrics), crate::EngineError>,
+) -> ChainCheck<'s, S, R>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let n = vm.tx_count();
+    let cache = PreBlockCache::new(storage, 3 * n);
+    let workers = workers(threads, n);
+    let judged = crate::declared::CHAIN_SAMPLE.min(n);
+    let mut pass = discover_in_pass(vm, &cache, workers, &Windows::new(judged, workers));
+    if !crate::declared::declared_chain(vm, &cache, workers) {
+        return ChainCheck::NotChain(cache, pass);
+    }
+    let rest = discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
+    pass.found += rest.found;
+    pass.time += rest.time;
+    ChainCheck::Chain(pass.added_to(in_order(&cache)))
 }
 
 /// Removes repeated keys, keeping the first of each (transactions of a window often
@@ -336,6 +420,7 @@ mod tests {
         assert_eq!(size(0, 32), 1);
         assert_eq!(size(100_000, 32), 64);
         assert_eq!(size(5, 0), 5);
+        assert_eq!(Windows::new(64, 16).end, 64);
     }
 
     #[test]

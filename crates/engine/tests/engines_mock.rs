@@ -252,6 +252,7 @@ fn chains_on_slow_storage_run_in_order() {
         if kind == EngineKind::Sequential {
             continue;
         }
+        let waits_before = slow.waits();
         let (outcome, m) = kind.run(&chain, &slow, &RunOptions::threads(2)).unwrap();
         assert_eq!(outcome, expected, "{kind}");
         // The declarations say chain: every engine runs it in order, after a discovery
@@ -259,6 +260,10 @@ fn chains_on_slow_storage_run_in_order() {
         assert_eq!(extra(&m, "sequential_fallback"), 1, "{kind}: {m:?}");
         assert_eq!(m.executions, 200, "{kind}: {m:?}");
         assert!(extra(&m, "discovery_executions") > 0, "{kind}: {m:?}");
+        // Its one key is read once, by discovery, before anything else: the declarations
+        // (which read it) and the run in order find it cached.
+        assert_eq!(slow.waits() - waits_before, 1, "{kind}: {m:?}");
+        assert_eq!(extra(&m, "prefetched"), 1, "{kind}: {m:?}");
     }
 }
 

@@ -159,8 +159,13 @@ impl Vm for MockVm {
     fn declared_access<R: ReadView<Key, Value>>(
         &self,
         tx: TxIndex,
-        _pre_block: &mut R,
+        pre_block: &mut R,
     ) -> Vec<(Key, AccessKind)> {
+        // Declaring reads what it declares, as the EVM's declarations read the sender's
+        // and the recipient's accounts.
+        for (key, _) in &self.txs[tx].declared {
+            let _ = pre_block.read(key);
+        }
         self.txs[tx].declared.clone()
     }
 }
