@@ -224,6 +224,13 @@ where
         }
     }
 
+    /// An empty cache for `vm`'s block, and how many workers discover into it on
+    /// `threads` threads ([`workers`]).
+    fn for_block<V: Vm>(storage: &'s S, vm: &V, threads: usize) -> (Self, usize) {
+        let n = vm.tx_count();
+        (Self::new(storage, 3 * n), workers(threads, n))
+    }
+
     /// The pre-block values cached, each key once.
     pub fn into_cached(self) -> crate::mv_memory::CachedBases<S::Key, S::Value> {
         self.memory.into_cached_bases()
@@ -275,10 +282,8 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    let n = vm.tx_count();
-    let cache = PreBlockCache::new(storage, 3 * n);
-    let workers = workers(threads, n);
-    let found = discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
+    let (cache, workers) = PreBlockCache::for_block(storage, vm, threads);
+    let found = discover_in_pass(vm, &cache, workers, &Windows::new(vm.tx_count(), workers));
     found.added_to(engine(&cache))
 }
 
@@ -353,8 +358,7 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
-    let cache = PreBlockCache::new(storage, 3 * n);
-    let workers = workers(threads, n);
+    let (cache, workers) = PreBlockCache::for_block(storage, vm, threads);
     let judged = crate::declared::CHAIN_SAMPLE.min(n);
     let mut pass = discover_in_pass(vm, &cache, workers, &Windows::new(judged, workers));
     if !crate::declared::declared_chain(vm, &cache, workers) {

@@ -28,12 +28,28 @@ pub fn grouped_bars(
     groups: &[BarGroup],
     reference: Option<f64>,
 ) -> String {
-    let (ml, mr, mt, mb) = (64.0, 96.0, 44.0, 58.0);
+    // Group labels: the workload, then one line per parameter ("hot 0", "1000 txs").
+    let label_lines = |label: &str| -> (String, Vec<String>) {
+        match label.split_once(' ') {
+            Some((first, rest)) => (
+                first.to_string(),
+                rest.split(", ").map(str::to_string).collect(),
+            ),
+            None => (label.to_string(), Vec::new()),
+        }
+    };
+    let parameter_lines = groups
+        .iter()
+        .map(|g| label_lines(&g.label).1.len())
+        .max()
+        .unwrap_or(0);
+    let extra = 15.0 * parameter_lines.saturating_sub(1) as f64;
+    let (ml, mr, mt, mb) = (64.0, 96.0, 44.0, 58.0 + extra);
     let group_w = (960.0 / groups.len().max(1) as f64).clamp(70.0, 180.0);
     let width = (ml + mr + group_w * groups.len() as f64).max(520.0);
     let plot_w = width - ml - mr;
     let group_w = plot_w / groups.len().max(1) as f64;
-    let height = 340.0;
+    let height = 340.0 + extra;
     let highest_spread = groups
         .iter()
         .flat_map(|g| g.spreads.iter().flatten())
@@ -96,11 +112,7 @@ pub fn grouped_bars(
                 );
             }
         }
-        // Two-line group label: the workload, then its parameters.
-        let (first, second) = match g.label.split_once(' ') {
-            Some((a, b)) => (a.to_string(), b.to_string()),
-            None => (g.label.clone(), String::new()),
-        };
+        let (first, parameters) = label_lines(&g.label);
         let cx = gx + group_w / 2.0;
         svg.text(
             cx,
@@ -109,13 +121,13 @@ pub fn grouped_bars(
             r##"fill="#111827" font-weight="600""##,
             &first,
         );
-        if !second.is_empty() {
+        for (i, line) in parameters.iter().enumerate() {
             svg.text(
                 cx,
-                height - mb + 33.0,
+                height - mb + 33.0 + 15.0 * i as f64,
                 "middle",
                 r##"fill="#4b5563" font-size="11""##,
-                &second,
+                line,
             );
         }
     }

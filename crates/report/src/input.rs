@@ -98,6 +98,44 @@ impl BenchCell {
         }
         s
     }
+
+    /// [`Self::workload_label`] with the block's size ("erc20 hot 0, 19.4k txs"), for
+    /// inputs that measured a workload at several sizes.
+    pub fn sized_label(&self) -> String {
+        let mut s = self.workload_label();
+        if self.block.is_none()
+            && let Some(txs) = self.txs
+        {
+            let size = if txs >= 10_000.0 {
+                format!("{:.1}k", txs / 1000.0)
+            } else {
+                crate::svg::num(txs)
+            };
+            s.push_str(&format!(", {size} txs"));
+        }
+        s
+    }
+}
+
+/// How to label `cells` apart: by [`BenchCell::workload_label`], with the size added
+/// ([`BenchCell::sized_label`]) to the workloads measured at several sizes.
+pub fn labeler<'a>(cells: &[&'a BenchCell]) -> impl Fn(&BenchCell) -> String + use<'a> {
+    let mut sizes: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for c in cells {
+        let txs = c.txs.unwrap_or(0.0).to_bits();
+        let seen = sizes.entry(c.workload_label()).or_default();
+        if !seen.contains(&txs) {
+            seen.push(txs);
+        }
+    }
+    move |c: &BenchCell| {
+        let label = c.workload_label();
+        if sizes.get(&label).is_some_and(|s| s.len() > 1) {
+            c.sized_label()
+        } else {
+            label
+        }
+    }
 }
 
 /// An engine's speedup over all mainnet blocks of a bench run.

@@ -58,19 +58,20 @@ impl Inputs {
     }
 
     /// The cells of every bench file; a later file's cell replaces an earlier one for the
-    /// same workload, engine, thread count and block.
+    /// same workload, size, engine, thread count and block.
     pub fn cells(&self) -> Vec<&BenchCell> {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut out: Vec<&BenchCell> = Vec::new();
         for c in self.bench.iter().flat_map(|(_, f)| f.cells.iter()) {
             let key = format!(
-                "{}|{}|{}|{:?}|{:?}|{:?}",
+                "{}|{}|{}|{:?}|{:?}|{:?}|{:?}",
                 c.workload_label(),
                 c.engine,
                 c.threads,
                 c.block,
                 c.hot_ratio.map(f64::to_bits),
-                c.latency_us.map(f64::to_bits)
+                c.latency_us.map(f64::to_bits),
+                c.txs.map(f64::to_bits)
             );
             match seen.get(&key) {
                 Some(&i) => out[i] = c,
@@ -136,6 +137,7 @@ fn speedup(c: &BenchCell, cells: &[&BenchCell]) -> Option<f64> {
         s.engine == "sequential"
             && s.threads == c.threads
             && s.workload_label() == c.workload_label()
+            && s.txs == c.txs
     })?;
     Some(seq.median_ms? / c.median_ms?)
 }
@@ -276,9 +278,10 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
             );
             continue;
         }
+        let label = input::labeler(&at);
         let mut labels: Vec<String> = Vec::new();
         for c in &at {
-            let l = c.workload_label();
+            let l = label(c);
             if !labels.contains(&l) {
                 labels.push(l);
             }
@@ -290,9 +293,7 @@ fn speedup_section(cells: &[&BenchCell]) -> String {
                 let mut titles = Vec::new();
                 let mut spreads = Vec::new();
                 for se in &series {
-                    let cell = at
-                        .iter()
-                        .find(|c| c.engine == se.name && &c.workload_label() == l);
+                    let cell = at.iter().find(|c| c.engine == se.name && &label(c) == l);
                     let v = cell.and_then(|c| speedup(c, cells));
                     values.push(v);
                     spreads.push(cell.and_then(|c| c.speedup_quartiles));
@@ -344,20 +345,17 @@ fn throughput_section(cells: &[&BenchCell]) -> String {
         .copied()
         .filter(|c| !c.is_mainnet() && c.gas_per_s.is_some())
         .collect();
+    let label = input::labeler(&synth);
     let mut labels: Vec<String> = Vec::new();
     for c in &synth {
-        let l = c.workload_label();
+        let l = label(c);
         if !labels.contains(&l) {
             labels.push(l);
         }
     }
     let mut charts_html = String::new();
     for l in &labels {
-        let of: Vec<&BenchCell> = synth
-            .iter()
-            .copied()
-            .filter(|c| &c.workload_label() == l)
-            .collect();
+        let of: Vec<&BenchCell> = synth.iter().copied().filter(|c| &label(c) == l).collect();
         let threads: BTreeSet<u32> = of.iter().map(|c| c.threads).collect();
         if threads.len() < 2 {
             continue;

@@ -337,3 +337,50 @@ fn big_traces_are_merged_into_a_sane_number_of_rects() {
     assert!(html.contains("are merged per pixel column"));
     assert!(html.contains("worker 0 · finalize"));
 }
+
+#[test]
+fn one_workload_at_two_sizes_keeps_both_and_labels_them_by_size() {
+    // `parex bench` by default measures 1-gigagas and 1000-transaction blocks of every
+    // workload: neither may replace the other, and each engine is compared with the
+    // `sequential` run of its own size.
+    let bench = BenchFile::parse(
+        Path::new("b.json"),
+        r#"{"cells": [
+            {"workload": "raw", "hot_ratio": 0, "txs": 47620, "engine": "sequential", "threads": 2, "median_ms": 90},
+            {"workload": "raw", "hot_ratio": 0, "txs": 47620, "engine": "block-stm", "threads": 2, "median_ms": 75},
+            {"workload": "raw", "hot_ratio": 0, "txs": 1000, "engine": "sequential", "threads": 2, "median_ms": 2},
+            {"workload": "raw", "hot_ratio": 0, "txs": 1000, "engine": "block-stm", "threads": 2, "median_ms": 2.5},
+            {"workload": "erc20", "hot_ratio": 0, "txs": 1000, "engine": "sequential", "threads": 2, "median_ms": 6},
+            {"workload": "erc20", "hot_ratio": 0, "txs": 1000, "engine": "block-stm", "threads": 2, "median_ms": 4}
+        ]}"#,
+    )
+    .unwrap();
+    let inputs = Inputs {
+        bench: vec![("b.json".into(), bench)],
+        ..Default::default()
+    };
+    assert_eq!(inputs.cells().len(), 6);
+    let html = render(&inputs);
+    let doc = parse(&html);
+    let bars = svgs(&doc)
+        .into_iter()
+        .find(|s| s.attribute("aria-label") == Some("Speedup over sequential at 2 threads"))
+        .expect("speedup chart");
+    let titles: Vec<String> = bars
+        .descendants()
+        .filter(|n| n.has_tag_name("rect"))
+        .filter_map(title_of)
+        .collect();
+    assert_eq!(titles.len(), 3, "{titles:?}");
+    for expected in [
+        "block-stm on raw hot 0, 47.6k txs, 2 threads: 1.2× sequential",
+        "block-stm on raw hot 0, 1000 txs, 2 threads: 0.8× sequential",
+        // One size only: no size in the label.
+        "block-stm on erc20 hot 0, 2 threads: 1.5× sequential",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.starts_with(expected)),
+            "{expected}: {titles:?}"
+        );
+    }
+}
