@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use alloy_primitives::B256;
 use parex_core::outcome::EvmBlockOutcome;
+use parex_core::{StateKey, StateValue, Storage};
 use parex_engine::{EngineError, EngineKind, Metrics, RunOptions};
 use parex_evm::{EvmVm, logs_bloom, receipts_root};
 
@@ -77,9 +78,23 @@ pub fn check_block_with(
     engine: EngineKind,
     options: &RunOptions,
 ) -> Result<BlockCheck, EngineError> {
+    check_block_on(block, engine, &block.pre_state, options)
+}
+
+/// [`check_block_with`] reading the pre-state through `storage` (the block's own pre-state
+/// behind a wrapper: [`parex_core::LatencyStorage`], say).
+pub fn check_block_on<S>(
+    block: &MainnetBlock,
+    engine: EngineKind,
+    storage: &S,
+    options: &RunOptions,
+) -> Result<BlockCheck, EngineError>
+where
+    S: Storage<Key = StateKey, Value = StateValue>,
+{
     let vm = EvmVm::with_pre_block(&block.block, &block.pre_state);
     let started = Instant::now();
-    let (outcome, metrics) = engine.run(&vm, &block.pre_state, options)?;
+    let (outcome, metrics) = engine.run(&vm, storage, options)?;
     let elapsed = started.elapsed();
     let root = receipts_root(block.spec(), &outcome.tx_outcomes);
     Ok(BlockCheck {

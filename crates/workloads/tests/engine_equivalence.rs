@@ -11,7 +11,7 @@ use common::describe_difference;
 use parex_engine::{EngineKind, RunOptions, block_stm};
 use parex_evm::EvmVm;
 use parex_workloads::mainnet::{Source, builtin_dir};
-use parex_workloads::verify::{check_block, check_block_with};
+use parex_workloads::verify::{check_block, check_block_on, check_block_with};
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, synthetic};
 
 const THREADS: [usize; 3] = [1, 2, 8];
@@ -209,4 +209,34 @@ fn every_engine_equals_sequential_and_the_header_on_every_mainnet_block() {
         "{} mainnet blocks ({txs} transactions) equal on every engine",
         blocks.len()
     );
+}
+
+/// On slow storage the parallel engines take other paths (discovery, batched reads, the
+/// chain check after discovery, block-stm's seeded memory): every mainnet block, read at
+/// 5 us per key, must still equal `sequential` and its header.
+#[test]
+fn every_engine_equals_sequential_on_every_mainnet_block_on_slow_storage() {
+    let source = Source::open(&builtin_dir()).expect("the built-in mainnet data opens");
+    for (n, block) in source.load_all() {
+        let block = block.unwrap_or_else(|e| panic!("block {n}: {e}"));
+        let reference = check_block(&block, EngineKind::Sequential, 1)
+            .unwrap_or_else(|e| panic!("block {n}: sequential failed: {e}"));
+        let slow =
+            parex_core::LatencyStorage::new(&block.pre_state, std::time::Duration::from_micros(5));
+        for engine in parallel_engines() {
+            let what = format!("block {n}, {engine} on slow storage");
+            let check = check_block_on(&block, engine, &slow, &RunOptions::threads(2))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                check.passed(),
+                "{what}: header mismatch: {}",
+                check.mismatches(&block)
+            );
+            assert!(
+                check.outcome == reference.outcome,
+                "{what} differs from sequential:\n{}",
+                describe_difference(&reference.outcome, &check.outcome)
+            );
+        }
+    }
 }
