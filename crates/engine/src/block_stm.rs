@@ -34,9 +34,11 @@
 //! `sequential` instead threw that work away: mainnet block 12244000 then took twice as
 //! long as serial execution). A block whose first 64 transactions' declared accesses
 //! ([`Vm::declared_access`]) already conflict each with the one before (a chain) goes to
-//! the `sequential` engine before any speculation (on slow storage after a discovery
-//! pass has read its keys in batches, [`crate::prefetch::discovered_first`]). Both are
-//! counted in the metrics as `sequential_fallback` (and `finished_alone` for the first).
+//! the `sequential` engine before any speculation (on slow storage the judged
+//! transactions' keys are discovered and read in batches first, and a chain's other keys
+//! after, [`crate::prefetch::chain_check`]; any other block starts with the values read
+//! for the judging in its memory). Both are counted in the metrics as
+//! `sequential_fallback` (and `finished_alone` for the first).
 //!
 //! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
 //! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk executes its
@@ -282,8 +284,7 @@ where
     // storage the judged transactions' keys, and then the whole block's, are discovered
     // and read in batches first (speculating instead also read them many at a time, but
     // spent the cores on executions that failed validation: 1000 dependent transfers at
-    // 100 us per read ran 12-27x faster than `sequential`, against 25-32x in order after
-    // discovery, and 50x once the judging, too, waited for no read).
+    // 100 us per read ran 12-27x faster than `sequential` that way, 22-32x in order).
     let extra = [
         ("workers", 1),
         ("chunk_size", 1),
