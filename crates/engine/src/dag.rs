@@ -299,6 +299,7 @@ where
         .iter()
         .map(|h| PreExecution {
             reads: h.pre.reads.clone(),
+            predicted: h.pre.predicted.clone(),
             result: h.pre.result.clone(),
         })
         .collect();

@@ -14,9 +14,16 @@
 //! merged state, checked the same way); when the next one is still unclaimed it simply
 //! executes it on the merged state.
 //!
+//! A pre-execution of a transaction whose sender (its [`Vm::sequence_key`]) sent an earlier
+//! one reads the sender's account as the earlier one's pre-execution left it, while that
+//! is done and not yet merged: on the pre-block state the later transactions of a nonce
+//! sequence fail at once and read nothing else. The check then also requires the merged
+//! state to hold exactly that predicted value.
+//!
 //! Invariants: (1) transactions `< i` are merged when `i` is checked, so the merged
 //! state is the serial state before `i`; (2) a key absent from the merged cache still
-//! has its pre-block value, and every recorded read of such a key came from storage; so
+//! has its pre-block value, and every recorded read of such a key came from storage (a
+//! predicted read is kept apart, and holds only if its key is merged with that value); so
 //! (3) a committed execution read exactly the serial values. Failed or panicking
 //! pre-executions are never committed: only the merger's in-order execution can fail
 //! the block, with the error serial execution would hit.
@@ -40,16 +47,18 @@
 //! transactions' declared accesses ([`Vm::declared_access`]) already form a chain runs
 //! in order from the start (`sequential_fallback`).
 
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
-use crate::preexec::{PreExecution, preexecute};
+use crate::preexec::{PreExecution, preexecute_predicted};
 use crate::prefetch::ChainCheck;
 use crate::trace::{Recorder, SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -83,6 +92,8 @@ type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)
 struct Shared<'a, V: Vm, S> {
     vm: &'a V,
     storage: &'a S,
+    /// Per transaction, the previous one with the same sequence key, if any.
+    previous_in_sequence: Box<[Option<TxIndex>]>,
     /// Per transaction: `UNCLAIMED`, `CLAIMED` (being executed) or `DONE` (in `results`).
     status: Box<[AtomicU8]>,
     /// Boxed: most slots of a dependent block stay empty, and a block's slots are
@@ -187,6 +198,18 @@ where
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
 
+/// Per transaction of `vm`'s block, the previous transaction with the same sequence key
+/// ([`Vm::sequence_key`]: for the EVM the sender), if any.
+fn previous_in_sequence<V: Vm>(vm: &V) -> Box<[Option<TxIndex>]> {
+    let mut last: HashMap<V::Key, TxIndex, DefaultHashBuilder> = HashMap::default();
+    (0..vm.tx_count())
+        .map(|tx| {
+            let key = vm.sequence_key(tx)?;
+            last.insert(key, tx)
+        })
+        .collect()
+}
+
 /// Discovery before merging (slow storage): into `cache`, on `windows`.
 struct Discovery<'c, 's, S: Storage> {
     cache: &'c crate::prefetch::PreBlockCache<'s, S>,
@@ -211,6 +234,7 @@ where
     let shared = Shared {
         vm,
         storage,
+        previous_in_sequence: previous_in_sequence(vm),
         status: (0..n).map(|_| AtomicU8::new(UNCLAIMED)).collect(),
         results: (0..n).map(|_| Mutex::new(None)).collect(),
         next_claim: AtomicUsize::new(0),
@@ -321,6 +345,29 @@ where
         }
     }
 
+    /// What `tx`'s sequence key (the sender's account) will likely hold when `tx` runs:
+    /// its value after the pre-execution of the previous transaction with the same key,
+    /// if that is done, unmerged and wrote it. On the pre-block state a nonce sequence's
+    /// later transactions fail at once (the nonce is not yet bumped) and read none of
+    /// their other keys; with the prediction they read them, so that on slow storage
+    /// the merger's re-execution finds them cached, and a prediction that held needs no
+    /// re-execution at all.
+    fn prediction(&self, tx: TxIndex) -> Option<(V::Key, Option<V::Value>)> {
+        let previous = self.previous_in_sequence[tx]?;
+        if self.status[previous].load(Ordering::Acquire) != DONE {
+            return None;
+        }
+        let key = self.vm.sequence_key(tx)?;
+        let result = self.results[previous]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let writes = &result.as_ref()?.result.as_ref().ok()?.writes;
+        writes.iter().find_map(|(k, write)| match write {
+            Write::Put(value) if *k == key => Some((key.clone(), Some(value.clone()))),
+            _ => None,
+        })
+    }
+
     fn publish(&self, tx: TxIndex, pre: PreExecution<V>) {
         *self.results[tx].lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(pre));
         self.status[tx].store(DONE, Ordering::Release);
@@ -345,7 +392,7 @@ where
             let Some(tx) = self.claim_next() else { break };
             let started = Instant::now();
             let span = trace.start();
-            let pre = preexecute(self.vm, self.storage, tx);
+            let pre = preexecute_predicted(self.vm, self.storage, tx, self.prediction(tx));
             trace.record(SpanKind::Execute, Some(tx), span);
             report.execution_time += started.elapsed();
             report.executions += 1;
@@ -502,12 +549,18 @@ where
         let span = self.trace.start();
         self.metrics.validations += 1;
         // A key not in the cache (neither merged nor read here) still has its pre-block
-        // value, which is what the pre-executor read.
+        // value, which is what the pre-executor read. A predicted value holds only if the
+        // merged state has exactly it (its writer, an earlier transaction, is merged).
         let valid = pre.result.is_ok()
             && pre.reads.iter().all(|(key, seen)| {
                 self.cache
                     .get(key)
                     .is_none_or(|cached| cached.value == *seen)
+            })
+            && pre.predicted.as_ref().is_none_or(|(key, predicted)| {
+                self.cache
+                    .get(key)
+                    .is_some_and(|cached| cached.value == *predicted)
             });
         self.metrics.validation_time += started.elapsed();
         self.trace.record(SpanKind::Validate, Some(tx), span);
@@ -587,7 +640,11 @@ where
         self.metrics.executions += 1;
         self.own_speculations += 1;
         self.trace.record(SpanKind::Execute, Some(tx), span);
-        PreExecution { reads, result }
+        PreExecution {
+            reads,
+            predicted: None,
+            result,
+        }
     }
 
     /// Applies a merged transaction's writes to the merged state.

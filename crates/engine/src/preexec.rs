@@ -13,8 +13,12 @@ use crate::trace::{SpanKind, Tracer};
 
 /// One transaction executed on the pre-block state.
 pub struct PreExecution<V: Vm> {
-    /// Keys read, in the order first read, each once, with the pre-block value seen.
+    /// Keys read from the pre-block state, in the order first read, each once, with the
+    /// value seen.
     pub reads: Vec<(V::Key, Option<V::Value>)>,
+    /// The one key read from a prediction instead ([`preexecute_predicted`]), with the
+    /// predicted value, if the execution read it.
+    pub predicted: Option<(V::Key, Option<V::Value>)>,
     /// The execution (writes and output), or why it failed. A failure may be an artefact
     /// of the stale view (e.g. a nonce not yet bumped by an earlier transaction).
     pub result: Result<VmExecution<V>, VmError>,
@@ -49,9 +53,28 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    preexecute_predicted(vm, storage, tx, None)
+}
+
+/// [`preexecute`], except that one key reads `prediction`'s value instead of the
+/// pre-block one: the sender's account as an earlier pre-execution of the same sender
+/// left it, say, so that a nonce sequence's later transactions do not fail on the
+/// pre-block nonce before reading anything else.
+pub fn preexecute_predicted<V, S>(
+    vm: &V,
+    storage: &S,
+    tx: TxIndex,
+    prediction: Option<(V::Key, Option<V::Value>)>,
+) -> PreExecution<V>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
     let mut view = RecordingView {
         storage,
         reads: Vec::new(),
+        prediction,
+        predicted: false,
     };
     let result = match catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view))) {
         Ok(result) => result,
@@ -62,14 +85,18 @@ where
     };
     PreExecution {
         reads: view.reads,
+        predicted: view.prediction.filter(|_| view.predicted),
         result,
     }
 }
 
-/// Reads the pre-block state, remembering each key read (once) and its value.
+/// Reads the pre-block state, remembering each key read (once) and its value; the
+/// predicted key reads its prediction, and is remembered apart.
 struct RecordingView<'a, K, V, S> {
     storage: &'a S,
     reads: Vec<(K, Option<V>)>,
+    prediction: Option<(K, Option<V>)>,
+    predicted: bool,
 }
 
 impl<K, V, S> ReadView<K, V> for RecordingView<'_, K, V, S>
@@ -81,6 +108,10 @@ where
     fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
         // Executions read a few dozen keys at most: a scan beats hashing.
         if let Some((_, value)) = self.reads.iter().find(|(k, _)| k == key) {
+            return Ok(value.clone());
+        }
+        if let Some((_, value)) = self.prediction.as_ref().filter(|(k, _)| k == key) {
+            self.predicted = true;
             return Ok(value.clone());
         }
         let value = self.storage.read(key)?;

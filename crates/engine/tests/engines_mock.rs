@@ -653,3 +653,47 @@ fn traces_record_the_phases() {
     let (_, m) = dag::execute(&block, &storage, &RunOptions::threads(2)).unwrap();
     assert!(m.trace.is_none());
 }
+
+/// `optimistic` pre-executes a transaction whose sequence key an earlier one shares with
+/// that key's value as the earlier pre-execution left it (a prediction, kept apart from the
+/// reads of pre-block values): interleaved sequences of three senders, where each
+/// transaction reads and (mostly) rewrites its sender's key, on fast and slow storage and
+/// on several thread counts, must still give exactly the serial outcome.
+#[test]
+fn predicted_sequence_keys_keep_optimistic_exact() {
+    let n = 300u32;
+    let block = vm((0..n)
+        .map(|i| {
+            let sender = i % 3;
+            MockTx {
+                reads: vec![sender, 10 + i],
+                extra_read: 5,
+                writes: vec![sender, 10 + i],
+                deltas: vec![4],
+                work: 20,
+                declared: vec![],
+                sequence: Some(sender),
+            }
+        })
+        .collect());
+    let inner = storage_for(10 + n);
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_micros(5));
+    let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    for threads in [2, 8] {
+        for run in 0..3 {
+            let (fast, _) = EngineKind::Optimistic
+                .run(&block, &inner, &RunOptions::threads(threads))
+                .unwrap();
+            assert_eq!(fast, expected, "{threads} threads, run {run}");
+            let (slowly, _) = EngineKind::Optimistic
+                .run(&block, &slow, &RunOptions::threads(threads))
+                .unwrap();
+            assert_eq!(
+                slowly, expected,
+                "slow storage, {threads} threads, run {run}"
+            );
+        }
+    }
+}
