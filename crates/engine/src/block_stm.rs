@@ -294,18 +294,18 @@ where
     ];
     // Not a chain on slow storage: the memory starts with the pre-block values the judging
     // read, and the metrics count their reads.
-    let mut judged = (Vec::new(), crate::prefetch::Pass::default());
-    if options.adaptive && slow_storage {
+    let (cached, judging) = if options.adaptive && slow_storage {
         let in_order = |cached: &_| crate::sequential::in_order(vm, cached, run, &extra);
         match crate::prefetch::chain_check(vm, storage, run.threads, in_order) {
             ChainCheck::Chain(result) => return result,
-            ChainCheck::NotChain(cache, pass) => judged = (cache.into_cached(), pass),
+            ChainCheck::NotChain(cache, pass) => (cache.into_cached(), pass),
         }
     } else if options.adaptive && crate::declared::declared_chain(vm, storage, workers) {
         let extra = [&extra[..], &crate::prefetch::Discovered::default().extras()].concat();
         return crate::sequential::in_order(vm, storage, run, &extra);
-    }
-    let (cached, judging) = judged;
+    } else {
+        Default::default()
+    };
     let chunk = options
         .chunk_size
         .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))

@@ -483,15 +483,19 @@ where
         claimed.len()
     }
 
-    /// The pre-block values this memory has cached (slow storage), each key once.
-    pub fn into_cached_bases(self) -> CachedBases<K, V> {
-        let tables = self.shards.into_vec().into_iter().map(|shard| {
+    /// The shards' tables, out of their locks.
+    fn into_tables(self) -> impl Iterator<Item = Table<K, V, D>> {
+        self.shards.into_vec().into_iter().map(|shard| {
             shard
                 .into_inner()
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner())
-        });
-        tables
+        })
+    }
+
+    /// The pre-block values this memory has cached (slow storage), each key once.
+    pub fn into_cached_bases(self) -> CachedBases<K, V> {
+        self.into_tables()
             .flat_map(|table| table.states)
             .filter_map(|state| match state.base {
                 Base::Loaded(value) => Some((state.key, *value)),
@@ -669,11 +673,7 @@ where
         let threads = threads.clamp(1, self.shards.len());
         let mut groups: Vec<Vec<Table<K, V, D>>> = (0..threads).map(|_| Vec::new()).collect();
         let mut total = 0;
-        for (i, shard) in self.shards.into_vec().into_iter().enumerate() {
-            let table = shard
-                .into_inner()
-                .into_inner()
-                .unwrap_or_else(|e| e.into_inner());
+        for (i, table) in self.into_tables().enumerate() {
             total += table.len();
             groups[i % threads].push(table);
         }

@@ -201,7 +201,8 @@ where
 }
 
 /// Slow storage behind a cache of its pre-block values, for engines without a
-/// multi-version memory of their own (`optimistic`): every key is read from storage at
+/// multi-version memory of their own (`optimistic`, and every engine's in-order run of a
+/// chain and pass before its own, [`discovered_first`] and [`chain_check`]): every key is read from storage at
 /// most once, by whichever worker needs it first (others wait for it), and discovery
 /// ([`Self::discover`]) fills the cache in batches. Reads report the storage's latency,
 /// so engines keep treating it as slow.
@@ -294,6 +295,13 @@ pub struct Pass {
     pub time: std::time::Duration,
 }
 
+impl std::ops::AddAssign for Pass {
+    fn add_assign(&mut self, other: Self) {
+        self.found += other.found;
+        self.time += other.time;
+    }
+}
+
 impl Pass {
     /// `result`'s metrics with this pass's counters added, and its time as execution.
     pub fn added_to<R>(
@@ -327,8 +335,7 @@ where
     });
     let mut pass = Pass::default();
     for (found, time) in found {
-        pass.found += found;
-        pass.time += time;
+        pass += Pass { found, time };
     }
     pass
 }
@@ -364,9 +371,7 @@ where
     if !crate::declared::declared_chain(vm, &cache, workers) {
         return ChainCheck::NotChain(cache, pass);
     }
-    let rest = discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
-    pass.found += rest.found;
-    pass.time += rest.time;
+    pass += discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
     ChainCheck::Chain(pass.added_to(in_order(&cache)))
 }
 
