@@ -166,6 +166,16 @@ pub trait Vm: Sync {
         None
     }
 
+    /// `value`, a pre-block value of `tx`'s sequence key, changed so that `tx` is in
+    /// sequence on it (for the EVM: the sender's nonce set to the transaction's). For hints
+    /// only, never for a result: a later transaction of a nonce sequence run on the
+    /// pre-block state (to learn which keys it reads) then goes on past its sequence check
+    /// and reads its other keys, instead of failing before it reads any. Default: `value`.
+    fn in_sequence(&self, tx: TxIndex, value: Option<Self::Value>) -> Option<Self::Value> {
+        let _ = tx;
+        value
+    }
+
     /// The keys transaction `tx` declares it will access, and how (Solana-style access
     /// lists; used by the `sealevel` engine to take locks). `pre_block` reads the state
     /// *before the block* (e.g. to find an account's code or storage generation); what

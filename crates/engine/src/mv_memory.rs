@@ -41,13 +41,13 @@ pub type CachedBases<K, V> = Vec<(K, Result<Option<V>, StorageError>)>;
 /// Re-executions of one transaction are numbered from 0.
 pub type Incarnation = u32;
 
-/// The pre-block value of a key, loaded from slow storage at most once (boxed: a key's
-/// state stays small, and on fast storage it is never loaded).
-enum Base<V> {
+/// Where a key's pre-block value stands (slow storage loads it at most once; fast
+/// storage never caches it): a view of [`KeyState`]'s `base` and `loading`.
+enum Base<'a, V> {
     Unloaded,
     /// A reader is loading it (outside the lock); others wait for it.
     Loading,
-    Loaded(Box<Result<Option<V>, StorageError>>),
+    Loaded(&'a Result<Option<V>, StorageError>),
 }
 
 /// What transaction `tx` left under a key.
@@ -100,34 +100,55 @@ fn load_or_wait<K, V>(
     None
 }
 
-/// Cache-line aligned (216 bytes become 256 for the EVM's types): a shard's states lie
-/// side by side and the next one is pushed by whichever worker writes a new key, so an
-/// unaligned state shared its first and last lines with the states around it, and two
-/// workers writing neighbouring states moved those lines between their cores. ERC20
-/// gigagas block on 2 threads, three batches of 6-8 alternating runs of each binary:
-/// medians -3 to -8% (the runs' pairwise ratios: medians 0.95-1.0); raw transfers, the
-/// mix and one thread within noise. Costs 40 bytes per written key.
-#[repr(align(64))]
+/// Cache-line aligned, and three lines for the EVM's types (189 bytes become 192): a
+/// shard's states lie side by side and the next one is pushed by whichever worker writes
+/// a new key, so an unaligned state shared its first and last lines with the states
+/// around it, and two workers writing neighbouring states moved those lines between their
+/// cores (ERC20 gigagas block on 2 threads, three batches of 6-8 alternating runs of each
+/// binary: medians -3 to -8%). Every written key's state is memory touched for the first
+/// time, so each line counts: the key's hash is not kept (a table that grows hashes its
+/// keys again) and the pre-block value's state is a pointer and a flag, not an enum
+/// (whose tag took a word of its own): 256 bytes became 192. In declared order (`C`):
+/// Rust's own order put the flag after the last word.
+#[repr(C, align(64))]
 struct KeyState<K, V, D> {
     key: K,
-    /// The key's hash (tables grow without hashing keys again).
-    hash: u64,
     /// Sorted by transaction index, at most one entry per transaction; most keys have
     /// a single writer, whose entry is kept inline.
     versions: SmallVec<[(TxIndex, Entry<V, D>); 1]>,
-    base: Base<V>,
+    /// The pre-block value, once loaded (slow storage only; boxed: on fast storage it is
+    /// never loaded, and the state stays small).
+    base: Option<Box<Result<Option<V>, StorageError>>>,
     /// The highest transaction that read the key (kept on slow storage only, where every
-    /// read finds or creates the key's state; see [`MvMemory::write`]).
-    max_reader: TxIndex,
+    /// read finds or creates the key's state; see [`MvMemory::write`]). Four bytes, so
+    /// that the state fits three lines; saturated at `u32::MAX`, read as "any transaction"
+    /// (in blocks of four billion transactions, a write then re-validates more than it
+    /// needs to).
+    max_reader: u32,
+    /// A reader is loading the pre-block value (outside the lock; see [`Base::Loading`]).
+    loading: bool,
 }
 
 impl<K, V, D> KeyState<K, V, D> {
+    fn base(&self) -> Base<'_, V> {
+        match &self.base {
+            Some(base) => Base::Loaded(base),
+            None if self.loading => Base::Loading,
+            None => Base::Unloaded,
+        }
+    }
+
+    fn set_base(&mut self, value: Result<Option<V>, StorageError>) {
+        self.base = Some(Box::new(value));
+        self.loading = false;
+    }
+
     /// Whether this caller is to load the pre-block value (nobody is loading it yet: it
     /// is marked loading) or is to wait for the caller loading it.
     fn claim_load(&mut self) -> bool {
-        match self.base {
+        match self.base() {
             Base::Unloaded => {
-                self.base = Base::Loading;
+                self.loading = true;
                 true
             }
             _ => false,
@@ -143,13 +164,23 @@ impl<K, V, D> KeyState<K, V, D> {
 struct Table<K, V, D> {
     positions: HashTable<u32>,
     states: Vec<KeyState<K, V, D>>,
+    /// Hashes the keys again when the table of positions grows.
+    hasher: DefaultHashBuilder,
 }
 
-impl<K: Eq + Clone, V, D> Table<K, V, D> {
-    fn with_capacity(keys: usize) -> Self {
+impl<K: Eq + Hash + Clone, V, D> Table<K, V, D> {
+    /// A table for about `keys` keys. The states get the capacity that the table of
+    /// positions rounds `keys` up to (it keeps a power of two of buckets, a fifth or more
+    /// of them spare): with a block's keys spread at random over the shards, sizing the
+    /// states exactly made half of the shards grow, each copying its states once (ERC20
+    /// gigagas block: 129 of 256 shards, 1% of the block's instructions). Capacity that
+    /// is never written costs no memory.
+    fn with_capacity(keys: usize, hasher: DefaultHashBuilder) -> Self {
+        let positions = HashTable::with_capacity(keys);
         Self {
-            positions: HashTable::with_capacity(keys),
-            states: Vec::with_capacity(keys),
+            states: Vec::with_capacity(positions.capacity()),
+            positions,
+            hasher,
         }
     }
 
@@ -176,11 +207,12 @@ impl<K: Eq + Clone, V, D> Table<K, V, D> {
     #[inline]
     fn state_mut(&mut self, hash: u64, key: &K) -> &mut KeyState<K, V, D> {
         let states = &self.states;
+        let hasher = &self.hasher;
         let next = states.len();
         let position = self.positions.entry(
             hash,
             |&i| states[i as usize].key == *key,
-            |&i| states[i as usize].hash,
+            |&i| hasher.hash_one(&states[i as usize].key),
         );
         let i = match position {
             hashbrown::hash_table::Entry::Occupied(e) => *e.get() as usize,
@@ -188,9 +220,9 @@ impl<K: Eq + Clone, V, D> Table<K, V, D> {
                 e.insert(u32::try_from(next).expect("fewer than 2^32 keys per shard"));
                 self.states.push(KeyState {
                     key: key.clone(),
-                    hash,
                     versions: SmallVec::new(),
-                    base: Base::Unloaded,
+                    base: None,
+                    loading: false,
                     max_reader: 0,
                 });
                 next
@@ -312,11 +344,15 @@ where
     pub fn new(keys: usize, slow_storage: bool) -> Self {
         let shards = (keys / 16).next_power_of_two().clamp(1, MAX_SHARDS);
         let per_shard = keys.div_ceil(shards);
+        let hasher = DefaultHashBuilder::default();
         Self {
             shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(Table::with_capacity(per_shard))))
+                .map(|_| {
+                    let table = Table::with_capacity(per_shard, hasher.clone());
+                    CachePadded::new(Mutex::new(table))
+                })
                 .collect(),
-            hasher: DefaultHashBuilder::default(),
+            hasher,
             cache_base: slow_storage,
         }
     }
@@ -344,7 +380,8 @@ where
             return self.read_uncached(key, hash, tx, load, apply);
         }
         self.with_base(key, hash, load, |state| {
-            state.max_reader = state.max_reader.max(tx);
+            let reader = u32::try_from(tx).unwrap_or(u32::MAX);
+            state.max_reader = state.max_reader.max(reader);
             let versions = &state.versions;
             let end = versions.partition_point(|(t, _)| *t < tx);
             let (bottom, first_delta) = walk(versions, end);
@@ -358,13 +395,13 @@ where
                     end,
                     &apply,
                 )),
-                Bottom::Storage => match &state.base {
+                Bottom::Storage => match state.base() {
                     Base::Loaded(base) => Break(resolve_over_storage(
                         key,
                         versions,
                         first_delta,
                         end,
-                        (**base).clone(),
+                        base.clone(),
                         &apply,
                     )),
                     Base::Loading | Base::Unloaded => Continue(state.claim_load()),
@@ -392,7 +429,7 @@ where
                 let state = table.state_mut(hash, key);
                 // The pre-block value this caller just loaded, stored under the lock.
                 if let Some(value) = loaded.take() {
-                    state.base = Base::Loaded(Box::new(value));
+                    state.set_base(value);
                 }
                 match step(state) {
                     Break(answer) => return answer,
@@ -416,8 +453,8 @@ where
             return load(key);
         }
         let hash = self.hasher.hash_one(key);
-        self.with_base(key, hash, load, |state| match &state.base {
-            Base::Loaded(base) => Break((**base).clone()),
+        self.with_base(key, hash, load, |state| match state.base() {
+            Base::Loaded(base) => Break(base.clone()),
             Base::Loading | Base::Unloaded => Continue(state.claim_load()),
         })
     }
@@ -429,8 +466,8 @@ where
             return None;
         }
         let hash = self.hasher.hash_one(key);
-        match &self.shard(hash).find(hash, key)?.base {
-            Base::Loaded(base) => Some((**base).clone()),
+        match self.shard(hash).find(hash, key)?.base() {
+            Base::Loaded(base) => Some(base.clone()),
             Base::Loading | Base::Unloaded => None,
         }
     }
@@ -457,7 +494,7 @@ where
             let hash = self.hasher.hash_one(key);
             let mut table = self.shard(hash);
             let state = table.state_mut(hash, key);
-            match state.base {
+            match state.base() {
                 Base::Loaded(_) => {}
                 Base::Loading => others.push((key, hash)),
                 Base::Unloaded => {
@@ -471,11 +508,11 @@ where
             let values = read_many(&claimed);
             assert_eq!(values.len(), claimed.len(), "one value per key read");
             for ((key, hash), value) in claimed.iter().zip(claimed_hashes).zip(values) {
-                self.shard(hash).state_mut(hash, key).base = Base::Loaded(Box::new(value));
+                self.shard(hash).state_mut(hash, key).set_base(value);
             }
         }
         for (key, hash) in others {
-            self.with_base(key, hash, &load, |state| match &state.base {
+            self.with_base(key, hash, &load, |state| match state.base() {
                 Base::Loaded(_) => Break(()),
                 Base::Loading | Base::Unloaded => Continue(state.claim_load()),
             });
@@ -497,10 +534,7 @@ where
     pub fn into_cached_bases(self) -> CachedBases<K, V> {
         self.into_tables()
             .flat_map(|table| table.states)
-            .filter_map(|state| match state.base {
-                Base::Loaded(value) => Some((state.key, *value)),
-                Base::Loading | Base::Unloaded => None,
-            })
+            .filter_map(|state| Some((state.key, *state.base?)))
             .collect()
     }
 
@@ -514,8 +548,8 @@ where
             let hash = self.hasher.hash_one(&key);
             let mut table = self.shard(hash);
             let state = table.state_mut(hash, &key);
-            if let Base::Unloaded = state.base {
-                state.base = Base::Loaded(Box::new(value));
+            if let Base::Unloaded = state.base() {
+                state.set_base(value);
             }
         }
     }
@@ -562,10 +596,7 @@ where
         if !self.cache_base {
             return Some(load(&state.key));
         }
-        match &state.base {
-            Base::Loaded(base) => Some((**base).clone()),
-            _ => None,
-        }
+        state.base.as_deref().cloned()
     }
 
     /// Whether a read of `key` by `tx` would still get what `origin` records. `load`
@@ -625,7 +656,8 @@ where
         let hash = self.hasher.hash_one(&key);
         let mut table = self.shard(hash);
         let state = table.state_mut(hash, &key);
-        let read_above = !self.cache_base || state.max_reader > tx;
+        let read_above =
+            !self.cache_base || (state.max_reader == u32::MAX || state.max_reader as TxIndex > tx);
         let versions = &mut state.versions;
         // Writers come in roughly block order: look from the end first.
         match versions.last() {
@@ -705,8 +737,8 @@ where
                             }
                         }
                         Bottom::Storage => match base {
-                            Base::Loaded(loaded) => (*loaded)?,
-                            _ => load(&key)?,
+                            Some(loaded) => (*loaded)?,
+                            None => load(&key)?,
                         },
                         Bottom::Blocked(t) => {
                             unreachable!("estimate of transaction {t} left at the end")
@@ -986,6 +1018,15 @@ mod tests {
         // A memory over fast storage caches nothing.
         fast.seed_bases(cached);
         assert_eq!(fast.cached_base(&3), None);
+    }
+
+    #[test]
+    fn a_key_state_is_three_cache_lines_for_the_evm_types() {
+        use parex_core::{BalanceDelta, StateKey, StateValue};
+        assert_eq!(
+            size_of::<KeyState<StateKey, StateValue, BalanceDelta>>(),
+            192
+        );
     }
 
     #[test]

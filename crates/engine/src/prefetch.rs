@@ -168,6 +168,9 @@ where
                 let mut view = CachedPreBlock {
                     memory,
                     missing: None,
+                    vm,
+                    tx,
+                    sequence_key: vm.sequence_key(tx),
                 };
                 // A panic or an error is an artefact of running out of context, or the
                 // transaction's own failure: the real execution meets and reports it.
@@ -389,24 +392,32 @@ fn dedup<K: PartialEq>(keys: &mut Vec<K>) {
 }
 
 /// The pre-block values the memory has cached; the first key it has not ends the
-/// execution and is kept in `missing`.
-struct CachedPreBlock<'m, K, V, D> {
-    memory: &'m MvMemory<K, V, D>,
-    missing: Option<K>,
+/// execution and is kept in `missing`. Transaction `tx` reads its sequence key in sequence
+/// ([`Vm::in_sequence`]): a later transaction of a nonce sequence would otherwise fail
+/// its nonce check on the pre-block state and discover none of its keys, and the real
+/// execution would wait for each of them (`optimistic`'s merger re-executes it in order:
+/// at hot ratio 0.3, a fifth of the merger's re-executions waited for a read).
+struct CachedPreBlock<'m, 'v, V: Vm, D> {
+    memory: &'m MvMemory<V::Key, V::Value, D>,
+    missing: Option<V::Key>,
+    vm: &'v V,
+    tx: TxIndex,
+    sequence_key: Option<V::Key>,
 }
 
-impl<K, V, D> ReadView<K, V> for CachedPreBlock<'_, K, V, D>
+impl<V: Vm, D> ReadView<V::Key, V::Value> for CachedPreBlock<'_, '_, V, D>
 where
-    K: Eq + std::hash::Hash + Clone + Send,
-    V: Clone + PartialEq + Send,
     D: Clone + Send,
 {
-    fn read(&mut self, key: &K) -> Result<Option<V>, ReadError> {
+    fn read(&mut self, key: &V::Key) -> Result<Option<V::Value>, ReadError> {
         if self.missing.is_some() {
             // The VM went on after the abort (it may catch errors): it learns nothing more.
             return Err(ReadError::Aborted);
         }
         match self.memory.cached_base(key) {
+            Some(Ok(value)) if self.sequence_key.as_ref() == Some(key) => {
+                Ok(self.vm.in_sequence(self.tx, value))
+            }
             Some(value) => value.map_err(ReadError::Storage),
             None => {
                 self.missing = Some(key.clone());

@@ -768,6 +768,10 @@ impl<V: Vm> Vm for Suffix<'_, V> {
         self.inner.sequence_key(tx + self.offset)
     }
 
+    fn in_sequence(&self, tx: TxIndex, value: Option<Self::Value>) -> Option<Self::Value> {
+        self.inner.in_sequence(tx + self.offset, value)
+    }
+
     fn declared_access<R: ReadView<Self::Key, Self::Value>>(
         &self,
         tx: TxIndex,

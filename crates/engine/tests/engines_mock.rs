@@ -7,7 +7,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
-use parex_core::{InMemoryStorage, TxIndex, VmError};
+use parex_core::{InMemoryStorage, Storage, TxIndex, VmError};
 use parex_engine::{
     EngineKind, Metrics, RunOptions, VmOutcome, block_stm, dag, optimistic, sequential,
 };
@@ -163,7 +163,7 @@ proptest! {
         fail_modulo in prop_oneof![Just(0u64), 40u64..400],
         panic_modulo in prop_oneof![Just(0u64), 40u64..400],
     ) {
-        let vm = MockVm { txs, fail_modulo, panic_modulo };
+        let vm = MockVm { txs, fail_modulo, panic_modulo, sequence_gate: None };
         check(&vm, 8, 2);
     }
 
@@ -369,6 +369,56 @@ fn slow_storage_keys_are_prefetched_in_batches() {
             batches < prefetched,
             "{kind}: {batches} batches for {prefetched} keys"
         );
+    }
+}
+
+/// Discovery runs a nonce sequence's later transactions in sequence ([`Vm::in_sequence`]):
+/// on the pre-block state they would fail their sequence check and discover none of the
+/// keys they go on to read.
+#[test]
+fn discovery_runs_sequences_in_sequence() {
+    // Every transaction reads the shared sequence key 0 first (pre-block value 0: even,
+    // the gate is closed), then three keys of its own, one after another, and writes the
+    // sequence key and its last key. (Its real executions all stop at the gate, which no
+    // one opens: only discovery, in sequence, goes past it.)
+    let n = 96u32;
+    let txs: Vec<MockTx> = (1..=n)
+        .map(|i| MockTx {
+            reads: vec![0, 3 * i, 3 * i + 1, 3 * i + 2],
+            extra_read: 3 * i,
+            writes: vec![0, 3 * i + 2],
+            deltas: vec![],
+            work: 5,
+            declared: vec![],
+            sequence: Some(0),
+        })
+        .collect();
+    let inner = storage_for(3 * n + 3);
+    assert_eq!(inner.read(&0).unwrap(), Some(0));
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_millis(2));
+    for hint in [false, true] {
+        let block = MockVm {
+            txs: txs.clone(),
+            sequence_gate: Some(hint),
+            ..MockVm::default()
+        };
+        let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        for &kind in &EngineKind::ALL[1..] {
+            let (outcome, m) = kind.run(&block, &slow, &RunOptions::threads(2)).unwrap();
+            assert_eq!(outcome, expected, "{kind}, hint {hint}");
+            let prefetched = extra(&m, "prefetched");
+            if hint {
+                // All keys but a few that executions might load first, racing discovery.
+                assert!(prefetched > 2 * u64::from(n), "{kind}: {m:?}");
+            } else {
+                // Only the sequence key (once per discovery pass): every discovery stops
+                // at the closed gate.
+                assert_eq!(prefetched, extra(&m, "prefetch_batches"), "{kind}: {m:?}");
+                assert!(prefetched <= 2, "{kind}: {m:?}");
+            }
+        }
     }
 }
 

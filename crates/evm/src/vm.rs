@@ -247,6 +247,20 @@ impl Vm for EvmVm<'_> {
             .map(|t| StateKey::Account(t.env.caller))
     }
 
+    /// The sender's account with the transaction's nonce (an absent account stays absent:
+    /// an account funded earlier in the block cannot be guessed).
+    fn in_sequence(&self, tx: TxIndex, value: Option<StateValue>) -> Option<StateValue> {
+        match (value, self.block.txs.get(tx)) {
+            (Some(StateValue::Account(mut account)), Some(t)) => {
+                if let Some(info) = &mut account.info {
+                    info.nonce = t.env.nonce;
+                }
+                Some(StateValue::Account(account))
+            }
+            (value, _) => value,
+        }
+    }
+
     /// See [`crate::declared`].
     fn declared_access<R: ReadView<StateKey, StateValue>>(
         &self,
@@ -440,5 +454,39 @@ mod tests {
             block_hashes: Arc::new(HashMap::new()),
         };
         assert_eq!(EvmVm::new(&block).light_tx_equivalents(), 1 + 1 + 5 + 16);
+    }
+
+    #[test]
+    fn in_sequence_gives_the_sender_the_transaction_nonce_and_nothing_else() {
+        use parex_core::{AccountInfo, AccountValue, StateValue};
+        use revm::primitives::U256;
+        let block = EvmBlock {
+            number: 1,
+            spec: SpecId::CANCUN,
+            chain_id: 1,
+            env: BlockEnv::default(),
+            txs: vec![EvmTx {
+                env: TxEnv {
+                    nonce: 7,
+                    ..TxEnv::default()
+                },
+                hash: None,
+            }],
+            block_hashes: Arc::new(HashMap::new()),
+        };
+        let vm = EvmVm::new(&block);
+        let account = |nonce| {
+            StateValue::Account(AccountValue {
+                info: Some(AccountInfo::with_balance(U256::from(5), nonce)),
+                storage_generation: 2,
+            })
+        };
+        assert_eq!(vm.in_sequence(0, Some(account(3))), Some(account(7)));
+        assert_eq!(vm.in_sequence(0, None), None);
+        let destroyed = StateValue::Account(AccountValue {
+            info: None,
+            storage_generation: 1,
+        });
+        assert_eq!(vm.in_sequence(0, Some(destroyed.clone())), Some(destroyed));
     }
 }

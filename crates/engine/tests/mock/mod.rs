@@ -51,6 +51,10 @@ pub struct MockVm {
     pub fail_modulo: u64,
     /// Panic when the digest is 1 modulo this (0: never).
     pub panic_modulo: u64,
+    /// Sequence keys gate like a nonce: a transaction whose first read is its sequence
+    /// key, and finds it even, reads nothing more (and writes nothing);
+    /// [`Vm::in_sequence`] makes the value odd (with `false`, it leaves it as it is).
+    pub sequence_gate: Option<bool>,
 }
 
 pub const PANIC_PREFIX: &str = "mock panic at transaction ";
@@ -93,6 +97,18 @@ impl Vm for MockVm {
             let v = view.read(key)?;
             first.get_or_insert(v.unwrap_or(0));
             h = mix(h, v.map_or(u64::MAX, |v| v));
+            let gated = self.sequence_gate.is_some() && t.sequence == t.reads.first().copied();
+            if gated && first.is_some_and(|v| v % 2 == 0) {
+                let output = MockOutput {
+                    seen: h,
+                    gas: 1,
+                    cumulative: 0,
+                };
+                return Ok(Execution {
+                    writes: Vec::new(),
+                    output,
+                });
+            }
         }
         if first.is_some_and(|v| v % 2 == 1) {
             let v = view.read(&t.extra_read)?;
@@ -154,6 +170,13 @@ impl Vm for MockVm {
 
     fn sequence_key(&self, tx: TxIndex) -> Option<Key> {
         self.txs[tx].sequence
+    }
+
+    fn in_sequence(&self, _tx: TxIndex, value: Option<Value>) -> Option<Value> {
+        match self.sequence_gate {
+            Some(true) => Some(value.unwrap_or(0) | 1),
+            _ => value,
+        }
     }
 
     fn declared_access<R: ReadView<Key, Value>>(
