@@ -712,7 +712,7 @@ fn traces_record_the_phases() {
 #[test]
 fn predicted_sequence_keys_keep_optimistic_exact() {
     let n = 300u32;
-    let block = vm((0..n)
+    let txs: Vec<MockTx> = (0..n)
         .map(|i| {
             let sender = i % 3;
             MockTx {
@@ -725,25 +725,34 @@ fn predicted_sequence_keys_keep_optimistic_exact() {
                 sequence: Some(sender),
             }
         })
-        .collect());
+        .collect();
     let inner = storage_for(10 + n);
     let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_micros(5));
-    let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
-        .unwrap()
-        .0;
-    for threads in [2, 8] {
-        for run in 0..3 {
-            let (fast, _) = EngineKind::Optimistic
-                .run(&block, &inner, &RunOptions::threads(threads))
-                .unwrap();
-            assert_eq!(fast, expected, "{threads} threads, run {run}");
-            let (slowly, _) = EngineKind::Optimistic
-                .run(&block, &slow, &RunOptions::threads(threads))
-                .unwrap();
-            assert_eq!(
-                slowly, expected,
-                "slow storage, {threads} threads, run {run}"
-            );
+    // Predictions from earlier pre-executions only, and also from the pre-block value in
+    // sequence (when the sequence key gates, `Vm::in_sequence` changes the value).
+    for sequence_gate in [None, Some(true)] {
+        let block = MockVm {
+            txs: txs.clone(),
+            sequence_gate,
+            ..MockVm::default()
+        };
+        let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        for threads in [2, 8] {
+            for run in 0..3 {
+                let (fast, _) = EngineKind::Optimistic
+                    .run(&block, &inner, &RunOptions::threads(threads))
+                    .unwrap();
+                assert_eq!(fast, expected, "{threads} threads, run {run}");
+                let (slowly, _) = EngineKind::Optimistic
+                    .run(&block, &slow, &RunOptions::threads(threads))
+                    .unwrap();
+                assert_eq!(
+                    slowly, expected,
+                    "slow storage, gate {sequence_gate:?}, {threads} threads, run {run}"
+                );
+            }
         }
     }
 }
