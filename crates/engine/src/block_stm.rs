@@ -34,10 +34,10 @@
 //! `sequential` instead threw that work away: mainnet block 12244000 then took twice as
 //! long as serial execution). A block whose first 64 transactions' declared accesses
 //! ([`Vm::declared_access`]) already conflict each with the one before (a chain) goes to
-//! the `sequential` engine before any speculation (on slow storage the judged
-//! transactions' keys are discovered and read in batches first, and a chain's other keys
-//! after, [`crate::prefetch::chain_check`]; any other block starts with the values read
-//! for the judging in its memory). Both are counted in the metrics as
+//! the `sequential` engine before any speculation (on slow storage the whole block's keys
+//! are discovered and read in batches first, [`crate::prefetch::chain_check`]; any other
+//! block starts with those values in its memory and needs no discovery of its own). Both
+//! are counted in the metrics as
 //! `sequential_fallback` (and `finished_alone` for the first).
 //!
 //! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
@@ -51,12 +51,13 @@
 //! `validations`, `validation_failures` and `dependency_waits` count chunks.
 //!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
-//! more workers than threads (8 per thread), so that reads overlap while the cores stay busy, and
-//! each worker first runs discovery on a window of transactions ([`crate::prefetch`]):
-//! it executes them on the cached pre-block values, and reads the keys they miss
-//! together, one storage wait for many keys, so that their real executions find most
-//! of their keys cached instead of waiting for each (counters `prefetched`,
-//! `prefetch_batches`, `discovery_executions`). The
+//! more workers than threads (8 per thread), so that reads overlap while the cores stay
+//! busy, after discovery ([`crate::prefetch`], in the chain check, or in the workers
+//! themselves when the engine does not adapt): windows of transactions are executed on
+//! the cached pre-block values, and the keys they miss are read together, one storage
+//! wait for many keys, so that their real executions find most of their keys cached
+//! instead of waiting for each (counters `prefetched`, `prefetch_batches`,
+//! `discovery_executions`). The
 //! multi-version memory then sees every read, so a first execution that writes keys no
 //! later transaction has read yet does not send validation back to it (with 32 workers
 //! finishing in any order, that re-validated each transaction about seven times).
@@ -281,8 +282,7 @@ where
         run.workers_by_work(vm, storage)
     };
     // The declarations already say the block is a chain: skip the speculation. On slow
-    // storage the judged transactions' keys, and then the whole block's, are discovered
-    // and read in batches first (speculating instead also read them many at a time, but
+    // storage the whole block's keys are discovered and read in batches first (speculating instead also read them many at a time, but
     // spent the cores on executions that failed validation: 1000 dependent transfers at
     // 100 us per read ran 12-27x faster than `sequential` that way, 22-32x in order).
     let extra = [
@@ -292,8 +292,8 @@ where
         ("storage_reads", 0),
         ("preloaded", 0),
     ];
-    // Not a chain on slow storage: the memory starts with the pre-block values the judging
-    // read, and the metrics count their reads.
+    // Not a chain on slow storage: the memory starts with the pre-block values that the
+    // chain check discovered for the whole block, and the metrics count their reads.
     let (cached, judging) = if options.adaptive && slow_storage {
         let in_order = |cached: &_| crate::sequential::in_order(vm, cached, run, &extra);
         match crate::prefetch::chain_check(vm, storage, run.threads, in_order) {
@@ -317,6 +317,8 @@ where
         keys: 3 * n,
         workers,
         finalize_threads,
+        // On slow storage, unless the chain check discovered the whole block already.
+        discover: slow_storage && !options.adaptive,
     };
     if chunk == 1 {
         let (outcome, mut metrics) =
@@ -339,6 +341,8 @@ struct Sizes {
     workers: usize,
     /// Threads that assemble the final state.
     finalize_threads: usize,
+    /// Workers first run discovery ([`crate::prefetch`]).
+    discover: bool,
 }
 
 /// Block-STM over the units of `vm` (transactions, or chunks of them).
@@ -352,6 +356,7 @@ fn execute_units<V, S>(
         keys,
         workers,
         finalize_threads,
+        discover,
     }: Sizes,
     cached: CachedBases<V::Key, V::Value>,
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
@@ -383,7 +388,7 @@ where
         judge_interval: judge_interval(n),
         oversubscribed: workers > run.threads.max(1),
         next_declared: AtomicUsize::new(0),
-        discovery: slow_storage.then(|| crate::prefetch::Windows::new(n, workers)),
+        discovery: discover.then(|| crate::prefetch::Windows::new(n, workers)),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {

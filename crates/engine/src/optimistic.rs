@@ -37,10 +37,11 @@
 //!
 //! Slow storage (reads that block): the engine runs 8 workers per thread over a shared
 //! cache of pre-block values ([`crate::prefetch::PreBlockCache`]: each key read once,
-//! by whichever worker needs it first), and every worker first runs discovery on a
-//! window of transactions, reading the keys they miss in batches ([`crate::prefetch`]),
-//! so that pre-executions and the merger's re-executions find them cached (counters
-//! `prefetched`, `prefetch_batches`, `discovery_executions`).
+//! by whichever worker needs it first), filled first by a discovery of the whole block
+//! that reads the keys its transactions miss in batches ([`crate::prefetch::chain_check`],
+//! which also judges whether the block is a chain), so that pre-executions and the
+//! merger's re-executions find them cached (counters `prefetched`, `prefetch_batches`,
+//! `discovery_executions`).
 //!
 //! Adapting: pre-executors stay within a window ahead of the merger, and when most
 //! merge checks fail (a chain of dependent transactions) they stop and the merger
@@ -145,9 +146,9 @@ where
     let workers = run.workers_by_work(vm, storage);
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     if slow_storage {
-        // The judged transactions' keys are discovered and read in batches before their
-        // declarations say whether the block is a chain (merge checks would all fail: it
-        // runs in order); if not, the same cache serves the engine.
+        // The block's keys are discovered and read in batches before the declarations
+        // say whether it is a chain (merge checks would all fail: it runs in order); if
+        // not, the same cache serves the engine.
         let in_order = |cached: &_| crate::sequential::in_order(vm, cached, run, &[]);
         return match crate::prefetch::chain_check(vm, storage, run.threads, in_order) {
             ChainCheck::Chain(result) => result,
@@ -165,20 +166,20 @@ where
             let tracer = Tracer::new(run.trace);
             let workers = run.workers_by_work(rest, committed);
             let (state, outputs, mut metrics) =
-                merge_units::<_, _, S>(rest, committed, workers, &tracer, None)?;
+                merge_units(rest, committed, workers, &tracer, false)?;
             metrics.trace = tracer.finish();
             Ok((state, outputs, metrics))
         });
     }
     let tracer = Tracer::new(run.trace);
-    let (cache, outputs, metrics) = merge_units::<_, _, S>(vm, storage, workers, &tracer, None)?;
+    let (cache, outputs, metrics) = merge_units(vm, storage, workers, &tracer, false)?;
     let state_diff = || Ok(crate::sequential::into_state_diff(cache));
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
 
-/// The engine on slow storage, over `cached`: every worker first discovers keys and
-/// reads them in batches into the cache that pre-executions and the merger then share
-/// (see crate::prefetch).
+/// The engine on slow storage, over `cached`, which [`crate::prefetch::chain_check`]
+/// filled with the keys that discovery found for the whole block: pre-executions and the
+/// merger share it.
 fn merge_discovered<V, S>(
     vm: &V,
     cached: &crate::prefetch::PreBlockCache<'_, S>,
@@ -192,11 +193,7 @@ where
     let n = vm.tx_count();
     let tracer = Tracer::new(trace);
     let workers = crate::prefetch::workers(threads, n);
-    let discovery = Discovery {
-        cache: cached,
-        windows: crate::prefetch::Windows::new(n, workers),
-    };
-    let (cache, outputs, metrics) = merge_units(vm, cached, workers, &tracer, Some(&discovery))?;
+    let (cache, outputs, metrics) = merge_units(vm, cached, workers, &tracer, true)?;
     let state_diff = || Ok(crate::sequential::into_state_diff(cache));
     crate::finish(vm, outputs, state_diff, tracer, metrics)
 }
@@ -214,25 +211,19 @@ fn previous_in_sequence<V: Vm>(vm: &V) -> Box<[Option<TxIndex>]> {
         .collect()
 }
 
-/// Discovery before merging (slow storage): into `cache`, on `windows`.
-struct Discovery<'c, 's, S: Storage> {
-    cache: &'c crate::prefetch::PreBlockCache<'s, S>,
-    windows: crate::prefetch::Windows,
-}
-
 /// The engine over `vm`'s transactions on `workers`: the merged state (written keys
-/// marked) and the outputs, not yet finalized.
-fn merge_units<V, S, P>(
+/// marked) and the outputs, not yet finalized. `predict`: pre-executions predict their
+/// sender's account ([`Shared::prediction`]; slow storage).
+fn merge_units<V, S>(
     vm: &V,
     storage: &S,
     workers: usize,
     tracer: &Tracer,
-    discovery: Option<&Discovery<'_, '_, P>>,
+    predict: bool,
 ) -> Result<crate::ranges::Rest<V>, EngineError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
-    P: Storage<Key = V::Key, Value = V::Value>,
 {
     let n = vm.tx_count();
     let shared = Shared {
@@ -241,7 +232,7 @@ where
         // A serial pass over the block before any worker starts (3% of the instructions
         // of a 1346-transaction mainnet block): worth it where a failed pre-execution's
         // missing keys cost the merger storage waits, not measured to pay elsewhere.
-        previous_in_sequence: if discovery.is_some() {
+        previous_in_sequence: if predict {
             previous_in_sequence(vm)
         } else {
             Box::default()
@@ -255,20 +246,8 @@ where
         stop: AtomicBool::new(false),
         tracer,
     };
-    let discovered = Mutex::new(crate::prefetch::Discovered::default());
     let mut reports = crate::workers::run(workers, |id| {
         let _stop = crate::workers::SetOnPanic(&shared.stop);
-        if let Some(d) = discovery {
-            let mut trace = tracer.recorder(id);
-            let mine = d.cache.discover(
-                vm,
-                &d.windows,
-                || shared.stop.load(Ordering::Relaxed),
-                &mut trace,
-            );
-            tracer.submit(trace);
-            *discovered.lock().unwrap_or_else(|e| e.into_inner()) += mine;
-        }
         if id == 0 {
             let report = shared.merge();
             shared.stop.store(true, Ordering::SeqCst);
@@ -292,10 +271,6 @@ where
         ("serial_switch", u64::from(merge.serial_switch)),
         ("workers", workers as u64),
     ];
-    if discovery.is_some() {
-        let discovered = discovered.into_inner().unwrap_or_else(|e| e.into_inner());
-        metrics.extra.extend(discovered.extras());
-    }
     let (cache, outputs) = merge.result?;
     Ok((cache, outputs, metrics))
 }
