@@ -282,9 +282,10 @@ where
         run.workers_by_work(vm, storage)
     };
     // The declarations already say the block is a chain: skip the speculation. On slow
-    // storage the whole block's keys are discovered and read in batches first (speculating instead also read them many at a time, but
-    // spent the cores on executions that failed validation: 1000 dependent transfers at
-    // 100 us per read ran 12-27x faster than `sequential` that way, 22-32x in order).
+    // storage the whole block's keys are discovered and read in batches first
+    // (speculating instead also read them many at a time, but spent the cores on
+    // executions that failed validation: 1000 dependent transfers at 100 us per read ran
+    // 12-27x faster than `sequential` that way, 22-32x in order).
     let extra = [
         ("workers", 1),
         ("chunk_size", 1),
