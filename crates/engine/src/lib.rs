@@ -195,9 +195,16 @@ impl EngineKind {
             EngineKind::Dag | EngineKind::Sealevel | EngineKind::SealevelPreexec
         );
         if discovers_first && storage.read_latency() >= workers::SLOW_READ {
-            return prefetch::discovered_first(vm, storage, options.threads, |cached| {
-                self.dispatch(vm, cached, options)
-            });
+            // `sealevel` runs every transaction its declarations miss in block order, one at
+            // a time: it gets every key discovered, whatever the rounds cost.
+            let exhaustive = self == EngineKind::Sealevel;
+            return prefetch::discovered_first(
+                vm,
+                storage,
+                options.threads,
+                exhaustive,
+                |cached| self.dispatch(vm, cached, options),
+            );
         }
         self.dispatch(vm, storage, options)
     }

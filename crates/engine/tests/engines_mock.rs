@@ -372,6 +372,46 @@ fn slow_storage_keys_are_prefetched_in_batches() {
     }
 }
 
+/// `sealevel` runs the transactions its declarations miss in block order, one at a time,
+/// so on slow storage its discovery pass finds every key, however costly the rounds: each
+/// key left over would cost the in-order run a whole read's wait.
+#[test]
+fn sealevel_discovers_every_key_on_slow_storage() {
+    // Each transaction reads twelve keys of its own, one after another, and declares none:
+    // discovery finds one more per round, more rounds than the other engines' discovery
+    // runs (`prefetch::MAX_ROUNDS`).
+    const KEYS: u32 = 12;
+    let n = 24u32;
+    let block = vm((0..n)
+        .map(|i| MockTx {
+            reads: (KEYS * i..KEYS * (i + 1)).collect(),
+            extra_read: KEYS * i,
+            writes: vec![KEYS * i + 2],
+            deltas: vec![],
+            work: 5,
+            declared: vec![],
+            sequence: None,
+        })
+        .collect());
+    let inner = storage_for(KEYS * n);
+    let slow = parex_core::LatencyStorage::new(&inner, std::time::Duration::from_micros(500));
+    let expected = sequential::execute(&block, &inner, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    let waits_before = slow.waits();
+    let (outcome, m) = EngineKind::Sealevel
+        .run(&block, &slow, &RunOptions::threads(2))
+        .unwrap();
+    assert_eq!(outcome, expected);
+    // Every key found by discovery and read in its batches: no read alone.
+    assert_eq!(extra(&m, "prefetched"), u64::from(KEYS * n), "{m:?}");
+    assert_eq!(
+        slow.waits() - waits_before,
+        extra(&m, "prefetch_batches"),
+        "{m:?}"
+    );
+}
+
 /// Discovery runs a nonce sequence's later transactions in sequence ([`Vm::in_sequence`]):
 /// on the pre-block state they would fail their sequence check and discover none of the
 /// keys they go on to read.
