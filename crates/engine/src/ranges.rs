@@ -86,6 +86,12 @@ pub(crate) struct Committed<'s, V: Vm, S> {
     layer_threads: Vec<ThreadId>,
     written: Box<[AtomicU64]>,
     rewritten: Box<[AtomicU64]>,
+    /// One bit per word of `rewritten`: whether any of its buckets is set. Few keys are
+    /// written more than once (the beneficiary; hot keys), so the state diff, which asks
+    /// for every written key, mostly finds the answer in this small summary (4 KiB on a
+    /// gigagas block, in L1) instead of missing the cache on `rewritten` for each (0.5 of
+    /// its 3.5 ms on the raw-transfer gigagas block).
+    rewritten_words: Box<[AtomicU64]>,
     /// log2 of the number of buckets.
     bucket_bits: u32,
     hasher: DefaultHashBuilder,
@@ -104,6 +110,9 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
             layer_threads: Vec::new(),
             written: words(),
             rewritten: words(),
+            rewritten_words: (0..buckets.div_ceil(64 * 64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             bucket_bits: buckets.trailing_zeros(),
             hasher: DefaultHashBuilder::default(),
             storage,
@@ -121,6 +130,7 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
         let (word, bit) = self.bucket(key);
         if self.written[word].fetch_or(bit, Relaxed) & bit != 0 {
             self.rewritten[word].fetch_or(bit, Relaxed);
+            self.rewritten_words[word / 64].fetch_or(1 << (word % 64), Relaxed);
         }
     }
 
@@ -130,7 +140,9 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
 
     /// Whether `key` may have been written more than once.
     fn is_rewritten(&self, key: &V::Key) -> bool {
-        Self::is(&self.rewritten, self.bucket(key))
+        let (word, bit) = self.bucket(key);
+        Self::is(&self.rewritten_words, (word / 64, 1 << (word % 64)))
+            && Self::is(&self.rewritten, (word, bit))
     }
 
     /// `key`'s value after the first `layers` layers.
@@ -613,7 +625,9 @@ where
 {
     let writes: usize = committed.layers.iter().map(|layer| layer.len()).sum();
     let rest_writes = rest.as_ref().map_or(0, |rest| rest.len());
-    // This thread's part (worker 0's) is the diff: sized for everything.
+    // This thread's part (worker 0's) is the diff: sized for everything; so is each other
+    // part (which layers a worker gets is decided as it goes: a part grown layer by layer
+    // was copied as it grew, 0.4 of the 3.9 ms this took on the raw-transfer gigagas block).
     let mut diff = Vec::with_capacity(writes + rest_writes);
     let mut taken = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
     if let Some(rest) = rest {
@@ -642,7 +656,7 @@ where
         .collect();
     let threads = std::mem::take(&mut committed.layer_threads);
     let parts: Vec<Mutex<StateDiff<V>>> = std::iter::once(diff)
-        .chain((1..workers.min(layers.len())).map(|_| Vec::new()))
+        .chain((1..workers.min(layers.len())).map(|_| Vec::with_capacity(writes)))
         .map(Mutex::new)
         .collect();
     let shared = &committed;
