@@ -3,7 +3,8 @@
 //!
 //! Per *group* (one block at one read latency): every run — `sequential` once and each
 //! other engine at each thread count — is executed once as warm-up, then in interleaved
-//! rounds (each round runs every engine once, so drift hits all of them alike): at least
+//! rounds (each round runs every engine once, so drift hits all of them alike, each round
+//! starting one run further along, so that no engine always runs in the same place): at least
 //! `repeat` rounds, and more until `sequential`'s timed runs add up to `min_time` (at most
 //! `MAX_ROUNDS_PER_REPEAT` times `repeat`), so that a block of a fraction of a millisecond
 //! gets enough runs for one slow moment of the machine not to decide its median.
@@ -371,48 +372,50 @@ impl Bench {
                 // A round beyond the plan: the bar learns of it as it starts.
                 self.bar.inc_length(self.plan.runs_per_round() as u64);
             }
-            for (i, &(engine, threads)) in runs.iter().enumerate() {
+            for slot in round_order(round, runs.len() + ceilings.len()) {
                 self.bar.inc(1);
-                let s = &mut stats[i];
-                if s.failed {
-                    continue;
-                }
-                let rss_reset = reset_peak_rss();
-                let started = Instant::now();
-                let result = engine.execute(&vm, storage, threads);
-                let elapsed = started.elapsed();
-                let peak = if rss_reset { peak_rss_mb() } else { None };
-                match result
-                    .map_err(|e| e.to_string())
-                    .and_then(|(outcome, metrics)| {
-                        same_result(&outcome, &reference).map(|()| metrics)
-                    }) {
-                    Ok(metrics) => {
-                        if i == 0 {
-                            sequential_time += elapsed;
+                if let Some(&(engine, threads)) = runs.get(slot) {
+                    let i = slot;
+                    let s = &mut stats[i];
+                    if s.failed {
+                        continue;
+                    }
+                    let rss_reset = reset_peak_rss();
+                    let started = Instant::now();
+                    let result = engine.execute(&vm, storage, threads);
+                    let elapsed = started.elapsed();
+                    let peak = if rss_reset { peak_rss_mb() } else { None };
+                    match result
+                        .map_err(|e| e.to_string())
+                        .and_then(|(outcome, metrics)| {
+                            same_result(&outcome, &reference).map(|()| metrics)
+                        }) {
+                        Ok(metrics) => {
+                            if i == 0 {
+                                sequential_time += elapsed;
+                            }
+                            s.times.push(elapsed);
+                            s.reexecutions += metrics.reexecutions;
+                            s.rss_measurable = rss_reset && peak.is_some();
+                            s.peak_rss_mb = max_opt(s.peak_rss_mb, peak);
                         }
-                        s.times.push(elapsed);
-                        s.reexecutions += metrics.reexecutions;
-                        s.rss_measurable = rss_reset && peak.is_some();
-                        s.peak_rss_mb = max_opt(s.peak_rss_mb, peak);
+                        Err(e) => {
+                            s.failed = true;
+                            self.fail(group, engine, threads, &e);
+                        }
                     }
-                    Err(e) => {
-                        s.failed = true;
-                        self.fail(group, engine, threads, &e);
+                } else {
+                    let i = slot - runs.len();
+                    let s = &mut ceiling_stats[i];
+                    if s.failed {
+                        continue;
                     }
-                }
-            }
-            for (i, &copies) in ceilings.iter().enumerate() {
-                self.bar.inc(1);
-                let s = &mut ceiling_stats[i];
-                if s.failed {
-                    continue;
-                }
-                match sequential_copies(&self.ceiling_pools[i], &vm, storage, &reference) {
-                    Ok(elapsed) => s.times.push(elapsed),
-                    Err(e) => {
-                        s.failed = true;
-                        self.fail_ceiling(group, copies, &e);
+                    match sequential_copies(&self.ceiling_pools[i], &vm, storage, &reference) {
+                        Ok(elapsed) => s.times.push(elapsed),
+                        Err(e) => {
+                            s.failed = true;
+                            self.fail_ceiling(group, ceilings[i], &e);
+                        }
                     }
                 }
             }
@@ -964,10 +967,37 @@ fn run_group(bench: &mut Bench, group: &Group<'_>) {
     }
 }
 
+/// The order of a round's runs (`slots`: the engines' runs, then the ceilings): each
+/// round starts one place further along, so that no run always comes right after the
+/// same one (the ceiling's threads leave the caches full of their data; the engine before
+/// leaves its own), and whatever a place costs, every engine pays it alike.
+fn round_order(round: usize, slots: usize) -> impl Iterator<Item = usize> {
+    (0..slots).map(move |k| (round + k) % slots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use parex_core::{AccountInfo, AccountValue, TxOutcome, TxStatus};
+
+    #[test]
+    fn every_run_takes_every_place_in_turn() {
+        let slots = 4;
+        let rounds: Vec<Vec<usize>> = (0..slots)
+            .map(|r| round_order(r, slots).collect())
+            .collect();
+        for order in &rounds {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![0, 1, 2, 3], "each run once per round");
+        }
+        for place in 0..slots {
+            let mut at_place: Vec<usize> = rounds.iter().map(|order| order[place]).collect();
+            at_place.sort_unstable();
+            assert_eq!(at_place, vec![0, 1, 2, 3], "each run once at place {place}");
+        }
+        assert_eq!(round_order(0, 1).collect::<Vec<_>>(), vec![0]);
+    }
 
     fn outcome(gas: u64, balance: u64) -> EvmBlockOutcome {
         let a = alloy_primitives::Address::repeat_byte(1);
