@@ -21,8 +21,10 @@
 //! (and which more than once), so a read of a key no layer wrote goes straight to
 //! storage. The worker that ran a range marks its writes in the filter as soon as it
 //! ends (an invalid range's marks are only false "written" answers). The block's state
-//! diff is assembled once, at the end: keys written once straight from their layers, in
-//! parallel; the others from their newest write.
+//! diff is assembled once, at the end: every layer is walked in parallel, each walk moving
+//! its keys written once straight into its own block of the diff's spare capacity (the
+//! blocks are then closed up); the keys written more than once are resolved after, in
+//! block order.
 //!
 //! Balance: a worker that finishes its range takes the second half of the longest range
 //! still running (`range_splits`); the part it takes is a range of its own, in block
@@ -37,6 +39,7 @@
 //! layers). Traces show one span per range.
 
 use std::hash::BuildHasher;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -610,10 +613,12 @@ fn by_thread<R: Send>(
 ///
 /// A key the filter says only one write touched is final as that write left it (a delta
 /// on the pre-block value): the layers are walked for those in parallel, each preferably
-/// by the thread that executed it, moving values out. The other keys stay in their layers
-/// and are resolved after, in one pass from the newest writes to the oldest: the rest's
-/// write first, then each key only from its newest layer (the keys taken so are
-/// remembered), resolving a delta on the layers below it.
+/// by the thread that executed it, moving values straight into the diff (each layer
+/// fills a block of the diff's spare capacity, and the gaps its other keys leave are
+/// closed after: walking into parts of its own and appending them copied half the diff
+/// once more). The other keys (the filter's "more than once", false answers included)
+/// are resolved after, in block order: the layers' writes one after the other, a delta
+/// on the value before it; the rest's write, final, replaces them all.
 fn state_diff<V, S>(
     mut committed: Committed<'_, V, S>,
     rest: Option<Cache<V::Key, V::Value>>,
@@ -625,11 +630,9 @@ where
 {
     let writes: usize = committed.layers.iter().map(|layer| layer.len()).sum();
     let rest_writes = rest.as_ref().map_or(0, |rest| rest.len());
-    // This thread's part (worker 0's) is the diff: sized for everything; so is each other
-    // part (which layers a worker gets is decided as it goes: a part grown layer by layer
-    // was copied as it grew, 0.4 of the 3.9 ms this took on the raw-transfer gigagas block).
     let mut diff = Vec::with_capacity(writes + rest_writes);
-    let mut taken = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
+    // Keys the rest wrote that a layer may also have written: the rest's value is final.
+    let mut final_in_rest = std::collections::HashSet::<V::Key, DefaultHashBuilder>::default();
     if let Some(rest) = rest {
         for (key, entry) in &rest {
             if entry.written {
@@ -641,7 +644,7 @@ where
                 continue;
             }
             if committed.is_rewritten(&key) {
-                taken.insert(key.clone());
+                final_in_rest.insert(key.clone());
             }
             if let Some(value) = entry.value {
                 diff.push((key, value));
@@ -649,32 +652,35 @@ where
         }
     }
 
-    // Keys written once, in parallel.
+    // Keys written once, in parallel, each layer into a block of the spare capacity.
     let layers: Vec<Mutex<Option<LocalMap<V>>>> = std::mem::take(&mut committed.layers)
         .into_iter()
         .map(|layer| Mutex::new(Some(layer)))
         .collect();
     let threads = std::mem::take(&mut committed.layer_threads);
-    let parts: Vec<Mutex<StateDiff<V>>> = std::iter::once(diff)
-        .chain((1..workers.min(layers.len())).map(|_| Vec::with_capacity(writes)))
-        .map(Mutex::new)
-        .collect();
+    let before = diff.len();
+    let free = Mutex::new((0, &mut diff.spare_capacity_mut()[..writes]));
     let shared = &committed;
-    let kept = by_thread(workers, &threads, |id, i| {
+    let walked = by_thread(workers, &threads, |_, i| {
         let layer = layers[i]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("each layer is walked once");
-        let mut part = parts[id].lock().unwrap_or_else(|e| e.into_inner());
-        part.reserve(layer.len());
-        let mut kept = LocalMap::<V>::default();
+        let (offset, block) = {
+            let mut free = free.lock().unwrap_or_else(|e| e.into_inner());
+            let (offset, slots) = std::mem::take(&mut *free);
+            let (block, rest) = slots.split_at_mut(layer.len());
+            *free = (offset + layer.len(), rest);
+            (offset, block)
+        };
+        let (mut filled, mut kept) = (0, Vec::new());
         for (key, local) in layer {
             let Some(write) = &local.written else {
                 continue;
             };
             if shared.is_rewritten(&key) {
-                kept.insert(key, local);
+                kept.push((key, local));
                 continue;
             }
             let value = match (write, local.value) {
@@ -688,45 +694,74 @@ where
                 }
             };
             if let Some(value) = value {
-                part.push((key, value));
+                block[filled].write((key, value));
+                filled += 1;
             }
         }
-        Ok::<_, VmError>(kept)
+        Ok::<_, VmError>((offset..offset + block.len(), filled, kept))
     });
-    committed.layers = kept.into_iter().collect::<Result<_, _>>()?;
-    let mut parts = parts
-        .into_iter()
-        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
-    let mut diff = parts.next().expect("this thread's part");
-    for mut part in parts {
-        diff.append(&mut part);
-    }
+    let walked = walked.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let blocks: Vec<(Range<usize>, usize)> = walked
+        .iter()
+        .map(|(block, filled, _)| (block.clone(), *filled))
+        .collect();
+    let filled = close_gaps(&mut diff.spare_capacity_mut()[..writes], &blocks);
+    // SAFETY: the `writes` slots past `before` were handed out as disjoint blocks (split
+    // off one slice under a lock), each walk wrote the first `filled` slots of its block
+    // and reported that count (the walks all succeeded: an error returned above, leaking
+    // what had been written, which is safe), and `close_gaps` only swapped slots, so that
+    // the first `filled` of them (the sum of the counts) hold values: `close_gaps`'s
+    // contract, tested below.
+    unsafe { diff.set_len(before + filled) };
 
-    // Keys written more than once, newest write first.
-    while let Some(layer) = committed.layers.pop() {
-        for (key, local) in layer {
-            let Some(write) = local.written else {
-                continue;
-            };
-            if !taken.insert(key.clone()) {
-                continue; // a newer write was taken
+    // Keys written more than once (or that the filter could not tell), in block order.
+    let kept: Vec<_> = walked.into_iter().flat_map(|(_, _, kept)| kept).collect();
+    let mut values =
+        alloy_primitives::map::HashMap::<V::Key, Option<V::Value>>::with_capacity_and_hasher(
+            kept.len(),
+            DefaultHashBuilder::default(),
+        );
+    for (key, local) in kept {
+        let value = match local.written.expect("only writes are kept") {
+            None => local.value.expect("a full write has a value"),
+            Some(delta) => {
+                let base = match values.get(&key) {
+                    Some(value) => value.clone(),
+                    None => committed.storage.read(&key).map_err(ReadError::from)?,
+                };
+                committed.vm.apply_delta(&key, base, &delta)
             }
-            let value = match write {
-                None => local.value.expect("a full write has a value"),
-                Some(delta) => {
-                    let below = committed.layers.len();
-                    let base = committed
-                        .value_after(&key, below)
-                        .map_err(ReadError::from)?;
-                    committed.vm.apply_delta(&key, base, &delta)
-                }
-            };
-            if let Some(value) = value {
-                diff.push((key, value));
-            }
+        };
+        values.insert(key, value);
+    }
+    for (key, value) in values {
+        if let (false, Some(value)) = (final_in_rest.contains(&key), value) {
+            diff.push((key, value));
         }
     }
     Ok(diff)
+}
+
+/// Closes the gaps that parallel writers left in `slots`: `blocks` are disjoint ranges of
+/// `slots`, each with how many of its first slots were written. Swaps written slots from
+/// past the total into unwritten ones before it, so that the first `total` slots are the
+/// written ones (in some order), and returns `total`. Only slots are swapped: nothing is
+/// read, dropped or lost.
+fn close_gaps<T>(slots: &mut [MaybeUninit<T>], blocks: &[(Range<usize>, usize)]) -> usize {
+    let total: usize = blocks.iter().map(|(_, filled)| filled).sum();
+    // Unwritten slots before `total`, and written ones from `total` on: as many of each.
+    let holes = blocks
+        .iter()
+        .flat_map(|(block, filled)| block.start + filled..block.end.min(total));
+    let mut strays = blocks
+        .iter()
+        .flat_map(|(block, filled)| block.start.max(total)..block.start + filled);
+    for hole in holes {
+        let stray = strays.next().expect("as many strays as holes");
+        slots.swap(hole, stray);
+    }
+    debug_assert!(strays.next().is_none());
+    total
 }
 
 /// The transactions of a block from `offset` on, as a block of their own (the part of a
@@ -797,7 +832,45 @@ impl<V: Vm> Vm for Suffix<'_, V> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_STEAL, Segment, round};
+    use super::{MIN_STEAL, Segment, close_gaps, round};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Blocks of a vector's spare capacity, handed out in any order and each partly
+        /// written, become one vector holding exactly the written values.
+        #[test]
+        fn closing_gaps_keeps_every_written_value_and_nothing_else(
+            blocks in prop::collection::vec((0usize..40, 0.0f64..=1.0), 0..12),
+            rotate in 0usize..12,
+        ) {
+            let len: usize = blocks.iter().map(|(len, _)| len).sum();
+            let mut values: Vec<String> = Vec::with_capacity(len);
+            let slots = &mut values.spare_capacity_mut()[..len];
+            let (mut offset, mut written, mut expected) = (0, Vec::new(), Vec::new());
+            for (b, &(block_len, share)) in blocks.iter().enumerate() {
+                let filled = (block_len as f64 * share) as usize;
+                for i in 0..filled {
+                    let value = format!("{b}.{i}");
+                    slots[offset + i].write(value.clone());
+                    expected.push(value);
+                }
+                written.push((offset..offset + block_len, filled));
+                offset += block_len;
+            }
+            // The walks report in layer order, not in the order they claimed blocks.
+            let turn = rotate % written.len().max(1);
+            written.rotate_left(turn);
+            let total = close_gaps(slots, &written);
+            prop_assert_eq!(total, expected.len());
+            // SAFETY: the test wrote the first `filled` slots of each disjoint block, and
+            // `close_gaps` moved them to the first `total` slots (what is checked here: a
+            // slot left unwritten would not hold one of the expected strings).
+            unsafe { values.set_len(total) };
+            values.sort();
+            expected.sort();
+            prop_assert_eq!(values, expected);
+        }
+    }
 
     #[test]
     fn segments_claim_in_order_and_split_their_second_half() {
