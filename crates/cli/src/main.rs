@@ -471,9 +471,11 @@ fn timed<S: Storage<Key = StateKey, Value = StateValue>>(
     options: &RunOptions,
     repeat: u32,
 ) -> Result<(Outcome, Metrics, Wall)> {
-    // Engines run their workers on rayon's global pool, which starts its threads on first
+    // Engines run their helper workers on a pool kept for the process, started on first
     // use: that is setup, not execution (it took milliseconds, and left a worker idle).
-    rayon::broadcast(|_| ());
+    if options.threads > 1 {
+        parex_engine::workers::helpers(options.threads - 1);
+    }
     // Only the first outcome is kept (every later one must equal it): holding them all
     // would make each run allocate fresh memory, which a node's next block does not.
     let mut first: Option<Outcome> = None;

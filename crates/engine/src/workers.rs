@@ -1,8 +1,8 @@
 //! How many workers a block gets, and running them.
 
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::trace::{SpanKind, Tracer};
@@ -128,11 +128,12 @@ impl Drop for SetOnPanic<'_> {
 }
 
 /// Runs `workers` copies of `work` (each given its worker id, `0..workers`; the calling
-/// thread is worker 0) and returns their results in worker order. Workers that fit in
-/// rayon's global pool run there, sparing a thread spawn per block; more (engines that
-/// overlap slow storage reads) get threads of their own. A panicking worker's panic is
-/// resumed on the caller once the others have ended: engines that share work between
-/// workers must make the others stop when one unwinds (see [`SetOnPanic`]).
+/// thread is worker 0) and returns their results in worker order. Called from a thread of
+/// a rayon pool (a caller's or a test's own) that has room for them, the workers run on
+/// that pool; otherwise on a pool of exactly `workers - 1` threads kept for the process
+/// ([`helpers`]), sparing a thread spawn per block. A panicking worker's panic is resumed
+/// on the caller once the others have ended: engines that share work between workers must
+/// make the others stop when one unwinds (see [`SetOnPanic`]).
 pub fn run<R, F>(workers: usize, work: F) -> Vec<R>
 where
     R: Send,
@@ -142,10 +143,10 @@ where
     if workers == 1 {
         return vec![work(0)];
     }
-    if workers <= rayon::current_num_threads() {
+    if rayon::current_thread_index().is_some() && workers <= rayon::current_num_threads() {
         return in_place(None, workers, work);
     }
-    if let Some(pool) = oversubscribed_pool(workers - 1) {
+    if let Some(pool) = helpers(workers - 1) {
         return in_place(Some(&pool), workers, work);
     }
     std::thread::scope(|scope| {
@@ -207,26 +208,31 @@ fn spawn_all<'s, R, F>(
     push(0, work(0));
 }
 
-/// A pool for blocks with more workers than cores (slow storage), at least `threads`
-/// threads, kept for the process's life: starting that many threads for every block
-/// (each faults in a fresh stack and allocator heap) cost a block of 1000 ERC20
-/// transfers at 100 us per read about 15% of its CPU time. `None` if the pool cannot be
-/// built (the caller then starts threads of its own).
-fn oversubscribed_pool(threads: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-    static POOL: Mutex<Option<std::sync::Arc<rayon::ThreadPool>>> = Mutex::new(None);
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if pool
-        .as_ref()
-        .is_none_or(|p| p.current_num_threads() < threads)
-    {
-        let built = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("parex-io-{i}"))
-            .build()
-            .ok()?;
-        *pool = Some(std::sync::Arc::new(built));
+/// The pool of exactly `threads` threads that runs the helpers of blocks with
+/// `threads + 1` workers, started on first use and kept for the process's life (one per
+/// worker count in use): starting threads for every block (each faults in a fresh stack
+/// and allocator heap) cost a block of 1000 ERC20 transfers at 100 us per read about 15%
+/// of its CPU time. Exactly as many threads as helpers: with rayon's global pool (a
+/// thread per core, and the calling thread is worker 0, so one thread too many) a round
+/// of `optimistic`'s helper started 2.3 ms late in about half the raw-transfer gigagas
+/// blocks of `parex run --repeat 11` on 2 cores (the idle third thread woken for the job
+/// held a core), and the medians of such runs spread over 47.8-61.8 ms; on exact pools
+/// rounds started within 0.1 ms (one of 48 within 0.7) and the medians were 42.8-43.8 ms.
+/// `None` if the pool cannot be built (the caller then starts threads of its own).
+pub fn helpers(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, pool)) = pools.iter().find(|(size, _)| *size == threads) {
+        return Some(pool.clone());
     }
-    pool.clone()
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("parex-{threads}-{i}"))
+        .build()
+        .ok()?;
+    let pool = Arc::new(built);
+    pools.push((threads, pool.clone()));
+    Some(pool)
 }
 
 #[cfg(test)]
@@ -279,6 +285,44 @@ mod tests {
             // The pools still serve the next block.
             assert_eq!(super::run(workers, |id| id).len(), workers);
         }
+    }
+
+    /// Outside any pool, a block's helpers run on a pool of exactly their number (an idle
+    /// extra thread would take a core from them); inside a pool, on that pool.
+    #[test]
+    fn helpers_run_on_a_pool_of_their_exact_number() {
+        let name = || std::thread::current().name().map(str::to_owned);
+        for workers in [2, 3] {
+            let pool = super::helpers(workers - 1).expect("a pool");
+            assert_eq!(pool.current_num_threads(), workers - 1);
+            assert!(std::sync::Arc::ptr_eq(
+                &pool,
+                &super::helpers(workers - 1).unwrap()
+            ));
+            let names = std::thread::spawn(move || super::run(workers, |_| name()))
+                .join()
+                .unwrap();
+            assert_eq!(names[0], None, "worker 0 is the calling thread");
+            for helper in &names[1..] {
+                let helper = helper.as_deref().unwrap_or_default();
+                assert!(
+                    helper.starts_with(&format!("parex-{}-", workers - 1)),
+                    "{helper}"
+                );
+            }
+        }
+        let own = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .thread_name(|i| format!("own-{i}"))
+            .build()
+            .unwrap();
+        let names = own.install(|| super::run(2, |_| name()));
+        assert!(
+            names
+                .iter()
+                .all(|n| n.as_deref().unwrap().starts_with("own-")),
+            "{names:?}"
+        );
     }
 
     #[test]
