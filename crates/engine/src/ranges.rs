@@ -102,10 +102,13 @@ pub(crate) struct Committed<'s, V: Vm, S> {
 }
 
 impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> {
-    /// An empty committed state for a block of `txs` transactions (about 32 buckets per
-    /// transaction: a few keys each, and few false "written" answers).
+    /// An empty committed state for a block of `txs` transactions: about 128 buckets per
+    /// transaction (a few keys each). With 32, 4.4% of the keys written once looked
+    /// rewritten (their bucket shared), and the state diff resolved them one by one, apart:
+    /// 1.4 of its 4.5 ms on the raw-transfer gigagas block (2 MiB of filter, 2 bits a
+    /// bucket, instead of 0.5 MiB: the reads' filter checks took no longer).
     fn new(vm: &'s V, storage: &'s S, txs: usize) -> Self {
-        let buckets = (txs * 32).next_power_of_two().clamp(1 << 16, 1 << 27);
+        let buckets = (txs * 128).next_power_of_two().clamp(1 << 16, 1 << 27);
         let words = || (0..buckets / 64).map(|_| AtomicU64::new(0)).collect();
         Self {
             vm,
@@ -724,13 +727,16 @@ where
     for (key, local) in kept {
         let value = match local.written.expect("only writes are kept") {
             None => local.value.expect("a full write has a value"),
-            Some(delta) => {
-                let base = match values.get(&key) {
-                    Some(value) => value.clone(),
-                    None => committed.storage.read(&key).map_err(ReadError::from)?,
-                };
-                committed.vm.apply_delta(&key, base, &delta)
-            }
+            Some(delta) => match (values.get(&key), local.value) {
+                (Some(before), _) => committed.vm.apply_delta(&key, before.clone(), &delta),
+                // No layer before wrote the key: its value as the range left it (or as
+                // `settle` computed it) is the pre-block value with the deltas applied.
+                (None, Some(value)) => value,
+                (None, None) => {
+                    let base = committed.storage.read(&key).map_err(ReadError::from)?;
+                    committed.vm.apply_delta(&key, base, &delta)
+                }
+            },
         };
         values.insert(key, value);
     }
