@@ -559,7 +559,7 @@ where
                     .get(key)
                     .is_none_or(|cached| cached.value == *seen)
             })
-            && pre.predicted.as_ref().is_none_or(|(key, predicted)| {
+            && pre.predicted.as_deref().is_none_or(|(key, predicted)| {
                 self.cache
                     .get(key)
                     .is_some_and(|cached| cached.value == *predicted)

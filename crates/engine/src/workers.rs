@@ -70,8 +70,9 @@ pub fn idle(backoff: &crossbeam::utils::Backoff, oversubscribed: bool) {
 }
 
 /// Maps `f` over `range` on `workers` workers, which claim `claim` consecutive indices at
-/// a time (one trip to the shared counter each) and record a `kind` span per index into `tracer`. Returns the results in index
-/// order and the time the workers spent, summed. (The hint and declaration passes.)
+/// a time (one trip to the shared counter each) and record a `kind` span per index into
+/// `tracer`. Returns the results in index order and the time the workers spent, summed.
+/// (The hint and declaration passes.)
 pub fn map_claimed<R, F>(
     workers: usize,
     range: Range<usize>,
@@ -85,33 +86,51 @@ where
     F: Fn(usize) -> R + Sync,
 {
     let next = AtomicUsize::new(range.start);
-    let per_worker = run(workers.clamp(1, range.len().max(1)), |id| {
+    let workers = workers.clamp(1, range.len().max(1));
+    let per_worker = run(workers, |id| {
         let started = Instant::now();
         let mut trace = tracer.recorder(id);
-        let mut done = Vec::new();
+        // Sized for this worker's share, so that the results (large, for pre-executions)
+        // are not copied as the vector grows; the runs of indices they belong to beside.
+        let mut done = Vec::with_capacity(range.len() / workers + claim);
+        let mut runs = Vec::new();
         loop {
             let first = next.fetch_add(claim, Relaxed);
             if first >= range.end {
                 break;
             }
-            for i in first..(first + claim).min(range.end) {
+            let end = (first + claim).min(range.end);
+            runs.push((first, end - first, id));
+            for i in first..end {
                 let span = trace.start();
-                done.push((i, f(i)));
+                done.push(f(i));
                 trace.record(kind, Some(i), span);
             }
         }
         tracer.submit(trace);
-        (done, started.elapsed())
+        (done, runs, started.elapsed())
     });
-    let time = per_worker.iter().map(|(_, t)| *t).sum();
-    let mut slots: Vec<Option<R>> = (0..range.len()).map(|_| None).collect();
-    for (i, r) in per_worker.into_iter().flat_map(|(done, _)| done) {
-        slots[i - range.start] = Some(r);
+    let time = per_worker.iter().map(|(_, _, t)| *t).sum();
+    // Each worker's runs are in index order (the counter only grows), so taking the runs
+    // of all workers in index order from each worker's results in turn moves every result
+    // once, straight into its place.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut done = Vec::with_capacity(per_worker.len());
+    for (results, worker_runs, _) in per_worker {
+        done.push(results.into_iter());
+        runs.extend(worker_runs);
     }
-    let results = slots
-        .into_iter()
-        .map(|r| r.expect("every index is claimed by one worker"))
-        .collect();
+    runs.sort_unstable();
+    let mut results = Vec::with_capacity(range.len());
+    for (first, len, worker) in runs {
+        debug_assert_eq!(first, range.start + results.len());
+        results.extend(done[worker].by_ref().take(len));
+    }
+    assert_eq!(
+        results.len(),
+        range.len(),
+        "every index is claimed by one worker"
+    );
     (results, time)
 }
 
@@ -323,6 +342,34 @@ mod tests {
                 .all(|n| n.as_deref().unwrap().starts_with("own-")),
             "{names:?}"
         );
+    }
+
+    /// Whatever the workers, claims and range, every index is mapped once and the
+    /// results come in index order.
+    #[test]
+    fn claimed_results_in_index_order() {
+        let tracer = crate::trace::Tracer::new(false);
+        for workers in [1, 2, 3, 7] {
+            for claim in [1, 4, 5] {
+                for range in [0..0, 3..4, 10..101, 0..1000] {
+                    let calls = std::sync::atomic::AtomicUsize::new(0);
+                    let (results, _) = super::map_claimed(
+                        workers,
+                        range.clone(),
+                        claim,
+                        &tracer,
+                        crate::trace::SpanKind::Hint,
+                        |i| {
+                            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            format!("r{i}")
+                        },
+                    );
+                    let expected: Vec<String> = range.clone().map(|i| format!("r{i}")).collect();
+                    assert_eq!(results, expected, "{workers} workers, claim {claim}");
+                    assert_eq!(calls.into_inner(), range.len());
+                }
+            }
+        }
     }
 
     #[test]
