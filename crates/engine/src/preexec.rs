@@ -11,6 +11,9 @@ use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, VmExecution
 
 use crate::trace::{SpanKind, Tracer};
 
+/// A key read from a prediction, with the predicted value.
+pub type Predicted<V> = (<V as Vm>::Key, Option<<V as Vm>::Value>);
+
 /// One transaction executed on the pre-block state.
 pub struct PreExecution<V: Vm> {
     /// Keys read from the pre-block state, in the order first read, each once, with the
@@ -19,7 +22,7 @@ pub struct PreExecution<V: Vm> {
     /// The one key read from a prediction instead ([`preexecute_predicted`]), with the
     /// predicted value, if the execution read it. (Boxed: mostly absent, and inline it
     /// made every pre-execution, which the engines move around, twice as large.)
-    pub predicted: Option<Box<(V::Key, Option<V::Value>)>>,
+    pub predicted: Option<Box<Predicted<V>>>,
     /// The execution (writes and output), or why it failed. A failure may be an artefact
     /// of the stale view (e.g. a nonce not yet bumped by an earlier transaction).
     pub result: Result<VmExecution<V>, VmError>,
