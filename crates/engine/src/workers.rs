@@ -185,8 +185,8 @@ where
     })
 }
 
-/// Runs `work(0)` on this thread and `work(1..workers)` as jobs on `pool` (rayon's global
-/// pool if `None`), and returns the results in worker order. (Worker 0 runs right here: an
+/// Runs `work(0)` on this thread and `work(1..workers)` as jobs on `pool` (the pool of the
+/// calling thread if `None`), and returns the results in worker order. (Worker 0 runs right here: an
 /// ordinary `scope` from outside the pool would hand the whole scope to a pool thread and
 /// put this one to sleep: two wake-ups per block, which cost more than a small block's
 /// execution.)

@@ -229,7 +229,8 @@ fn dependent_blocks_fall_back_and_independent_ones_do_not() {
             .collect(),
         ..MockVm::default()
     };
-    // Two workers must really run side by side (tests share rayon's global pool).
+    // Two workers must really run side by side (tests running at the same time share the
+    // engines' helper pools).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
@@ -335,7 +336,8 @@ fn a_conflicting_start_does_not_make_block_stm_give_up() {
     let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
         .unwrap()
         .0;
-    // Two workers must really run side by side (tests share rayon's global pool).
+    // Two workers must really run side by side (tests running at the same time share the
+    // engines' helper pools).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()

@@ -467,7 +467,8 @@ fn extra(m: &Metrics, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} missing: {m:?}"))
 }
 
-/// Two workers that really run side by side (tests share rayon's global pool).
+/// Two workers that really run side by side (tests running at the same time share the
+/// engines' helper pools).
 fn two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()
         .num_threads(2)
