@@ -521,9 +521,11 @@ fn optimistic_metrics() {
     assert_eq!(outcome, expected);
     assert_eq!(m.reexecutions, m.executions - 1000);
     assert!(m.validations <= 1000);
-    // Unless the merger ran alone (a loaded machine), the chain is detected.
+    // Unless the merger ran (nearly) alone on a loaded machine, merging most transactions
+    // itself in order, and checked fewer pre-executions than the engine judges on (32),
+    // the chain is detected. (A CI run had the other worker pre-execute 28.)
     assert!(
-        extra(&m, "serial_switch") == 1 || m.validations == 0,
+        extra(&m, "serial_switch") == 1 || m.validations < 32,
         "{m:?}"
     );
 }
