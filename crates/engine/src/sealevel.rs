@@ -701,6 +701,19 @@ impl<K: Eq + std::hash::Hash, V: Clone> Committed<K, V> {
             .cloned()
     }
 
+    /// Replaces the value a committed transaction wrote under `key` with `f` of it; false
+    /// (and `f` unused) if none wrote the key.
+    fn update(&self, key: &K, f: impl FnOnce(Option<V>) -> Option<V>) -> bool {
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        match shard.get_mut(key) {
+            Some(value) => {
+                *value = f(value.take());
+                true
+            }
+            None => false,
+        }
+    }
+
     fn put(&self, key: K, value: Option<V>) {
         self.shard(&key)
             .write()
@@ -955,17 +968,19 @@ where
     /// Applies a committed transaction's writes to the committed state.
     fn apply(&self, writes: &Writes<V>) -> Result<(), StorageError> {
         for (key, write) in writes {
-            let value = match write {
-                Write::Put(value) => Some(value.clone()),
+            match write {
+                Write::Put(value) => self.state.put(key.clone(), Some(value.clone())),
                 Write::Delta(delta) => {
-                    let current = match self.state.get(key) {
-                        Some(value) => value,
-                        None => self.storage.read(key)?,
-                    };
-                    self.vm.apply_delta(key, current, delta)
+                    let apply = |value| self.vm.apply_delta(key, value, delta);
+                    // One turn of the shard's lock when a committed transaction wrote
+                    // the key (the beneficiary, at every commit); else the pre-block
+                    // value is read first, outside the lock.
+                    if !self.state.update(key, apply) {
+                        let base = self.storage.read(key)?;
+                        self.state.put(key.clone(), apply(base));
+                    }
                 }
-            };
-            self.state.put(key.clone(), value);
+            }
         }
         Ok(())
     }
