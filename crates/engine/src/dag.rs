@@ -446,9 +446,10 @@ where
                     output: None,
                     broken: false,
                     // A published hint's keys are noted as it is published, in parallel.
-                    hinted: match dag.scheduled[tx] {
-                        true => hint.written_keys().cloned().collect(),
-                        false => Vec::new(),
+                    hinted: if dag.scheduled[tx] {
+                        hint.written_keys().cloned().collect()
+                    } else {
+                        Vec::new()
                     },
                     hint: (!dag.scheduled[tx]).then_some(hint),
                     reused: false,

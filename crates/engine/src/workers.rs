@@ -237,11 +237,19 @@ fn spawn_all<'s, R, F>(
 /// blocks of `parex run --repeat 11` on 2 cores (the idle third thread woken for the job
 /// held a core), and the medians of such runs spread over 47.8-61.8 ms; on exact pools
 /// rounds started within 0.1 ms (one of 48 within 0.7) and the medians were 42.8-43.8 ms.
+/// Helpers that outnumber the cores (blocks on slow storage, whose workers mostly sleep
+/// on reads) take any kept pool at least that large, as all such blocks did before, so
+/// that their varying counts do not each keep a pool of their own.
 /// `None` if the pool cannot be built (the caller then starts threads of its own).
 pub fn helpers(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let oversubscribed = threads >= cores;
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, pool)) = pools.iter().find(|(size, _)| *size == threads) {
+    if let Some((_, pool)) = pools
+        .iter()
+        .find(|(size, _)| *size == threads || (oversubscribed && *size >= threads))
+    {
         return Some(pool.clone());
     }
     let built = rayon::ThreadPoolBuilder::new()
@@ -306,17 +314,24 @@ mod tests {
         }
     }
 
-    /// Outside any pool, a block's helpers run on a pool of exactly their number (an idle
-    /// extra thread would take a core from them); inside a pool, on that pool.
+    /// Outside any pool, a block's helpers run on a pool of exactly their number when they
+    /// fit the cores (an idle extra thread would take a core from them), on a kept pool at
+    /// least that large when they outnumber them; inside a pool, on that pool.
     #[test]
     fn helpers_run_on_a_pool_of_their_exact_number() {
         let name = || std::thread::current().name().map(str::to_owned);
-        for workers in [2, 3] {
-            let pool = super::helpers(workers - 1).expect("a pool");
-            assert_eq!(pool.current_num_threads(), workers - 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for workers in [2, 3, cores + 5] {
+            let helpers = workers - 1;
+            let pool = super::helpers(helpers).expect("a pool");
+            if helpers < cores {
+                assert_eq!(pool.current_num_threads(), helpers);
+            } else {
+                assert!(pool.current_num_threads() >= helpers);
+            }
             assert!(std::sync::Arc::ptr_eq(
                 &pool,
-                &super::helpers(workers - 1).unwrap()
+                &super::helpers(helpers).unwrap()
             ));
             let names = std::thread::spawn(move || super::run(workers, |_| name()))
                 .join()
@@ -324,10 +339,13 @@ mod tests {
             assert_eq!(names[0], None, "worker 0 is the calling thread");
             for helper in &names[1..] {
                 let helper = helper.as_deref().unwrap_or_default();
-                assert!(
-                    helper.starts_with(&format!("parex-{}-", workers - 1)),
-                    "{helper}"
-                );
+                let exact = format!("parex-{helpers}-");
+                let prefix = if helpers < cores {
+                    exact.as_str()
+                } else {
+                    "parex-"
+                };
+                assert!(helper.starts_with(prefix), "{helper}");
             }
         }
         let own = rayon::ThreadPoolBuilder::new()
