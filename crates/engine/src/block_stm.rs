@@ -148,6 +148,9 @@ const WASTED_WINDOWS_TO_GIVE_UP: u32 = 2;
 
 /// A worker's reusable buffers and its share of the metrics.
 struct Worker<V: Vm> {
+    /// The worker's number (its count of tasks in flight, its lane of the memory's delta
+    /// sink).
+    id: usize,
     reads: ReadSet<V>,
     keys: KeySet<V>,
     metrics: Metrics,
@@ -367,13 +370,13 @@ where
 {
     let n = vm.tx_count();
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
-    let memory = MvMemory::new(keys, slow_storage);
+    let memory = MvMemory::new(keys, slow_storage).with_sink(vm.delta_sink(), workers);
     memory.seed_bases(cached);
     let engine = BlockStm {
         vm,
         storage,
         memory,
-        scheduler: Scheduler::new(n),
+        scheduler: Scheduler::new(n, workers),
         slots: (0..n)
             .map(|_| {
                 Mutex::new(TxSlot {
@@ -557,7 +560,7 @@ where
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 slot.written.push(key.clone());
-                let _ = self.memory.write(key, earlier, Entry::Estimate);
+                let _ = self.memory.write(key, earlier, Entry::Estimate, 0);
                 sequenced += 1;
             }
         }
@@ -568,6 +571,7 @@ where
     fn work(&self, id: usize) -> Metrics {
         let _halt = HaltOnPanic(&self.scheduler);
         let mut w = Worker::<V> {
+            id,
             reads: Vec::new(),
             keys: Vec::new(),
             metrics: Metrics::default(),
@@ -621,7 +625,7 @@ where
                         }
                     }
                     let span = w.trace.start();
-                    let next = self.scheduler.next_task();
+                    let next = self.scheduler.next_task(w.id);
                     if next.is_some() {
                         backoff.reset();
                     } else {
@@ -721,7 +725,7 @@ where
                 // Whatever the VM made of the blocked read, this execution is void.
                 w.clock.execution += w.clock.lap();
                 w.trace.record(SpanKind::Blocked, Some(tx), span);
-                if self.scheduler.add_dependency(tx, blocking_tx) {
+                if self.scheduler.add_dependency(tx, blocking_tx, w.id) {
                     w.metrics.dependency_waits += 1;
                     w.sequence_waits += u64::from(blocked_on_sequence);
                     return None;
@@ -742,9 +746,9 @@ where
             };
             let wrote_new_path = self.record(tx, incarnation, writes, output, w);
             // Reporting to the scheduler counts as part of the task (one clock reading).
-            let (next, resumed) = self
-                .scheduler
-                .finish_execution(tx, incarnation, wrote_new_path);
+            let (next, resumed) =
+                self.scheduler
+                    .finish_execution(tx, incarnation, wrote_new_path, w.id);
             w.resumed.extend(resumed);
             w.clock.execution += w.clock.lap();
             let kind = if incarnation == 0 {
@@ -778,9 +782,9 @@ where
             w.keys.push(key.clone());
             let entry = match write {
                 Write::Put(value) => Entry::Write(incarnation, value),
-                Write::Delta(delta) => Entry::Delta(delta),
+                Write::Delta(delta) => Entry::Delta(incarnation, delta),
             };
-            read_above |= self.memory.write(key, tx, entry);
+            read_above |= self.memory.write(key, tx, entry, w.id);
         }
         let previous = &slot.written;
         let wrote_new_path = if previous.is_empty() {
@@ -839,7 +843,7 @@ where
             }
         }
         drop(slot);
-        let next = self.scheduler.finish_validation(tx, aborted);
+        let next = self.scheduler.finish_validation(tx, aborted, w.id);
         w.clock.validation += w.clock.lap();
         w.trace.record(SpanKind::Validate, Some(tx), span);
         next

@@ -282,6 +282,11 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         self.inner.apply_delta(key, value, delta)
     }
 
+    /// The transactions' sink is the chunks' (a chunk merges their deltas to it).
+    fn delta_sink(&self) -> Option<Self::Key> {
+        self.inner.delta_sink()
+    }
+
     fn merge_deltas(&self, earlier: &mut Self::Delta, later: &Self::Delta) {
         self.inner.merge_deltas(earlier, later);
     }

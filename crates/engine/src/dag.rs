@@ -435,7 +435,8 @@ where
         memory: MvMemory::new(
             n + hints.iter().map(|h| h.writes.len()).sum::<usize>(),
             storage.read_latency() >= crate::workers::SLOW_READ,
-        ),
+        )
+        .with_sink(vm.delta_sink(), workers),
         records: hints
             .into_iter()
             .enumerate()
@@ -620,11 +621,11 @@ where
                 for tx in first..(first + PUBLISH_CHUNK).min(n) {
                     if !self.dag.scheduled[tx] {
                         let span = trace.start();
-                        self.publish_hint(tx);
+                        self.publish_hint(tx, id);
                         trace.record(SpanKind::Merge, Some(tx), span);
                     }
                 }
-                self.try_commit(&mut trace, &mut report);
+                self.try_commit(id, &mut trace, &mut report);
                 continue;
             }
             // ...then run groups whose dependencies are done.
@@ -634,16 +635,16 @@ where
                 for tx in head..=self.dag.group_end[head] {
                     let started = Instant::now();
                     let span = trace.start();
-                    self.execute(tx, SCHEDULED);
+                    self.execute(tx, SCHEDULED, id);
                     trace.record(SpanKind::Execute, Some(tx), span);
                     report.execution_time += started.elapsed();
                     report.executions += 1;
                     self.mark_executed(tx);
-                    self.try_commit(&mut trace, &mut report);
+                    self.try_commit(id, &mut trace, &mut report);
                 }
                 continue;
             }
-            self.try_commit(&mut trace, &mut report);
+            self.try_commit(id, &mut trace, &mut report);
             let span = trace.start();
             report.waits += 1;
             backoff.snooze();
@@ -653,8 +654,9 @@ where
         report
     }
 
-    /// Puts an unscheduled transaction's pre-execution into the memory as its execution.
-    fn publish_hint(&self, tx: TxIndex) {
+    /// Puts an unscheduled transaction's pre-execution into the memory as its execution
+    /// (by `worker`).
+    fn publish_hint(&self, tx: TxIndex, worker: usize) {
         let mut record = self.records[tx].lock().unwrap_or_else(|e| e.into_inner());
         let record = &mut *record;
         let hint = record
@@ -668,7 +670,7 @@ where
             Ok(mut execution) => {
                 record.hinted = execution.writes.iter().map(|(k, _)| k.clone()).collect();
                 for (key, write) in execution.writes.drain(..) {
-                    let _ = self.memory.write(key, tx, entry(0, write));
+                    let _ = self.memory.write(key, tx, entry(0, write), worker);
                 }
                 record.output = Some(Ok(execution.output));
                 record.spent = execution.writes;
@@ -693,7 +695,7 @@ where
     }
 
     /// Executes `tx` on the memory and records it (writes, reads, output).
-    fn execute(&self, tx: TxIndex, incarnation: Incarnation) {
+    fn execute(&self, tx: TxIndex, incarnation: Incarnation, worker: usize) {
         let mut view = View {
             engine: self,
             tx,
@@ -724,7 +726,9 @@ where
                 self.surprise(&key, tx);
             }
             record.written.push(key.clone());
-            let _ = self.memory.write(key, tx, entry(incarnation, write));
+            let _ = self
+                .memory
+                .write(key, tx, entry(incarnation, write), worker);
         }
         for key in previous {
             if !record.written.contains(&key) {
@@ -749,7 +753,7 @@ where
     /// at it. After letting go, looks again: a transaction may have been executed by a
     /// worker that found the flag taken (all flags are sequentially consistent, so one
     /// of the two sees the other).
-    fn try_commit(&self, trace: &mut Recorder, report: &mut Report) {
+    fn try_commit(&self, worker: usize, trace: &mut Recorder, report: &mut Report) {
         let n = self.records.len();
         loop {
             if self.committing.swap(true, SeqCst) {
@@ -757,7 +761,7 @@ where
             }
             let mut next = self.committed.load(SeqCst);
             while next < n && self.executed[next].load(SeqCst) && !self.failed.load(SeqCst) {
-                if let Err(error) = self.commit(next, trace, report) {
+                if let Err(error) = self.commit(next, worker, trace, report) {
                     *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
                     self.failed.store(true, SeqCst);
                     break;
@@ -777,6 +781,7 @@ where
     fn commit(
         &self,
         tx: TxIndex,
+        worker: usize,
         trace: &mut Recorder,
         report: &mut Report,
     ) -> Result<(), VmError> {
@@ -791,7 +796,7 @@ where
             self.mispredictions.fetch_add(1, SeqCst);
             let started = Instant::now();
             let span = trace.start();
-            self.execute(tx, REPAIR);
+            self.execute(tx, REPAIR, worker);
             trace.record(SpanKind::Reexecute, Some(tx), span);
             report.execution_time += started.elapsed();
             report.executions += 1;
@@ -848,7 +853,7 @@ where
 fn entry<V, D>(incarnation: Incarnation, write: Write<V, D>) -> Entry<V, D> {
     match write {
         Write::Put(value) => Entry::Write(incarnation, value),
-        Write::Delta(delta) => Entry::Delta(delta),
+        Write::Delta(delta) => Entry::Delta(incarnation, delta),
     }
 }
 

@@ -240,7 +240,7 @@ pub struct PreBlockCache<'s, S: Storage> {
 impl<'s, S> PreBlockCache<'s, S>
 where
     S: Storage,
-    S::Key: Eq + std::hash::Hash + Clone + Send,
+    S::Key: Eq + std::hash::Hash + Clone + Send + Sync,
     S::Value: Clone + PartialEq + Send,
 {
     /// An empty cache over `storage`, sized for about `keys` keys.
@@ -281,7 +281,7 @@ where
 impl<S> Storage for PreBlockCache<'_, S>
 where
     S: Storage,
-    S::Key: Eq + std::hash::Hash + Clone + Send,
+    S::Key: Eq + std::hash::Hash + Clone + Send + Sync,
     S::Value: Clone + PartialEq + Send,
 {
     type Key = S::Key;

@@ -5,7 +5,13 @@
 //! a validation task whenever validation lags behind execution. Aborts and resumed
 //! dependencies move the indices back down; `decrease_cnt` counts such moves so that
 //! [`Scheduler::check_done`] can tell a stable "everything executed and validated"
-//! state from a transient one, and `num_active_tasks` counts tasks in flight.
+//! state from a transient one, and each worker counts its own tasks in flight (`active`,
+//! one counter per worker on a line of its own: a shared counter, changed at every
+//! task's start and end, moved between the cores several times per transaction).
+//! `check_done` sums them: a worker's count changes only by that worker's own steps, and
+//! the paper's argument (a task in flight when the indices were read is still counted,
+//! or it has ended and any index it moved back shows in `decrease_cnt`) holds worker by
+//! worker.
 //!
 //! Each transaction has a status `(incarnation, ReadyToExecute | Executing | Executed |
 //! Aborting)`, packed in one atomic word, and a list of transactions waiting for its
@@ -55,19 +61,23 @@ pub struct Scheduler {
     execution_idx: CachePadded<AtomicUsize>,
     validation_idx: CachePadded<AtomicUsize>,
     decrease_cnt: CachePadded<AtomicUsize>,
-    num_active_tasks: CachePadded<AtomicUsize>,
+    /// Per worker, its tasks in flight.
+    active: Box<[CachePadded<AtomicUsize>]>,
     done_marker: CachePadded<AtomicBool>,
     txs: Box<[CachePadded<TxState>]>,
 }
 
 impl Scheduler {
-    pub fn new(n: usize) -> Self {
+    /// A scheduler for `n` transactions and `workers` workers (numbered from 0).
+    pub fn new(n: usize, workers: usize) -> Self {
         Self {
             n,
             execution_idx: CachePadded::new(AtomicUsize::new(0)),
             validation_idx: CachePadded::new(AtomicUsize::new(0)),
             decrease_cnt: CachePadded::new(AtomicUsize::new(0)),
-            num_active_tasks: CachePadded::new(AtomicUsize::new(0)),
+            active: (0..workers.max(1))
+                .map(|_| CachePadded::new(AtomicUsize::new(0)))
+                .collect(),
             done_marker: CachePadded::new(AtomicBool::new(n == 0)),
             txs: (0..n)
                 .map(|_| {
@@ -116,7 +126,7 @@ impl Scheduler {
             .load(SeqCst)
             .min(self.validation_idx.load(SeqCst))
             >= self.n
-            && self.num_active_tasks.load(SeqCst) == 0
+            && self.active.iter().all(|a| a.load(SeqCst) == 0)
             && observed == self.decrease_cnt.load(SeqCst)
         {
             self.done_marker.store(true, SeqCst);
@@ -124,7 +134,7 @@ impl Scheduler {
     }
 
     /// Claims `tx` for execution if it is ready; otherwise gives up the active task.
-    fn try_incarnate(&self, tx: TxIndex) -> Option<Task> {
+    fn try_incarnate(&self, tx: TxIndex, worker: usize) -> Option<Task> {
         if tx < self.n {
             let status = &self.txs[tx].status;
             let word = status.load(SeqCst);
@@ -137,26 +147,26 @@ impl Scheduler {
                 return Some(Task::Execute(tx, incarnation));
             }
         }
-        self.num_active_tasks.fetch_sub(1, SeqCst);
+        self.active[worker].fetch_sub(1, SeqCst);
         None
     }
 
-    fn next_version_to_execute(&self) -> Option<Task> {
+    fn next_version_to_execute(&self, worker: usize) -> Option<Task> {
         if self.execution_idx.load(SeqCst) >= self.n {
             self.check_done();
             return None;
         }
-        self.num_active_tasks.fetch_add(1, SeqCst);
+        self.active[worker].fetch_add(1, SeqCst);
         let tx = self.execution_idx.fetch_add(1, SeqCst);
-        self.try_incarnate(tx)
+        self.try_incarnate(tx, worker)
     }
 
-    fn next_version_to_validate(&self) -> Option<Task> {
+    fn next_version_to_validate(&self, worker: usize) -> Option<Task> {
         if self.validation_idx.load(SeqCst) >= self.n {
             self.check_done();
             return None;
         }
-        self.num_active_tasks.fetch_add(1, SeqCst);
+        self.active[worker].fetch_add(1, SeqCst);
         let tx = self.validation_idx.fetch_add(1, SeqCst);
         if tx < self.n {
             let (incarnation, s) = unpack(self.txs[tx].status.load(SeqCst));
@@ -164,7 +174,7 @@ impl Scheduler {
                 return Some(Task::Validate(tx, incarnation));
             }
         }
-        self.num_active_tasks.fetch_sub(1, SeqCst);
+        self.active[worker].fetch_sub(1, SeqCst);
         None
     }
 
@@ -174,7 +184,8 @@ impl Scheduler {
     /// caller has nothing to do until some task moves one back. (Each try advances an
     /// index, so the loop ends unless other workers keep moving them back, which they
     /// only do as they finish tasks.)
-    pub fn next_task(&self) -> Option<Task> {
+    /// `worker` is the caller's number (as for every call that starts or ends a task).
+    pub fn next_task(&self, worker: usize) -> Option<Task> {
         loop {
             let validation = self.validation_idx.load(SeqCst);
             let execution = self.execution_idx.load(SeqCst);
@@ -183,9 +194,9 @@ impl Scheduler {
                 return None;
             }
             let task = if validation < execution {
-                self.next_version_to_validate()
+                self.next_version_to_validate(worker)
             } else {
-                self.next_version_to_execute()
+                self.next_version_to_execute(worker)
             };
             if task.is_some() {
                 return task;
@@ -195,7 +206,7 @@ impl Scheduler {
 
     /// Suspends `tx` (executing) until `blocking_tx` finishes its current execution.
     /// Returns false if it already has, in which case `tx` should simply retry.
-    pub fn add_dependency(&self, tx: TxIndex, blocking_tx: TxIndex) -> bool {
+    pub fn add_dependency(&self, tx: TxIndex, blocking_tx: TxIndex, worker: usize) -> bool {
         let blocking = &self.txs[blocking_tx];
         let mut dependents = blocking
             .dependents
@@ -211,7 +222,7 @@ impl Scheduler {
             .store(pack(incarnation, ABORTING), SeqCst);
         dependents.push(tx);
         drop(dependents);
-        self.num_active_tasks.fetch_sub(1, SeqCst);
+        self.active[worker].fetch_sub(1, SeqCst);
         true
     }
 
@@ -234,6 +245,7 @@ impl Scheduler {
         tx: TxIndex,
         incarnation: Incarnation,
         wrote_new_path: bool,
+        worker: usize,
     ) -> (Option<Task>, Option<Task>) {
         let state = &self.txs[tx];
         state.status.store(pack(incarnation, EXECUTED), SeqCst);
@@ -246,8 +258,8 @@ impl Scheduler {
             }
             // Claimed like any task (counted active first); if another worker got there
             // first, it runs it.
-            self.num_active_tasks.fetch_add(1, SeqCst);
-            resumed = self.try_incarnate(lowest);
+            self.active[worker].fetch_add(1, SeqCst);
+            resumed = self.try_incarnate(lowest, worker);
             let others = dependents
                 .iter()
                 .copied()
@@ -264,7 +276,7 @@ impl Scheduler {
                 return (Some(Task::Validate(tx, incarnation)), resumed);
             }
         }
-        self.num_active_tasks.fetch_sub(1, SeqCst);
+        self.active[worker].fetch_sub(1, SeqCst);
         (None, resumed)
     }
 
@@ -284,15 +296,15 @@ impl Scheduler {
 
     /// Ends a validation task; after an abort, schedules the re-execution (returned
     /// directly when execution has already passed `tx`) and revalidation above `tx`.
-    pub fn finish_validation(&self, tx: TxIndex, aborted: bool) -> Option<Task> {
+    pub fn finish_validation(&self, tx: TxIndex, aborted: bool, worker: usize) -> Option<Task> {
         if aborted {
             self.set_ready_status(tx);
             self.decrease_validation_idx(tx + 1);
             if self.execution_idx.load(SeqCst) > tx {
-                return self.try_incarnate(tx);
+                return self.try_incarnate(tx, worker);
             }
         }
-        self.num_active_tasks.fetch_sub(1, SeqCst);
+        self.active[worker].fetch_sub(1, SeqCst);
         None
     }
 }
@@ -306,32 +318,55 @@ mod tests {
     /// only once the handed task has run and been validated.
     #[test]
     fn finishing_an_execution_claims_its_lowest_dependent() {
-        let s = Scheduler::new(3);
-        assert_eq!(s.next_task(), Some(Task::Execute(0, 0)));
-        assert_eq!(s.next_task(), Some(Task::Execute(1, 0)));
-        assert_eq!(s.next_task(), Some(Task::Execute(2, 0)));
+        let s = Scheduler::new(3, 1);
+        assert_eq!(s.next_task(0), Some(Task::Execute(0, 0)));
+        assert_eq!(s.next_task(0), Some(Task::Execute(1, 0)));
+        assert_eq!(s.next_task(0), Some(Task::Execute(2, 0)));
         // 1 and 2 read estimates of 0.
-        assert!(s.add_dependency(2, 0));
-        assert!(s.add_dependency(1, 0));
-        let (validate, resumed) = s.finish_execution(0, 0, false);
+        assert!(s.add_dependency(2, 0, 0));
+        assert!(s.add_dependency(1, 0, 0));
+        let (validate, resumed) = s.finish_execution(0, 0, false, 0);
         // Validation went past 0 (it found it executing), so 0's validation comes back.
         assert_eq!(validate, Some(Task::Validate(0, 0)));
         assert_eq!(resumed, Some(Task::Execute(1, 1)));
-        assert_eq!(s.finish_validation(0, false), None);
+        assert_eq!(s.finish_validation(0, false, 0), None);
         // The shared order offers 2, never the claimed 1.
-        assert_eq!(s.next_task(), Some(Task::Execute(2, 1)));
-        assert_eq!(s.finish_execution(2, 1, false), (None, None));
-        assert_eq!(s.next_task(), Some(Task::Validate(2, 1)));
-        assert_eq!(s.finish_validation(2, false), None);
+        assert_eq!(s.next_task(0), Some(Task::Execute(2, 1)));
+        assert_eq!(s.finish_execution(2, 1, false, 0), (None, None));
+        assert_eq!(s.next_task(0), Some(Task::Validate(2, 1)));
+        assert_eq!(s.finish_validation(2, false, 0), None);
         // Nothing is left to hand out, but the claimed task is still in flight.
-        assert_eq!(s.next_task(), None);
+        assert_eq!(s.next_task(0), None);
         assert!(!s.done());
         assert_eq!(
-            s.finish_execution(1, 1, false),
+            s.finish_execution(1, 1, false, 0),
             (Some(Task::Validate(1, 1)), None)
         );
-        assert_eq!(s.finish_validation(1, false), None);
-        assert_eq!(s.next_task(), None);
+        assert_eq!(s.finish_validation(1, false, 0), None);
+        assert_eq!(s.next_task(0), None);
+        assert!(s.done());
+    }
+
+    /// Each worker counts its own tasks in flight: the block is done only when no worker
+    /// holds one, whichever worker looks.
+    #[test]
+    fn done_waits_for_every_worker_in_flight() {
+        let s = Scheduler::new(2, 2);
+        assert_eq!(s.next_task(0), Some(Task::Execute(0, 0)));
+        // Validation lags, but 0 is executing: passed over.
+        assert_eq!(s.next_task(1), Some(Task::Execute(1, 0)));
+        assert_eq!(
+            s.finish_execution(0, 0, false, 0),
+            (Some(Task::Validate(0, 0)), None)
+        );
+        assert_eq!(s.finish_execution(1, 0, false, 1), (None, None));
+        assert_eq!(s.next_task(1), Some(Task::Validate(1, 0)));
+        assert_eq!(s.finish_validation(0, false, 0), None);
+        // Worker 0 has nothing left, but worker 1 still validates.
+        assert_eq!(s.next_task(0), None);
+        assert!(!s.done());
+        assert_eq!(s.finish_validation(1, false, 1), None);
+        assert_eq!(s.next_task(0), None);
         assert!(s.done());
     }
 }

@@ -239,6 +239,11 @@ impl Vm for EvmVm<'_> {
             .sum()
     }
 
+    /// The beneficiary's account: every transaction credits it its fee, as a delta.
+    fn delta_sink(&self) -> Option<StateKey> {
+        Some(StateKey::Account(self.block.env.beneficiary))
+    }
+
     /// The sender's account (its nonce orders its transactions).
     fn sequence_key(&self, tx: TxIndex) -> Option<StateKey> {
         self.block

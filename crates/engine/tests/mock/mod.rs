@@ -55,14 +55,18 @@ pub struct MockVm {
     /// key, and finds it even, reads nothing more (and writes nothing);
     /// [`Vm::in_sequence`] makes the value odd (with `false`, it leaves it as it is).
     pub sequence_gate: Option<bool>,
+    /// The key declared as the block's delta sink ([`Vm::delta_sink`]), right or wrong.
+    pub sink: Option<Key>,
 }
 
 pub const PANIC_PREFIX: &str = "mock panic at transaction ";
 
-/// A block of these transactions that never fails.
+/// A block of these transactions that never fails, with key 0 as its delta sink (the
+/// engines keep the sink's entries apart; with the default, `None`, they do not).
 pub fn vm(txs: Vec<MockTx>) -> MockVm {
     MockVm {
         txs,
+        sink: Some(0),
         ..MockVm::default()
     }
 }
@@ -166,6 +170,10 @@ impl Vm for MockVm {
             o.cumulative = cumulative;
         }
         Ok(())
+    }
+
+    fn delta_sink(&self) -> Option<Key> {
+        self.sink
     }
 
     fn sequence_key(&self, tx: TxIndex) -> Option<Key> {

@@ -1,0 +1,235 @@
+//! The delta sink: the one key that nearly every transaction sends a delta to (the EVM's
+//! block beneficiary, credited each fee; [`parex_core::Vm::delta_sink`]), kept apart from
+//! the shards.
+//!
+//! In a shard, the sink's versions were one vector behind one lock that every worker
+//! wrote at every transaction: the lock word, the vector's header and its last entries
+//! moved between the cores at each write (on 2 threads, mainnet block 14396881, 1346
+//! light transactions: a sixth of block-stm's time). Here each worker writes a *lane* of
+//! its own (a vector sorted by transaction, behind a lock only it takes, except readers
+//! of the sink, which are rare, and the removals and aborts of re-executions).
+//!
+//! A transaction re-executed by another worker can leave entries in two lanes: every
+//! entry records its incarnation, and the latest wins (on a tie, which only the ordering
+//! estimate of a sequence and the first execution can make, the one that is not an
+//! estimate). An abort marks the transaction's entries in every lane, a removal removes
+//! them from every lane. A read locks every lane in order and merges them downward from
+//! the reader, exactly as the shards' walk goes down one vector: an estimate blocks, a
+//! write is the bottom, deltas are collected and applied in block order over the bottom.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crossbeam::utils::CachePadded;
+use parex_core::{StorageError, TxIndex};
+use smallvec::SmallVec;
+
+use super::{Entry, Incarnation, Origin, Read, position};
+
+/// One worker's entries of the sink, sorted by transaction: per transaction at most one,
+/// with the incarnation that wrote it (kept when an abort turns it into an estimate).
+type Entries<V, D> = Vec<(TxIndex, (Incarnation, Entry<V, D>))>;
+type Lane<V, D> = CachePadded<Mutex<Entries<V, D>>>;
+
+pub(super) struct Sink<K, V, D> {
+    pub(super) key: K,
+    pub(super) hash: u64,
+    lanes: Box<[Lane<V, D>]>,
+}
+
+/// What lies below a position of the sink: an estimate in the way, or the bottom (the
+/// latest full write, or none: the pre-block value) and the deltas above it.
+enum Below<'a, V, D> {
+    Blocked(TxIndex),
+    Over {
+        write: Option<(TxIndex, Incarnation, &'a V)>,
+        /// In block order.
+        deltas: Vec<&'a D>,
+    },
+}
+
+/// The incarnation an entry records.
+fn incarnation<V, D>(entry: &Entry<V, D>) -> Incarnation {
+    match entry {
+        Entry::Write(incarnation, _) | Entry::Delta(incarnation, _) => *incarnation,
+        // An estimate written as such orders a sequence before any execution.
+        Entry::Estimate => 0,
+    }
+}
+
+impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
+    pub(super) fn new(key: K, hash: u64, lanes: usize) -> Self {
+        Self {
+            key,
+            hash,
+            lanes: (0..lanes.max(1))
+                .map(|_| CachePadded::new(Mutex::new(Vec::new())))
+                .collect(),
+        }
+    }
+
+    fn lock(lane: &Lane<V, D>) -> MutexGuard<'_, Entries<V, D>> {
+        lane.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `tx`'s entry in the lane of worker `writer`.
+    pub(super) fn write(&self, writer: usize, tx: TxIndex, entry: Entry<V, D>) {
+        let mut lane = Self::lock(&self.lanes[writer % self.lanes.len()]);
+        let versioned = (incarnation(&entry), entry);
+        match position(&lane, tx) {
+            Ok(i) => lane[i].1 = versioned,
+            Err(i) if i == lane.len() => lane.push((tx, versioned)),
+            Err(i) => lane.insert(i, (tx, versioned)),
+        }
+    }
+
+    /// Removes `tx`'s entries (its new incarnation does not write the sink).
+    pub(super) fn remove(&self, tx: TxIndex) {
+        for lane in &self.lanes {
+            let mut lane = Self::lock(lane);
+            if let Ok(i) = position(&lane, tx) {
+                lane.remove(i);
+            }
+        }
+    }
+
+    /// Turns `tx`'s entries into estimates (its incarnation aborted).
+    pub(super) fn mark_estimate(&self, tx: TxIndex) {
+        for lane in &self.lanes {
+            let mut lane = Self::lock(lane);
+            if let Ok(i) = position(&lane, tx) {
+                lane[i].1.1 = Entry::Estimate;
+            }
+        }
+    }
+
+    /// Runs `f` on what lies below position `tx` (`TxIndex::MAX`: the final value), with
+    /// every lane locked.
+    fn below<R>(&self, tx: TxIndex, f: impl FnOnce(Below<'_, V, D>) -> R) -> R {
+        let lanes: SmallVec<[_; 16]> = self.lanes.iter().map(|l| Self::lock(l)).collect();
+        // Per lane, the entries not yet merged are those below `ends[l]`.
+        let mut ends: SmallVec<[usize; 16]> = lanes
+            .iter()
+            .map(|lane| lane.partition_point(|(t, _)| *t < tx))
+            .collect();
+        let mut deltas = Vec::new();
+        let write = loop {
+            let Some(top) = (0..lanes.len())
+                .filter(|&l| ends[l] > 0)
+                .map(|l| lanes[l][ends[l] - 1].0)
+                .max()
+            else {
+                break None;
+            };
+            // The latest of `top`'s entries (one per lane at most).
+            let mut latest: Option<&(Incarnation, Entry<V, D>)> = None;
+            for l in 0..lanes.len() {
+                if ends[l] == 0 || lanes[l][ends[l] - 1].0 != top {
+                    continue;
+                }
+                ends[l] -= 1;
+                let candidate = &lanes[l][ends[l]].1;
+                let newer = latest.is_none_or(|(inc, entry)| {
+                    candidate.0 > *inc
+                        || (candidate.0 == *inc
+                            && matches!(entry, Entry::Estimate)
+                            && !matches!(candidate.1, Entry::Estimate))
+                });
+                if newer {
+                    latest = Some(candidate);
+                }
+            }
+            match latest.expect("a lane's top entry is top's") {
+                (_, Entry::Estimate) => return f(Below::Blocked(top)),
+                (inc, Entry::Write(_, value)) => break Some((top, *inc, value)),
+                (_, Entry::Delta(_, delta)) => deltas.push(delta),
+            }
+        };
+        deltas.reverse();
+        f(Below::Over { write, deltas })
+    }
+
+    /// The sink as transaction `tx` sees it: as [`super::MvMemory::read`] answers.
+    pub(super) fn read(
+        &self,
+        tx: TxIndex,
+        load: impl FnOnce() -> Result<Option<V>, StorageError>,
+        apply: impl Fn(Option<V>, &D) -> Option<V>,
+    ) -> Read<V> {
+        self.below(tx, |below| match below {
+            Below::Blocked(t) => Read::Blocked(t),
+            Below::Over { write, deltas } if deltas.is_empty() => match write {
+                Some((t, inc, value)) => {
+                    Read::Value(Ok(Some(value.clone())), Origin::Version(t, inc))
+                }
+                None => Read::Value(load(), Origin::Storage),
+            },
+            Below::Over { write, deltas } => {
+                let base = match write {
+                    Some((_, _, value)) => Some(value.clone()),
+                    None => match load() {
+                        Ok(value) => value,
+                        Err(e) => return Read::Value(Err(e), Origin::Failed),
+                    },
+                };
+                let value = deltas.into_iter().fold(base, &apply);
+                Read::Value(Ok(value.clone()), Origin::Resolved(Box::new(value)))
+            }
+        })
+    }
+
+    /// Whether a read of the sink by `tx` would still get what `origin` records.
+    pub(super) fn validate(
+        &self,
+        tx: TxIndex,
+        origin: &Origin<V>,
+        load: impl FnOnce() -> Result<Option<V>, StorageError>,
+        apply: impl Fn(Option<V>, &D) -> Option<V>,
+    ) -> bool {
+        self.below(tx, |below| {
+            let Below::Over { write, deltas } = below else {
+                return false;
+            };
+            match (write, origin) {
+                (None, Origin::Storage) => deltas.is_empty(),
+                (None, Origin::Failed) => !deltas.is_empty() && load().is_err(),
+                (Some((t, inc, _)), Origin::Version(vt, vi)) => {
+                    deltas.is_empty() && t == *vt && inc == *vi
+                }
+                (_, Origin::Resolved(seen)) if !deltas.is_empty() => {
+                    let base = match write {
+                        Some((_, _, value)) => Some(value.clone()),
+                        None => match load() {
+                            Ok(value) => value,
+                            Err(_) => return false,
+                        },
+                    };
+                    deltas.into_iter().fold(base, &apply) == **seen
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// The sink's final value: its last write with the later deltas applied, or the
+    /// pre-block value with all of them applied; `Ok(None)` if nothing was written.
+    pub(super) fn into_final(
+        self,
+        load: impl FnOnce() -> Result<Option<V>, StorageError>,
+        apply: impl Fn(Option<V>, &D) -> Option<V>,
+    ) -> Result<Option<Option<V>>, StorageError> {
+        self.below(TxIndex::MAX, |below| match below {
+            Below::Blocked(t) => unreachable!("estimate of transaction {t} left at the end"),
+            Below::Over {
+                write: None,
+                deltas,
+            } if deltas.is_empty() => Ok(None),
+            Below::Over { write, deltas } => {
+                let base = match write {
+                    Some((_, _, value)) => Some(value.clone()),
+                    None => load()?,
+                };
+                Ok(Some(deltas.into_iter().fold(base, &apply)))
+            }
+        })
+    }
+}
