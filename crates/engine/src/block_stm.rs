@@ -131,6 +131,9 @@ struct BlockStm<'a, V: Vm, S> {
     tracer: Tracer,
 }
 
+/// Transactions whose read and write sets a worker frees at a time, at the end.
+const SLOTS_FREED_AT_ONCE: usize = 64;
+
 /// A worker judges its speculation in windows of this many executions of its own (at
 /// most; on blocks of fewer than `8 * JUDGE_AFTER` units, an eighth of the block's units,
 /// but no fewer than `MIN_JUDGE_AFTER`: a small block's waste is a large share of it)...
@@ -314,13 +317,9 @@ where
         .chunk_size
         .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))
         .max(1);
-    // Spreading the final state assembly of small blocks over threads costs more than
-    // it saves.
-    let finalize_threads = if n < 2048 { 1 } else { run.threads.max(1) };
     let sizes = Sizes {
         keys: 3 * n,
         workers,
-        finalize_threads,
         // On slow storage, unless the chain check discovered the whole block already.
         discover: slow_storage && !options.adaptive,
     };
@@ -343,8 +342,6 @@ struct Sizes {
     /// Expected keys in the multi-version memory.
     keys: usize,
     workers: usize,
-    /// Threads that assemble the final state.
-    finalize_threads: usize,
     /// Workers first run discovery ([`crate::prefetch`]).
     discover: bool,
 }
@@ -359,7 +356,6 @@ fn execute_units<V, S>(
     Sizes {
         keys,
         workers,
-        finalize_threads,
         discover,
     }: Sizes,
     cached: CachedBases<V::Key, V::Value>,
@@ -400,7 +396,49 @@ where
     } else {
         0
     };
-    let worker_metrics = crate::workers::run(workers, |id| engine.work(id));
+    // Once done, the workers assemble the final state side by side, each taking shards of
+    // the memory until none is left (a worker that stopped early takes none), then free
+    // the transactions' read and write sets the same way.
+    let next_shard = AtomicUsize::new(0);
+    let next_slot = AtomicUsize::new(0);
+    let results = crate::workers::run(workers, |id| {
+        let mut metrics = engine.work(id);
+        if !engine.scheduler.completed() {
+            return (metrics, None);
+        }
+        let mut trace = engine.tracer.recorder(id);
+        let span = trace.start();
+        let started = Instant::now();
+        let part = engine.memory.drain_final_values(
+            &next_shard,
+            |k| storage.read(k),
+            |k, v, d| vm.apply_delta(k, v, d),
+        );
+        loop {
+            let first = next_slot.fetch_add(SLOTS_FREED_AT_ONCE, Relaxed);
+            let Some(slots) = engine
+                .slots
+                .get(first..(first + SLOTS_FREED_AT_ONCE).min(n))
+            else {
+                break;
+            };
+            for slot in slots {
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                drop(std::mem::take(&mut slot.reads));
+                drop(std::mem::take(&mut slot.written));
+            }
+        }
+        metrics.finalize_time += started.elapsed();
+        trace.record(SpanKind::Finalize, None, span);
+        engine.tracer.submit(trace);
+        (metrics, Some(part))
+    });
+    let mut worker_metrics = Vec::with_capacity(results.len());
+    let mut parts = Vec::with_capacity(results.len());
+    for (metrics, part) in results {
+        worker_metrics.push(metrics);
+        parts.extend(part);
+    }
     let finalize_started = Instant::now();
     let mut finalize_trace = engine.tracer.recorder(0);
     let finalize_span = finalize_trace.start();
@@ -438,14 +476,16 @@ where
         }
     }
     vm.finalize_outputs(&mut outputs)?;
-    let state_diff = memory
-        .into_final_values(
-            finalize_threads,
-            |k| storage.read(k),
-            |k, v, d| vm.apply_delta(k, v, d),
-        )
+    drop(memory);
+    let mut parts = parts.into_iter();
+    let mut state_diff = parts
+        .next()
+        .expect("the worker that completes the block assembles")
         .map_err(|e| VmError::Read(ReadError::Storage(e)))?;
-    metrics.finalize_time = finalize_started.elapsed();
+    for part in parts {
+        state_diff.append(&mut part.map_err(|e| VmError::Read(ReadError::Storage(e)))?);
+    }
+    metrics.finalize_time += finalize_started.elapsed();
     finalize_trace.record(SpanKind::Finalize, None, finalize_span);
     tracer.submit(finalize_trace);
     metrics.trace = tracer.finish();

@@ -33,6 +33,7 @@ mod sink;
 
 use std::hash::{BuildHasher, Hash};
 use std::ops::ControlFlow::{self, Break, Continue};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -440,7 +441,7 @@ fn apply_deltas<K, V, D>(
 
 impl<K, V, D> MvMemory<K, V, D>
 where
-    K: Eq + Hash + Clone + Send,
+    K: Eq + Hash + Clone + Send + Sync,
     V: Clone + PartialEq + Send,
     D: Clone + Send,
 {
@@ -831,91 +832,99 @@ where
     /// deltas applied. Keys whose final value is "absent" are left out, as serial
     /// execution does. Shards are resolved (and freed) on `threads` threads.
     pub fn into_final_values(
-        mut self,
+        self,
         threads: usize,
         load: impl Fn(&K) -> Result<Option<V>, StorageError> + Sync,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V> + Sync,
     ) -> Result<Vec<(K, V)>, StorageError> {
-        let sink = self.sink.take();
         let threads = threads.clamp(1, self.shards.len());
-        let mut groups: Vec<Vec<Table<K, V, D>>> = (0..threads).map(|_| Vec::new()).collect();
-        let mut total = 0;
-        for (i, table) in self.into_tables().enumerate() {
-            total += table.len();
-            groups[i % threads].push(table);
-        }
-        // The first group's vector receives the others' at the end: sized for them all
-        // up front, so that no part is copied twice.
-        let resolve_group = |group: Vec<Table<K, V, D>>,
-                             capacity: usize|
-         -> Result<Vec<(K, V)>, StorageError> {
-            let mut out = Vec::with_capacity(capacity);
-            for table in group {
-                for state in table.states {
-                    let KeyState {
-                        key,
-                        mut versions,
-                        base,
-                        ..
-                    } = state;
-                    if versions.is_empty() {
-                        continue;
-                    }
-                    let end = versions.len();
-                    let (bottom, first_delta) = walk(&versions, end);
-                    let base = match bottom {
-                        // Moved out: the entry is not read again.
-                        Bottom::Write(i) => {
-                            match std::mem::replace(&mut versions[i].1, Entry::Estimate) {
-                                Entry::Write(_, v) => Some(v),
-                                _ => unreachable!(),
-                            }
-                        }
-                        Bottom::Storage => match base {
-                            Some(loaded) => (*loaded)?,
-                            None => load(&key)?,
-                        },
-                        Bottom::Blocked(t) => {
-                            unreachable!("estimate of transaction {t} left at the end")
-                        }
-                    };
-                    if let Some(v) = apply_deltas(&key, &versions, first_delta, end, base, &apply) {
-                        out.push((key, v));
-                    }
-                }
-            }
-            Ok(out)
-        };
-        let mut parts = std::thread::scope(|scope| {
-            let resolve_group = &resolve_group;
-            let mut groups = groups.into_iter();
-            let first = groups.next().expect("at least one group");
-            let handles: Vec<_> = groups
-                .map(|g| {
-                    let capacity = g.iter().map(Table::len).sum();
-                    scope.spawn(move || resolve_group(g, capacity))
-                })
-                .collect();
-            let mut parts = vec![resolve_group(first, total)];
+        let next = AtomicUsize::new(0);
+        let parts = std::thread::scope(|scope| {
+            let drain = || self.drain_final_values(&next, &load, &apply);
+            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(drain)).collect();
+            let mut parts = vec![drain()];
             parts.extend(
                 handles
                     .into_iter()
                     .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
             );
             parts
-        })
-        .into_iter();
-        let mut out = parts.next().expect("at least one group")?;
+        });
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().expect("at least one part")?;
         for part in parts {
             out.append(&mut part?);
         }
-        if let Some(sink) = sink {
-            let key = sink.key.clone();
-            if let Some(Some(value)) = sink.into_final(|| load(&key), |v, d| apply(&key, v, d))? {
-                out.push((key, value));
+        Ok(out)
+    }
+
+    /// [`Self::into_final_values`] shared by any number of callers, once no transaction
+    /// runs any more: each takes shards (and the sink) through `next` (a counter from 0,
+    /// the same for all of them) until none is left, and returns the final values of the
+    /// keys of those it took, whose tables it frees. (Workers that finish a block resolve
+    /// it side by side, on threads that are already running.)
+    pub fn drain_final_values(
+        &self,
+        next: &AtomicUsize,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> Result<Vec<(K, V)>, StorageError> {
+        let mut out = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Relaxed);
+            if i > self.shards.len() {
+                return Ok(out);
+            }
+            let Some(shard) = self.shards.get(i) else {
+                if let Some(sink) = &self.sink {
+                    let key = &sink.key;
+                    if let Some(Some(value)) =
+                        sink.final_value(|| load(key), |v, d| apply(key, v, d))?
+                    {
+                        out.push((key.clone(), value));
+                    }
+                }
+                continue;
+            };
+            let table = {
+                let mut table = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let empty = Table::with_capacity(0, self.hasher.clone());
+                std::mem::replace(&mut *table, empty)
+            };
+            out.reserve(table.len());
+            for state in table.states {
+                let KeyState {
+                    key,
+                    mut versions,
+                    base,
+                    ..
+                } = state;
+                if versions.is_empty() {
+                    continue;
+                }
+                let end = versions.len();
+                let (bottom, first_delta) = walk(&versions, end);
+                let base = match bottom {
+                    // Moved out: the entry is not read again.
+                    Bottom::Write(i) => {
+                        match std::mem::replace(&mut versions[i].1, Entry::Estimate) {
+                            Entry::Write(_, v) => Some(v),
+                            _ => unreachable!(),
+                        }
+                    }
+                    Bottom::Storage => match base {
+                        Some(loaded) => (*loaded)?,
+                        None => load(&key)?,
+                    },
+                    Bottom::Blocked(t) => {
+                        unreachable!("estimate of transaction {t} left at the end")
+                    }
+                };
+                if let Some(v) = apply_deltas(&key, &versions, first_delta, end, base, &apply) {
+                    out.push((key, v));
+                }
             }
         }
-        Ok(out)
     }
 }
 

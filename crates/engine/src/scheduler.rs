@@ -64,6 +64,8 @@ pub struct Scheduler {
     /// Per worker, its tasks in flight.
     active: Box<[CachePadded<AtomicUsize>]>,
     done_marker: CachePadded<AtomicBool>,
+    /// Stopped by [`Scheduler::halt`], not done.
+    halted: AtomicBool,
     txs: Box<[CachePadded<TxState>]>,
 }
 
@@ -79,6 +81,7 @@ impl Scheduler {
                 .map(|_| CachePadded::new(AtomicUsize::new(0)))
                 .collect(),
             done_marker: CachePadded::new(AtomicBool::new(n == 0)),
+            halted: AtomicBool::new(false),
             txs: (0..n)
                 .map(|_| {
                     CachePadded::new(TxState {
@@ -95,8 +98,15 @@ impl Scheduler {
         self.done_marker.load(SeqCst)
     }
 
+    /// Whether the block is done and was not halted: every transaction's latest
+    /// incarnation executed and validated.
+    pub fn completed(&self) -> bool {
+        self.done() && !self.halted.load(SeqCst)
+    }
+
     /// Stops every worker (used when one fails).
     pub fn halt(&self) {
+        self.halted.store(true, SeqCst);
         self.done_marker.store(true, SeqCst);
     }
 

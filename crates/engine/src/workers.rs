@@ -196,9 +196,13 @@ where
     F: Fn(usize) -> R + Sync,
 {
     let results = Mutex::new(Vec::with_capacity(workers));
+    let finished = AtomicUsize::new(0);
+    let (results_ref, finished_ref) = (&results, &finished);
     match pool {
-        Some(pool) => pool.in_place_scope(|s| spawn_all(s, workers, &work, &results)),
-        None => rayon::in_place_scope(|s| spawn_all(s, workers, &work, &results)),
+        Some(pool) => {
+            pool.in_place_scope(|s| spawn_all(s, workers, &work, results_ref, finished_ref))
+        }
+        None => rayon::in_place_scope(|s| spawn_all(s, workers, &work, results_ref, finished_ref)),
     }
     let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     results.sort_by_key(|(id, _)| *id);
@@ -211,6 +215,7 @@ fn spawn_all<'s, R, F>(
     workers: usize,
     work: &'s F,
     results: &'s Mutex<Vec<(usize, R)>>,
+    finished: &'s AtomicUsize,
 ) where
     R: Send + 's,
     F: Fn(usize) -> R + Sync,
@@ -220,12 +225,29 @@ fn spawn_all<'s, R, F>(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((id, r));
+        finished.fetch_add(1, SeqCst);
     };
     for id in 1..workers {
         scope.spawn(move |_| push(id, work(id)));
     }
     push(0, work(0));
+    // Leaving the scope before the helpers are done puts this thread to sleep until the
+    // last one wakes it (tens of microseconds on a virtual machine, at the end of every
+    // block): wait for them awake a while first, yielding now and then.
+    let started = Instant::now();
+    let mut spins = 0u32;
+    while finished.load(SeqCst) < workers && started.elapsed() < AWAKE_JOIN {
+        spins += 1;
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
+
+/// How long worker 0 waits awake for the helpers at the end of a block (see `spawn_all`).
+const AWAKE_JOIN: Duration = Duration::from_micros(300);
 
 /// The pool of exactly `threads` threads that runs the helpers of blocks with
 /// `threads + 1` workers, started on first use and kept for the process's life (one per

@@ -212,8 +212,8 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
 
     /// The sink's final value: its last write with the later deltas applied, or the
     /// pre-block value with all of them applied; `Ok(None)` if nothing was written.
-    pub(super) fn into_final(
-        self,
+    pub(super) fn final_value(
+        &self,
         load: impl FnOnce() -> Result<Option<V>, StorageError>,
         apply: impl Fn(Option<V>, &D) -> Option<V>,
     ) -> Result<Option<Option<V>>, StorageError> {
