@@ -233,7 +233,11 @@ fn spawn_all<'s, R, F>(
     push(0, work(0));
     // Leaving the scope before the helpers are done puts this thread to sleep until the
     // last one wakes it (tens of microseconds on a virtual machine, at the end of every
-    // block): wait for them awake a while first, yielding now and then.
+    // block): wait for them awake a while first, yielding now and then (not when workers
+    // outnumber the cores: they need the core).
+    if workers > std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        return;
+    }
     let started = Instant::now();
     let mut spins = 0u32;
     while finished.load(SeqCst) < workers && started.elapsed() < AWAKE_JOIN {
