@@ -80,7 +80,7 @@ use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
-use crate::mv_memory::{CachedBases, Entry, Incarnation, MvMemory, Origin, Read};
+use crate::mv_memory::{CachedBases, Entry, Incarnation, MvMemory, Origin, Read, join_parts};
 use crate::prefetch::ChainCheck;
 use crate::scheduler::{Scheduler, Task};
 use crate::trace::{Recorder, SpanKind, Tracer};
@@ -477,14 +477,8 @@ where
     }
     vm.finalize_outputs(&mut outputs)?;
     drop(memory);
-    let mut parts = parts.into_iter();
-    let mut state_diff = parts
-        .next()
-        .expect("the worker that completes the block assembles")
-        .map_err(|e| VmError::Read(ReadError::Storage(e)))?;
-    for part in parts {
-        state_diff.append(&mut part.map_err(|e| VmError::Read(ReadError::Storage(e)))?);
-    }
+    // (The worker that completed the block took part.)
+    let state_diff = join_parts(parts).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     metrics.finalize_time += finalize_started.elapsed();
     finalize_trace.record(SpanKind::Finalize, None, finalize_span);
     tracer.submit(finalize_trace);

@@ -45,6 +45,27 @@ use smallvec::SmallVec;
 
 use self::sink::Sink;
 
+/// The final values of a memory drained in parts ([`MvMemory::drain_final_values`]) in one
+/// vector: the largest part takes the others (fewer values copied), or the first failure.
+pub fn join_parts<K, V>(
+    parts: Vec<Result<Vec<(K, V)>, StorageError>>,
+) -> Result<Vec<(K, V)>, StorageError> {
+    let mut parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let largest = (0..parts.len())
+        .max_by_key(|&i| parts[i].len())
+        .unwrap_or(0);
+    let mut out = if parts.is_empty() {
+        Vec::new()
+    } else {
+        parts.swap_remove(largest)
+    };
+    out.reserve(parts.iter().map(Vec::len).sum());
+    for mut part in parts {
+        out.append(&mut part);
+    }
+    Ok(out)
+}
+
 /// Pre-block values read from storage (or the failures to read them), each key once.
 pub type CachedBases<K, V> = Vec<(K, Result<Option<V>, StorageError>)>;
 
@@ -850,12 +871,7 @@ where
             );
             parts
         });
-        let mut parts = parts.into_iter();
-        let mut out = parts.next().expect("at least one part")?;
-        for part in parts {
-            out.append(&mut part?);
-        }
-        Ok(out)
+        join_parts(parts)
     }
 
     /// [`Self::into_final_values`] shared by any number of callers, once no transaction
