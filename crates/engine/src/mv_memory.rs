@@ -885,7 +885,15 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Result<Vec<(K, V)>, StorageError> {
-        let mut out = Vec::new();
+        // Room for every key not yet taken: this part may get them all, and the other
+        // parts are then appended to the largest (see [`join_parts`]), so that no value is
+        // copied twice; capacity never written costs no memory.
+        let keys: usize = self
+            .shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum();
+        let mut out = Vec::with_capacity(keys + 1);
         loop {
             let i = next.fetch_add(1, Relaxed);
             if i > self.shards.len() {
@@ -907,7 +915,6 @@ where
                 let empty = Table::with_capacity(0, self.hasher.clone());
                 std::mem::replace(&mut *table, empty)
             };
-            out.reserve(table.len());
             for state in table.states {
                 let KeyState {
                     key,
