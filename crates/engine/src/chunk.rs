@@ -302,7 +302,12 @@ pub fn flatten_outputs<V: Vm>(
     inner: &V,
     chunks: Vec<Vec<V::Output>>,
 ) -> Result<Vec<V::Output>, VmError> {
-    let mut outputs: Vec<V::Output> = chunks.into_iter().flatten().collect();
+    // Sized up front: collecting a flattening iterator grows the vector by doubling (it
+    // cannot tell the total), copying the outputs again at each step.
+    let mut outputs = Vec::with_capacity(chunks.iter().map(Vec::len).sum());
+    for mut chunk in chunks {
+        outputs.append(&mut chunk);
+    }
     inner.finalize_outputs(&mut outputs)?;
     Ok(outputs)
 }
