@@ -166,13 +166,13 @@ pub trait Vm: Sync {
         None
     }
 
-    /// A key that most of the block's transactions send a [`Write::Delta`] to (for the
-    /// EVM: the block's beneficiary, credited every transaction's fee). Engines with a
-    /// multi-version memory keep its entries apart from the other keys' (one list per
-    /// worker), so that workers do not all write one place. A hint: engines stay exact
-    /// whatever it says. Default: none.
-    fn delta_sink(&self) -> Option<Self::Key> {
-        None
+    /// Keys that many of the block's transactions send a [`Write::Delta`] to (for the
+    /// EVM: the block's beneficiary, credited every transaction's fee, and wallets that
+    /// receive many plain transfers). Engines with a multi-version memory keep their
+    /// entries apart from the other keys' (one list per worker), so that workers do not
+    /// all write one place. A hint: engines stay exact whatever it says. Default: none.
+    fn delta_sinks(&self) -> Vec<Self::Key> {
+        Vec::new()
     }
 
     /// `value`, a pre-block value of `tx`'s sequence key, changed so that `tx` is in

@@ -366,7 +366,7 @@ where
 {
     let n = vm.tx_count();
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
-    let memory = MvMemory::new(keys, slow_storage).with_sink(vm.delta_sink(), workers);
+    let memory = MvMemory::new(keys, slow_storage).with_sinks(vm.delta_sinks(), workers);
     memory.seed_bases(cached);
     let engine = BlockStm {
         vm,

@@ -282,9 +282,9 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         self.inner.apply_delta(key, value, delta)
     }
 
-    /// The transactions' sink is the chunks' (a chunk merges their deltas to it).
-    fn delta_sink(&self) -> Option<Self::Key> {
-        self.inner.delta_sink()
+    /// The transactions' sinks are the chunks' (a chunk merges its deltas to each).
+    fn delta_sinks(&self) -> Vec<Self::Key> {
+        self.inner.delta_sinks()
     }
 
     fn merge_deltas(&self, earlier: &mut Self::Delta, later: &Self::Delta) {

@@ -436,7 +436,7 @@ where
             n + hints.iter().map(|h| h.writes.len()).sum::<usize>(),
             storage.read_latency() >= crate::workers::SLOW_READ,
         )
-        .with_sink(vm.delta_sink(), workers),
+        .with_sinks(vm.delta_sinks(), workers),
         records: hints
             .into_iter()
             .enumerate()

@@ -25,9 +25,10 @@
 //!   read of a known key. A new key's state is pushed complete, into lines the CPU was
 //!   asked to fetch for writing when the shard's previous new key arrived (fresh memory
 //!   was a third of block-stm's extra time over `sequential` on light transactions).
-//! * The delta sink ([`parex_core::Vm::delta_sink`], the EVM's beneficiary, which every
-//!   transaction credits) is not in a shard: each worker writes a lane of its own, and a
-//!   read merges the lanes (module `sink`; on fast storage).
+//! * The delta sinks ([`parex_core::Vm::delta_sinks`]: the EVM's beneficiary, which every
+//!   transaction credits, and wallets credited by many transfers) are not in a shard: each
+//!   worker writes a lane of its own per sink, and a read merges the lanes (module
+//!   `sink`; on fast storage).
 
 mod sink;
 
@@ -369,9 +370,12 @@ pub struct MvMemory<K, V, D> {
     /// Cache pre-block values in the keys' states (storage is slow); otherwise read them
     /// from storage whenever needed.
     cache_base: bool,
-    /// The delta sink, in lanes of its own (fast storage only; module `sink`).
-    sink: Option<Sink<K, V, D>>,
+    /// The delta sinks, in lanes of their own (fast storage only; module `sink`).
+    sinks: Vec<Sink<K, V, D>>,
 }
+
+/// Most delta sinks a memory keeps in lanes (each is looked for at every operation).
+const MAX_SINKS: usize = 16;
 
 /// Most shards a memory has; small blocks get fewer (creating shards is not free).
 const MAX_SHARDS: usize = 256;
@@ -481,21 +485,23 @@ where
                 .collect(),
             hasher,
             cache_base: slow_storage,
-            sink: None,
+            sinks: Vec::new(),
         }
     }
 
-    /// Keeps the entries of `sink` ([`parex_core::Vm::delta_sink`], the key most
-    /// transactions send a delta to) in one lane per writer, `writers` of them, instead
-    /// of a shard (module `sink`). Only on fast storage (slow storage caches pre-block
-    /// values in the shards' key states); otherwise, and with no sink, the memory is
-    /// unchanged.
-    pub fn with_sink(mut self, sink: Option<K>, writers: usize) -> Self {
+    /// Keeps the entries of each of `sinks` ([`parex_core::Vm::delta_sinks`], keys many
+    /// transactions send a delta to; the first `MAX_SINKS`) in one lane per writer,
+    /// `writers` of them, instead of a shard (module `sink`). Only on fast storage (slow
+    /// storage caches pre-block values in the shards' key states); otherwise, and with no
+    /// sinks, the memory is unchanged.
+    pub fn with_sinks(mut self, sinks: Vec<K>, writers: usize) -> Self {
         if !self.cache_base {
-            self.sink = sink.map(|key| {
+            for key in sinks.into_iter().take(MAX_SINKS) {
                 let hash = self.hasher.hash_one(&key);
-                Sink::new(key, hash, writers)
-            });
+                if self.sink_of(hash, &key).is_none() {
+                    self.sinks.push(Sink::new(key, hash, writers));
+                }
+            }
         }
         self
     }
@@ -503,9 +509,9 @@ where
     /// The sink, if `key` (of hash `hash`) is it.
     #[inline]
     fn sink_of(&self, hash: u64, key: &K) -> Option<&Sink<K, V, D>> {
-        self.sink
-            .as_ref()
-            .filter(|sink| sink.hash == hash && sink.key == *key)
+        self.sinks
+            .iter()
+            .find(|sink| sink.hash == hash && sink.key == *key)
     }
 
     #[inline]
@@ -896,11 +902,11 @@ where
         let mut out = Vec::with_capacity(keys + 1);
         loop {
             let i = next.fetch_add(1, Relaxed);
-            if i > self.shards.len() {
-                return Ok(out);
-            }
             let Some(shard) = self.shards.get(i) else {
-                if let Some(sink) = &self.sink {
+                let Some(sink) = self.sinks.get(i - self.shards.len()) else {
+                    return Ok(out);
+                };
+                {
                     let key = &sink.key;
                     if let Some(Some(value)) =
                         sink.final_value(|| load(key), |v, d| apply(key, v, d))?
@@ -1399,7 +1405,7 @@ mod tests {
                 })
                 .collect();
             let plain = MvMemory::new(16, false);
-            let sink = MvMemory::new(16, false).with_sink(Some(sink_key), 3);
+            let sink = MvMemory::new(16, false).with_sinks(vec![sink_key, 2], 3);
             let mut txs = vec![TxState::default(); 12];
             for op in &ops {
                 apply_op(&plain, &sink, &mut txs, op);

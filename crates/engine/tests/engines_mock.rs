@@ -163,7 +163,7 @@ proptest! {
         fail_modulo in prop_oneof![Just(0u64), 40u64..400],
         panic_modulo in prop_oneof![Just(0u64), 40u64..400],
     ) {
-        let vm = MockVm { txs, fail_modulo, panic_modulo, sequence_gate: None, sink: Some(0) };
+        let vm = MockVm { txs, fail_modulo, panic_modulo, sequence_gate: None, sinks: vec![0] };
         check(&vm, 8, 2);
     }
 

@@ -36,7 +36,15 @@ pub struct Credits {
     /// Recipients of two plain transfers or more (none if the block carries EIP-7702
     /// authorizations: an authorization can give an account code mid-block).
     candidates: AddressSet,
+    /// The candidates of the most transfers, at least `FREQUENT_CREDITS` each, most first
+    /// (at most `MAX_FREQUENT`): the wallets an engine's workers would all credit.
+    frequent: Vec<Address>,
 }
+
+/// Plain transfers to one recipient that make it a frequent one...
+const FREQUENT_CREDITS: u32 = 16;
+/// ...and how many of those are kept.
+const MAX_FREQUENT: usize = 8;
 
 impl Credits {
     /// Counts the candidates of `block`.
@@ -47,7 +55,7 @@ impl Credits {
             .iter()
             .any(|tx| !tx.env.authorization_list.is_empty())
         {
-            return Self { candidates };
+            return Self::default();
         }
         let mut transfers: AddressMap<u32> = AddressMap::default();
         for to in block
@@ -61,7 +69,23 @@ impl Credits {
                 candidates.insert(to);
             }
         }
-        Self { candidates }
+        let mut frequent: Vec<(u32, Address)> = transfers
+            .into_iter()
+            .filter(|&(_, count)| count >= FREQUENT_CREDITS)
+            .map(|(to, count)| (count, to))
+            .collect();
+        frequent.sort_unstable_by(|a, b| b.cmp(a));
+        frequent.truncate(MAX_FREQUENT);
+        Self {
+            candidates,
+            frequent: frequent.into_iter().map(|(_, to)| to).collect(),
+        }
+    }
+
+    /// The recipients of the most plain transfers (at least 16 each, at most 8 of them,
+    /// most first; whether they are credit-only is known only when one is read).
+    pub fn frequent(&self) -> &[Address] {
+        &self.frequent
     }
 
     /// The recipient of `block.txs[tx]` and its pre-block account, read from

@@ -239,9 +239,14 @@ impl Vm for EvmVm<'_> {
             .sum()
     }
 
-    /// The beneficiary's account: every transaction credits it its fee, as a delta.
-    fn delta_sink(&self) -> Option<StateKey> {
-        Some(StateKey::Account(self.block.env.beneficiary))
+    /// The beneficiary's account (every transaction credits it its fee, as a delta), then
+    /// the recipients of the most plain transfers (credited as deltas when credit-only).
+    fn delta_sinks(&self) -> Vec<StateKey> {
+        let frequent = self.credits.as_ref().map_or(&[][..], |(_, c)| c.frequent());
+        std::iter::once(self.block.env.beneficiary)
+            .chain(frequent.iter().copied())
+            .map(StateKey::Account)
+            .collect()
     }
 
     /// The sender's account (its nonce orders its transactions).

@@ -272,3 +272,41 @@ fn bad_parameters_are_errors() {
         Err(WorkloadError::GasTooSmall(100))
     ));
 }
+
+/// The delta sinks a block declares: the beneficiary first, then the recipients of at
+/// least 16 plain transfers, most first; a conflict-free block has no other.
+#[test]
+fn delta_sinks_are_the_beneficiary_and_the_most_credited_wallets() {
+    let beneficiary = |w: &Workload| StateKey::Account(w.block.env.beneficiary);
+    let free = synthetic::generate(&spec(WorkloadKind::Raw, 400, 0.0, 3)).unwrap();
+    let vm = EvmVm::with_pre_block(&free.block, &free.pre_state);
+    assert_eq!(vm.delta_sinks(), vec![beneficiary(&free)]);
+    let hot = synthetic::generate(&WorkloadSpec {
+        accounts: Some(500),
+        ..spec(WorkloadKind::Raw, 2000, 0.9, 3)
+    })
+    .unwrap();
+    let vm = EvmVm::with_pre_block(&hot.block, &hot.pre_state);
+    let sinks = vm.delta_sinks();
+    assert_eq!(sinks[0], beneficiary(&hot));
+    assert!(
+        sinks.len() > 1,
+        "hot recipients of many transfers: {sinks:?}"
+    );
+    let mut transfers: HashMap<StateKey, usize> = HashMap::new();
+    for tx in &hot.block.txs {
+        // Plain transfers to another account than the sender.
+        if let alloy_primitives::TxKind::Call(to) = tx.env.kind
+            && tx.env.data.is_empty()
+            && to != tx.env.caller
+        {
+            *transfers.entry(StateKey::Account(to)).or_default() += 1;
+        }
+    }
+    let counts: Vec<usize> = sinks[1..].iter().map(|k| transfers[k]).collect();
+    assert!(counts.iter().all(|&c| c >= 16), "{counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[0] >= w[1]),
+        "most first: {counts:?}"
+    );
+}

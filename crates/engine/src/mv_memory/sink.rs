@@ -1,6 +1,6 @@
-//! The delta sink: the one key that nearly every transaction sends a delta to (the EVM's
-//! block beneficiary, credited each fee; [`parex_core::Vm::delta_sink`]), kept apart from
-//! the shards.
+//! A delta sink: a key that many transactions send a delta to (the EVM's block
+//! beneficiary, credited each fee, or a wallet that many transfers credit;
+//! [`parex_core::Vm::delta_sinks`]), kept apart from the shards.
 //!
 //! In a shard, the sink's versions were one vector behind one lock that every worker
 //! wrote at every transaction: the lock word, the vector's header and its last entries

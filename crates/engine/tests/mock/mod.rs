@@ -55,18 +55,18 @@ pub struct MockVm {
     /// key, and finds it even, reads nothing more (and writes nothing);
     /// [`Vm::in_sequence`] makes the value odd (with `false`, it leaves it as it is).
     pub sequence_gate: Option<bool>,
-    /// The key declared as the block's delta sink ([`Vm::delta_sink`]), right or wrong.
-    pub sink: Option<Key>,
+    /// The keys declared as the block's delta sinks ([`Vm::delta_sinks`]), right or wrong.
+    pub sinks: Vec<Key>,
 }
 
 pub const PANIC_PREFIX: &str = "mock panic at transaction ";
 
 /// A block of these transactions that never fails, with key 0 as its delta sink (the
-/// engines keep the sink's entries apart; with the default, `None`, they do not).
+/// engines keep a sink's entries apart; with the default, none, they do not).
 pub fn vm(txs: Vec<MockTx>) -> MockVm {
     MockVm {
         txs,
-        sink: Some(0),
+        sinks: vec![0],
         ..MockVm::default()
     }
 }
@@ -172,8 +172,8 @@ impl Vm for MockVm {
         Ok(())
     }
 
-    fn delta_sink(&self) -> Option<Key> {
-        self.sink
+    fn delta_sinks(&self) -> Vec<Key> {
+        self.sinks.clone()
     }
 
     fn sequence_key(&self, tx: TxIndex) -> Option<Key> {
