@@ -477,7 +477,8 @@ where
     }
     vm.finalize_outputs(&mut outputs)?;
     drop(memory);
-    // (The worker that completed the block took part.)
+    // The worker that completed the block drained the memory (or its part of it).
+    assert!(!parts.is_empty(), "no worker assembled the final state");
     let state_diff = join_parts(parts).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     metrics.finalize_time += finalize_started.elapsed();
     finalize_trace.record(SpanKind::Finalize, None, finalize_span);
