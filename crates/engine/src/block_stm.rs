@@ -64,6 +64,10 @@
 //! Exact: a later read of such a key is ordered after the write by the key's lock and
 //! sees it.
 //!
+//! Final state: once the scheduler is done, the workers that are still running resolve
+//! the memory's final values side by side ([`MvMemory::drain_final_values`]) and free the
+//! read and write sets, before they return.
+//!
 //! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
 //! inconsistent reads, so it is recorded as that incarnation's output with no writes
 //! and validated like any other; once done, the lowest transaction whose final output is
@@ -151,8 +155,8 @@ const WASTED_WINDOWS_TO_GIVE_UP: u32 = 2;
 
 /// A worker's reusable buffers and its share of the metrics.
 struct Worker<V: Vm> {
-    /// The worker's number (its count of tasks in flight, its lane of the memory's delta
-    /// sink).
+    /// The worker's number (its count of tasks in flight, its lane of each of the memory's
+    /// delta sinks).
     id: usize,
     reads: ReadSet<V>,
     keys: KeySet<V>,
