@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::trace::{SpanKind, Tracer};
@@ -235,7 +235,7 @@ fn spawn_all<'s, R, F>(
     // last one wakes it (tens of microseconds on a virtual machine, at the end of every
     // block): wait for them awake a while first, yielding now and then (not when workers
     // outnumber the cores: they need the core).
-    if workers > std::thread::available_parallelism().map_or(1, |n| n.get()) {
+    if workers > cores() {
         return;
     }
     let started = Instant::now();
@@ -248,6 +248,14 @@ fn spawn_all<'s, R, F>(
             std::hint::spin_loop();
         }
     }
+}
+
+/// The cores this process may run on, asked once: `available_parallelism` reads the
+/// scheduler's affinity and the cgroup's quota at every call (about 9 us here), and
+/// every block asks.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// How long worker 0 waits awake for the helpers at the end of a block (see `spawn_all`).
@@ -269,8 +277,7 @@ const AWAKE_JOIN: Duration = Duration::from_micros(300);
 /// `None` if the pool cannot be built (the caller then starts threads of its own).
 pub fn helpers(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let oversubscribed = threads >= cores;
+    let oversubscribed = threads >= cores();
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, pool)) = pools
         .iter()

@@ -47,6 +47,21 @@ enum Below<'a, V, D> {
     },
 }
 
+/// `deltas` applied in block order over the write's value, or over the pre-block value
+/// (`load`) when there is no write below them.
+fn resolve<V: Clone, D>(
+    write: Option<(TxIndex, Incarnation, &V)>,
+    deltas: Vec<&D>,
+    load: impl FnOnce() -> Result<Option<V>, StorageError>,
+    apply: impl Fn(Option<V>, &D) -> Option<V>,
+) -> Result<Option<V>, StorageError> {
+    let base = match write {
+        Some((_, _, value)) => Some(value.clone()),
+        None => load()?,
+    };
+    Ok(deltas.into_iter().fold(base, apply))
+}
+
 /// The incarnation an entry records.
 fn incarnation<V, D>(entry: &Entry<V, D>) -> Incarnation {
     match entry {
@@ -163,17 +178,10 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
                 }
                 None => Read::Value(load(), Origin::Storage),
             },
-            Below::Over { write, deltas } => {
-                let base = match write {
-                    Some((_, _, value)) => Some(value.clone()),
-                    None => match load() {
-                        Ok(value) => value,
-                        Err(e) => return Read::Value(Err(e), Origin::Failed),
-                    },
-                };
-                let value = deltas.into_iter().fold(base, &apply);
-                Read::Value(Ok(value.clone()), Origin::Resolved(Box::new(value)))
-            }
+            Below::Over { write, deltas } => match resolve(write, deltas, load, apply) {
+                Ok(value) => Read::Value(Ok(value.clone()), Origin::Resolved(Box::new(value))),
+                Err(e) => Read::Value(Err(e), Origin::Failed),
+            },
         })
     }
 
@@ -196,14 +204,7 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
                     deltas.is_empty() && t == *vt && inc == *vi
                 }
                 (_, Origin::Resolved(seen)) if !deltas.is_empty() => {
-                    let base = match write {
-                        Some((_, _, value)) => Some(value.clone()),
-                        None => match load() {
-                            Ok(value) => value,
-                            Err(_) => return false,
-                        },
-                    };
-                    deltas.into_iter().fold(base, &apply) == **seen
+                    resolve(write, deltas, load, apply).is_ok_and(|value| value == **seen)
                 }
                 _ => false,
             }
@@ -223,13 +224,7 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
                 write: None,
                 deltas,
             } if deltas.is_empty() => Ok(None),
-            Below::Over { write, deltas } => {
-                let base = match write {
-                    Some((_, _, value)) => Some(value.clone()),
-                    None => load()?,
-                };
-                Ok(Some(deltas.into_iter().fold(base, &apply)))
-            }
+            Below::Over { write, deltas } => resolve(write, deltas, load, apply).map(Some),
         })
     }
 }
