@@ -65,8 +65,9 @@
 //! sees it.
 //!
 //! Final state: once the scheduler is done, the workers that are still running resolve
-//! the memory's final values side by side ([`MvMemory::drain_final_values`]) and free the
-//! read and write sets, before they return.
+//! the memory's final values side by side ([`MvMemory::drain_final_values`]), each
+//! shard's straight into a block of the one vector of the state diff ([`crate::gather`]),
+//! and free the read and write sets, before they return.
 //!
 //! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
 //! inconsistent reads, so it is recorded as that incarnation's output with no writes
@@ -84,7 +85,8 @@ use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
-use crate::mv_memory::{CachedBases, Entry, Incarnation, MvMemory, Origin, Read, join_parts};
+use crate::gather::gather_into;
+use crate::mv_memory::{CachedBases, Entry, Incarnation, MvMemory, Origin, Read, append_parts};
 use crate::prefetch::ChainCheck;
 use crate::scheduler::{Scheduler, Task};
 use crate::trace::{Recorder, SpanKind, Tracer};
@@ -405,37 +407,44 @@ where
     // the transactions' read and write sets the same way.
     let next_shard = AtomicUsize::new(0);
     let next_slot = AtomicUsize::new(0);
-    let results = crate::workers::run(workers, |id| {
-        let mut metrics = engine.work(id);
-        if !engine.scheduler.completed() {
-            return (metrics, None);
-        }
-        let mut trace = engine.tracer.recorder(id);
-        let span = trace.start();
-        let started = Instant::now();
-        let part = engine.memory.drain_final_values(
-            &next_shard,
-            |k| storage.read(k),
-            |k, v, d| vm.apply_delta(k, v, d),
-        );
-        loop {
-            let first = next_slot.fetch_add(SLOTS_FREED_AT_ONCE, Relaxed);
-            let Some(slots) = engine
-                .slots
-                .get(first..(first + SLOTS_FREED_AT_ONCE).min(n))
-            else {
-                break;
-            };
-            for slot in slots {
-                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-                drop(std::mem::take(&mut slot.reads));
-                drop(std::mem::take(&mut slot.written));
+    // The final values go straight into one vector, a block of it per shard (room for
+    // twice the keys the block was expected to write, never touched unless written; any
+    // beyond are kept apart and appended).
+    let mut state_diff = Vec::new();
+    let results = gather_into(&mut state_diff, 2 * keys, |out| {
+        crate::workers::run(workers, |id| {
+            let mut metrics = engine.work(id);
+            if !engine.scheduler.completed() {
+                return (metrics, None);
             }
-        }
-        metrics.finalize_time += started.elapsed();
-        trace.record(SpanKind::Finalize, None, span);
-        engine.tracer.submit(trace);
-        (metrics, Some(part))
+            let mut trace = engine.tracer.recorder(id);
+            let span = trace.start();
+            let started = Instant::now();
+            let part = engine.memory.drain_final_values(
+                &next_shard,
+                out,
+                |k| storage.read(k),
+                |k, v, d| vm.apply_delta(k, v, d),
+            );
+            loop {
+                let first = next_slot.fetch_add(SLOTS_FREED_AT_ONCE, Relaxed);
+                let Some(slots) = engine
+                    .slots
+                    .get(first..(first + SLOTS_FREED_AT_ONCE).min(n))
+                else {
+                    break;
+                };
+                for slot in slots {
+                    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    drop(std::mem::take(&mut slot.reads));
+                    drop(std::mem::take(&mut slot.written));
+                }
+            }
+            metrics.finalize_time += started.elapsed();
+            trace.record(SpanKind::Finalize, None, span);
+            engine.tracer.submit(trace);
+            (metrics, Some(part))
+        })
     });
     let mut worker_metrics = Vec::with_capacity(results.len());
     let mut parts = Vec::with_capacity(results.len());
@@ -483,7 +492,8 @@ where
     drop(memory);
     // The worker that completed the block drained the memory (or its part of it).
     assert!(!parts.is_empty(), "no worker assembled the final state");
-    let state_diff = join_parts(parts).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
+    let state_diff =
+        append_parts(state_diff, parts).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     metrics.finalize_time += finalize_started.elapsed();
     finalize_trace.record(SpanKind::Finalize, None, finalize_span);
     tracer.submit(finalize_trace);

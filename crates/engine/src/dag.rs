@@ -50,7 +50,8 @@ use crossbeam::utils::Backoff;
 use hashbrown::HashTable;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
-use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read, join_parts};
+use crate::gather::gather_into;
+use crate::mv_memory::{Entry, Incarnation, MvMemory, Origin, Read, append_parts};
 use crate::preexec::{PreExecution, preexecute};
 use crate::trace::{Recorder, SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -511,24 +512,29 @@ where
     // Then the same workers resolve the memory's final values side by side.
     let share = n.div_ceil(workers).max(1);
     let next_shard = AtomicUsize::new(0);
-    let parts = crate::workers::run(workers.min(n).max(1), |w| {
-        let mine = &records[(w * share).min(n)..((w + 1) * share).min(n)];
-        let outputs = mine
-            .iter()
-            .map(|record| {
-                let mut record = record.lock().unwrap_or_else(|e| e.into_inner());
-                match std::mem::replace(&mut *record, Record::empty()).output {
-                    Some(Ok(output)) => output,
-                    _ => unreachable!("every committed transaction has an output"),
-                }
-            })
-            .collect::<Vec<_>>();
-        let values = memory.drain_final_values(
-            &next_shard,
-            |k| storage.read(k),
-            |k, v, d| vm.apply_delta(k, v, d),
-        );
-        (outputs, values)
+    let mut state_diff = Vec::new();
+    let room = memory.keys();
+    let parts = gather_into(&mut state_diff, room, |out| {
+        crate::workers::run(workers.min(n).max(1), |w| {
+            let mine = &records[(w * share).min(n)..((w + 1) * share).min(n)];
+            let outputs = mine
+                .iter()
+                .map(|record| {
+                    let mut record = record.lock().unwrap_or_else(|e| e.into_inner());
+                    match std::mem::replace(&mut *record, Record::empty()).output {
+                        Some(Ok(output)) => output,
+                        _ => unreachable!("every committed transaction has an output"),
+                    }
+                })
+                .collect::<Vec<_>>();
+            let values = memory.drain_final_values(
+                &next_shard,
+                out,
+                |k| storage.read(k),
+                |k, v, d| vm.apply_delta(k, v, d),
+            );
+            (outputs, values)
+        })
     });
     drop(records);
     drop(memory);
@@ -539,7 +545,8 @@ where
         values.push(part_values);
     }
     vm.finalize_outputs(&mut outputs)?;
-    let state_diff = join_parts(values).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
+    let state_diff =
+        append_parts(state_diff, values).map_err(|e| VmError::Read(ReadError::Storage(e)))?;
     trace.record(SpanKind::Finalize, None, span);
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();

@@ -9,6 +9,7 @@ pub mod block_stm;
 pub mod chunk;
 pub mod dag;
 mod declared;
+pub mod gather;
 pub mod metrics;
 pub mod mv_memory;
 pub mod optimistic;

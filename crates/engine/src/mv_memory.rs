@@ -45,26 +45,18 @@ use parex_core::{StorageError, TxIndex};
 use smallvec::SmallVec;
 
 use self::sink::Sink;
+use crate::gather::{Block, Gather, gather_into};
 
-/// The final values of a memory drained in parts ([`MvMemory::drain_final_values`]) in one
-/// vector: the largest part takes the others (fewer values copied), or the first failure.
-pub fn join_parts<K, V>(
-    parts: Vec<Result<Vec<(K, V)>, StorageError>>,
+/// The final values gathered from a memory's drains ([`MvMemory::drain_final_values`])
+/// followed by those they kept apart for want of room, or the first failure.
+pub fn append_parts<K, V>(
+    mut values: Vec<(K, V)>,
+    apart: Vec<Result<Vec<(K, V)>, StorageError>>,
 ) -> Result<Vec<(K, V)>, StorageError> {
-    let mut parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let largest = (0..parts.len())
-        .max_by_key(|&i| parts[i].len())
-        .unwrap_or(0);
-    let mut out = if parts.is_empty() {
-        Vec::new()
-    } else {
-        parts.swap_remove(largest)
-    };
-    out.reserve(parts.iter().map(Vec::len).sum());
-    for mut part in parts {
-        out.append(&mut part);
+    for part in apart {
+        values.append(&mut part?);
     }
-    Ok(out)
+    Ok(values)
 }
 
 /// Pre-block values read from storage (or the failures to read them), each key once.
@@ -866,53 +858,60 @@ where
     ) -> Result<Vec<(K, V)>, StorageError> {
         let threads = threads.clamp(1, self.shards.len());
         let next = AtomicUsize::new(0);
-        let parts = std::thread::scope(|scope| {
-            let drain = || self.drain_final_values(&next, &load, &apply);
-            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(drain)).collect();
-            let mut parts = vec![drain()];
-            parts.extend(
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-            );
-            parts
+        let mut values = Vec::new();
+        let room = self.keys();
+        let apart = gather_into(&mut values, room, |out| {
+            std::thread::scope(|scope| {
+                let drain = || self.drain_final_values(&next, out, &load, &apply);
+                let handles: Vec<_> = (1..threads).map(|_| scope.spawn(drain)).collect();
+                let mut apart = vec![drain()];
+                apart.extend(
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                );
+                apart
+            })
         });
-        join_parts(parts)
+        append_parts(values, apart)
     }
 
-    /// [`Self::into_final_values`] shared by any number of callers, once no transaction
-    /// runs any more: each takes shards (and the sink) through `next` (a counter from 0,
-    /// the same for all of them) until none is left, and returns the final values of the
-    /// keys of those it took, whose tables it frees. (Workers that finish a block resolve
-    /// it side by side, on threads that are already running.)
-    pub fn drain_final_values(
-        &self,
-        next: &AtomicUsize,
-        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
-        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
-    ) -> Result<Vec<(K, V)>, StorageError> {
-        // Room for every key not yet taken: this part may get them all, and the other
-        // parts are then appended to the largest (see [`join_parts`]), so that no value is
-        // copied twice; capacity never written costs no memory.
-        let keys: usize = self
+    /// How many keys the memory holds (an upper bound of its final values), counted under
+    /// each shard's lock in turn.
+    pub fn keys(&self) -> usize {
+        let in_shards: usize = self
             .shards
             .iter()
             .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum();
-        let mut out = Vec::with_capacity(keys + 1);
+        in_shards + self.sinks.len()
+    }
+
+    /// [`Self::into_final_values`] shared by any number of callers, once no transaction
+    /// runs any more: each takes shards (and the sinks) through `next` (a counter from 0,
+    /// the same for all of them) until none is left, and moves the final values of the
+    /// keys of those it took into blocks of `out` (one per shard), freeing their tables.
+    /// Returns the values that found no room in `out`. (Workers that finish a block
+    /// resolve it side by side, on threads that are already running.)
+    pub fn drain_final_values(
+        &self,
+        next: &AtomicUsize,
+        out: &Gather<'_, (K, V)>,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> Result<Vec<(K, V)>, StorageError> {
+        let mut apart = Vec::new();
         loop {
             let i = next.fetch_add(1, Relaxed);
             let Some(shard) = self.shards.get(i) else {
                 let Some(sink) = self.sinks.get(i - self.shards.len()) else {
-                    return Ok(out);
+                    return Ok(apart);
                 };
+                let key = &sink.key;
+                if let Some(Some(value)) =
+                    sink.final_value(|| load(key), |v, d| apply(key, v, d))?
                 {
-                    let key = &sink.key;
-                    if let Some(Some(value)) =
-                        sink.final_value(|| load(key), |v, d| apply(key, v, d))?
-                    {
-                        out.push((key.clone(), value));
-                    }
+                    push_or_keep_apart(&mut out.block(1), &mut apart, (key.clone(), value));
                 }
                 continue;
             };
@@ -921,6 +920,7 @@ where
                 let empty = Table::with_capacity(0, self.hasher.clone());
                 std::mem::replace(&mut *table, empty)
             };
+            let mut block = out.block(table.len());
             for state in table.states {
                 let KeyState {
                     key,
@@ -950,11 +950,24 @@ where
                     }
                 };
                 if let Some(v) = apply_deltas(&key, &versions, first_delta, end, base, &apply) {
-                    out.push((key, v));
+                    push_or_keep_apart(&mut block, &mut apart, (key, v));
                 }
             }
         }
     }
+}
+
+/// Moves `value` into `block`, or into `apart` if there is no block (no room was left).
+#[inline]
+fn push_or_keep_apart<T>(block: &mut Option<Block<'_, '_, T>>, apart: &mut Vec<T>, value: T) {
+    let value = match block {
+        Some(block) => match block.push(value) {
+            Ok(()) => return,
+            Err(value) => value,
+        },
+        None => value,
+    };
+    apart.push(value);
 }
 
 #[cfg(test)]
@@ -1252,6 +1265,37 @@ mod tests {
             finals.sort();
             let expected: Vec<(u32, i64)> = (0..2000u32).map(|k| (k, -i64::from(k))).collect();
             assert_eq!(finals, expected);
+        }
+    }
+
+    #[test]
+    fn drains_keep_apart_what_finds_no_room_and_lose_nothing() {
+        // Two drains share 300 keys in 16 shards and a sink, with room for a few shards'
+        // keys only (block-stm reserves room from an estimate): the shards that find no
+        // room come back apart, and together they are every final value once.
+        for room in [0, 1, 40, 150, 301, 1000] {
+            let m = MvMemory::<u32, i64, i64>::new(300, false).with_sinks(vec![7], 2);
+            for k in (0..300u32).filter(|&k| k != 7) {
+                m.write(k, k as TxIndex, Entry::Write(0, i64::from(k)), 0);
+            }
+            // The sink only receives a delta, over its pre-block value (70).
+            m.write(7, 7, Entry::Delta(0, 5), 1);
+            let next = AtomicUsize::new(0);
+            let mut finals = Vec::new();
+            let apart = gather_into(&mut finals, room, |out| {
+                std::thread::scope(|scope| {
+                    let drain = || m.drain_final_values(&next, out, load, add);
+                    let other = scope.spawn(drain);
+                    vec![drain(), other.join().unwrap()]
+                })
+            });
+            assert!(finals.len() <= room, "room {room}");
+            let mut finals = append_parts(finals, apart).unwrap();
+            finals.sort();
+            let expected: Vec<(u32, i64)> = (0..300u32)
+                .map(|k| (k, if k == 7 { 75 } else { i64::from(k) }))
+                .collect();
+            assert_eq!(finals, expected, "room {room}");
         }
     }
 

@@ -39,7 +39,6 @@
 //! layers). Traces show one span per range.
 
 use std::hash::BuildHasher;
-use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -54,6 +53,7 @@ use parex_core::{
 };
 
 use crate::chunk::{LocalMap, Overlay};
+use crate::gather::gather_into;
 use crate::sequential::Cache;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -617,9 +617,7 @@ fn by_thread<R: Send>(
 /// A key the filter says only one write touched is final as that write left it (a delta
 /// on the pre-block value): the layers are walked for those in parallel, each preferably
 /// by the thread that executed it, moving values straight into the diff (each layer
-/// fills a block of the diff's spare capacity, and the gaps its other keys leave are
-/// closed after: walking into parts of its own and appending them copied half the diff
-/// once more). The other keys (the filter's "more than once", false answers included)
+/// fills a block of the diff's spare capacity, [`crate::gather`]). The other keys (the filter's "more than once", false answers included)
 /// are resolved after, in block order: the layers' writes one after the other, a delta
 /// on the value before it; the rest's write, final, replaces them all.
 fn state_diff<V, S>(
@@ -661,64 +659,47 @@ where
         .map(|layer| Mutex::new(Some(layer)))
         .collect();
     let threads = std::mem::take(&mut committed.layer_threads);
-    let before = diff.len();
-    let free = Mutex::new((0, &mut diff.spare_capacity_mut()[..writes]));
     let shared = &committed;
-    let walked = by_thread(workers, &threads, |_, i| {
-        let layer = layers[i]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("each layer is walked once");
-        let (offset, block) = {
-            let mut free = free.lock().unwrap_or_else(|e| e.into_inner());
-            let (offset, slots) = std::mem::take(&mut *free);
-            let (block, rest) = slots.split_at_mut(layer.len());
-            *free = (offset + layer.len(), rest);
-            (offset, block)
-        };
-        let (mut filled, mut kept) = (0, Vec::new());
-        for (key, local) in layer {
-            let Some(write) = &local.written else {
-                continue;
-            };
-            if shared.is_rewritten(&key) {
-                kept.push((key, local));
-                continue;
-            }
-            let value = match (write, local.value) {
-                (None, value) => value.expect("a full write has a value"),
-                // Deltas on the pre-block value, as the range's last transaction left it
-                // (or as `settle` computed it).
-                (Some(_), Some(value)) => value,
-                (Some(delta), None) => {
-                    let base = shared.storage.read(&key).map_err(ReadError::from)?;
-                    shared.vm.apply_delta(&key, base, delta)
+    let walked = gather_into(&mut diff, writes, |out| {
+        by_thread(workers, &threads, |_, i| {
+            let layer = layers[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .expect("each layer is walked once");
+            let mut block = out.block(layer.len()).expect("room for every layer's keys");
+            let mut kept = Vec::new();
+            for (key, local) in layer {
+                let Some(write) = &local.written else {
+                    continue;
+                };
+                if shared.is_rewritten(&key) {
+                    kept.push((key, local));
+                    continue;
                 }
-            };
-            if let Some(value) = value {
-                block[filled].write((key, value));
-                filled += 1;
+                let value = match (write, local.value) {
+                    (None, value) => value.expect("a full write has a value"),
+                    // Deltas on the pre-block value, as the range's last transaction left
+                    // it (or as `settle` computed it).
+                    (Some(_), Some(value)) => value,
+                    (Some(delta), None) => {
+                        let base = shared.storage.read(&key).map_err(ReadError::from)?;
+                        shared.vm.apply_delta(&key, base, delta)
+                    }
+                };
+                if let Some(value) = value
+                    && block.push((key, value)).is_err()
+                {
+                    unreachable!("a layer's block has a slot for each of its keys");
+                }
             }
-        }
-        Ok::<_, VmError>((offset..offset + block.len(), filled, kept))
+            Ok::<_, VmError>(kept)
+        })
     });
     let walked = walked.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let blocks: Vec<(Range<usize>, usize)> = walked
-        .iter()
-        .map(|(block, filled, _)| (block.clone(), *filled))
-        .collect();
-    let filled = close_gaps(&mut diff.spare_capacity_mut()[..writes], &blocks);
-    // SAFETY: the `writes` slots past `before` were handed out as disjoint blocks (split
-    // off one slice under a lock), each walk wrote the first `filled` slots of its block
-    // and reported that count (the walks all succeeded: an error returned above, leaking
-    // what had been written, which is safe), and `close_gaps` only swapped slots, so that
-    // the first `filled` of them (the sum of the counts) hold values: `close_gaps`'s
-    // contract, tested below.
-    unsafe { diff.set_len(before + filled) };
 
     // Keys written more than once (or that the filter could not tell), in block order.
-    let kept: Vec<_> = walked.into_iter().flat_map(|(_, _, kept)| kept).collect();
+    let kept: Vec<_> = walked.into_iter().flatten().collect();
     let mut values =
         alloy_primitives::map::HashMap::<V::Key, Option<V::Value>>::with_capacity_and_hasher(
             kept.len(),
@@ -746,28 +727,6 @@ where
         }
     }
     Ok(diff)
-}
-
-/// Closes the gaps that parallel writers left in `slots`: `blocks` are disjoint ranges of
-/// `slots`, each with how many of its first slots were written. Swaps written slots from
-/// past the total into unwritten ones before it, so that the first `total` slots are the
-/// written ones (in some order), and returns `total`. Only slots are swapped: nothing is
-/// read, dropped or lost.
-fn close_gaps<T>(slots: &mut [MaybeUninit<T>], blocks: &[(Range<usize>, usize)]) -> usize {
-    let total: usize = blocks.iter().map(|(_, filled)| filled).sum();
-    // Unwritten slots before `total`, and written ones from `total` on: as many of each.
-    let holes = blocks
-        .iter()
-        .flat_map(|(block, filled)| block.start + filled..block.end.min(total));
-    let mut strays = blocks
-        .iter()
-        .flat_map(|(block, filled)| block.start.max(total)..block.start + filled);
-    for hole in holes {
-        let stray = strays.next().expect("as many strays as holes");
-        slots.swap(hole, stray);
-    }
-    debug_assert!(strays.next().is_none());
-    total
 }
 
 /// The transactions of a block from `offset` on, as a block of their own (the part of a
@@ -838,45 +797,7 @@ impl<V: Vm> Vm for Suffix<'_, V> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_STEAL, Segment, close_gaps, round};
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Blocks of a vector's spare capacity, handed out in any order and each partly
-        /// written, become one vector holding exactly the written values.
-        #[test]
-        fn closing_gaps_keeps_every_written_value_and_nothing_else(
-            blocks in prop::collection::vec((0usize..40, 0.0f64..=1.0), 0..12),
-            rotate in 0usize..12,
-        ) {
-            let len: usize = blocks.iter().map(|(len, _)| len).sum();
-            let mut values: Vec<String> = Vec::with_capacity(len);
-            let slots = &mut values.spare_capacity_mut()[..len];
-            let (mut offset, mut written, mut expected) = (0, Vec::new(), Vec::new());
-            for (b, &(block_len, share)) in blocks.iter().enumerate() {
-                let filled = (block_len as f64 * share) as usize;
-                for i in 0..filled {
-                    let value = format!("{b}.{i}");
-                    slots[offset + i].write(value.clone());
-                    expected.push(value);
-                }
-                written.push((offset..offset + block_len, filled));
-                offset += block_len;
-            }
-            // The walks report in layer order, not in the order they claimed blocks.
-            let turn = rotate % written.len().max(1);
-            written.rotate_left(turn);
-            let total = close_gaps(slots, &written);
-            prop_assert_eq!(total, expected.len());
-            // SAFETY: the test wrote the first `filled` slots of each disjoint block, and
-            // `close_gaps` moved them to the first `total` slots (what is checked here: a
-            // slot left unwritten would not hold one of the expected strings).
-            unsafe { values.set_len(total) };
-            values.sort();
-            expected.sort();
-            prop_assert_eq!(values, expected);
-        }
-    }
+    use super::{MIN_STEAL, Segment, round};
 
     #[test]
     fn segments_claim_in_order_and_split_their_second_half() {
