@@ -1,12 +1,12 @@
 //! Values made by parallel workers gathered into one vector, each value moved once.
 //!
-//! [`gather_into`] hands out the vector's spare capacity in disjoint blocks (one lock per
-//! block, not per value); each worker fills its blocks from the start ([`Block::push`]);
-//! at the end the gaps that the blocks' unfilled ends leave are closed by moving the
-//! values that lie past the total into them ([`close_gaps`]), and the vector's length
-//! grows by the total. (Parts gathered per worker and appended to the largest copied
-//! half of a block's state diff once more, into memory touched for the first time, on
-//! one thread, after the workers were done.)
+//! [`gather_into`] hands out the vector's spare capacity in disjoint blocks (a turn at one
+//! lock when a block is taken and when it ends, not per value); each worker fills its
+//! blocks from the start ([`Block::push`]); at the end the gaps that the blocks' unfilled
+//! ends leave are closed by moving the values that lie past the total into them
+//! (`close_gaps`), and the vector's length grows by the total. (Parts gathered per
+//! worker and appended to the largest copied half of a block's state diff once more,
+//! into memory touched for the first time, on one thread, after the workers were done.)
 //!
 //! Invariant: a slot of the spare capacity holds a value exactly when it is among the
 //! first `filled` slots of a block, as recorded when the block was dropped. A block
@@ -19,10 +19,16 @@ use std::sync::Mutex;
 
 /// The spare capacity of a vector being gathered into (see [`gather_into`]).
 pub struct Gather<'v, T> {
-    /// The first slot not handed out yet, and the slots from there on.
-    free: Mutex<(usize, &'v mut [MaybeUninit<T>])>,
-    /// Every block handed out, with how many of its slots were filled once it ended.
-    blocks: Mutex<Vec<(Range<usize>, usize)>>,
+    handout: Mutex<Handout<'v, T>>,
+}
+
+/// What a [`Gather`] has handed out, under its one lock.
+struct Handout<'v, T> {
+    /// The slots not handed out yet: those from the end of the last block on.
+    free: &'v mut [MaybeUninit<T>],
+    /// Every block handed out, in order from slot 0, with how many of its slots were
+    /// filled once it ended.
+    blocks: Vec<(Range<usize>, usize)>,
 }
 
 /// `len` consecutive slots of a [`Gather`], filled from the start.
@@ -38,21 +44,17 @@ impl<'v, T> Gather<'v, T> {
     /// A block of `len` slots, or `None` if fewer remain (the caller keeps such values
     /// apart).
     pub fn block(&self, len: usize) -> Option<Block<'_, 'v, T>> {
-        let (start, slots) = {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.1.len() < len {
-                return None;
-            }
-            let (start, rest) = std::mem::take(&mut *free);
-            let (slots, rest) = rest.split_at_mut(len);
-            *free = (start + len, rest);
-            (start, slots)
-        };
-        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        blocks.push((start..start + len, 0));
+        let mut handout = self.handout.lock().unwrap_or_else(|e| e.into_inner());
+        if handout.free.len() < len {
+            return None;
+        }
+        let (slots, rest) = std::mem::take(&mut handout.free).split_at_mut(len);
+        handout.free = rest;
+        let start = handout.blocks.last().map_or(0, |(block, _)| block.end);
+        handout.blocks.push((start..start + len, 0));
         Some(Block {
             gather: self,
-            index: blocks.len() - 1,
+            index: handout.blocks.len() - 1,
             slots,
             filled: 0,
         })
@@ -75,8 +77,12 @@ impl<T> Block<'_, '_, T> {
 
 impl<T> Drop for Block<'_, '_, T> {
     fn drop(&mut self) {
-        let mut blocks = self.gather.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        blocks[self.index].1 = self.filled;
+        let mut handout = self
+            .gather
+            .handout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        handout.blocks[self.index].1 = self.filled;
     }
 }
 
@@ -92,17 +98,19 @@ pub fn gather_into<T, R>(
     let before = out.len();
     let (result, blocks) = {
         let gather = Gather {
-            free: Mutex::new((0, &mut out.spare_capacity_mut()[..room])),
-            blocks: Mutex::new(Vec::new()),
+            handout: Mutex::new(Handout {
+                free: &mut out.spare_capacity_mut()[..room],
+                blocks: Vec::new(),
+            }),
         };
         let result = fill(&gather);
         // Every block borrowed `gather` inside `fill`, so all of them have ended (or were
         // forgotten, and stay empty).
-        let blocks = gather
-            .blocks
+        let handout = gather
+            .handout
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
-        (result, blocks)
+        (result, handout.blocks)
     };
     let total = close_gaps(&mut out.spare_capacity_mut()[..room], &blocks);
     // SAFETY: the blocks are disjoint ranges of these `room` slots, handed out one after
@@ -122,7 +130,7 @@ pub fn gather_into<T, R>(
 /// into unwritten ones before it, so that the first `total` slots are the written ones
 /// (in some order), and returns `total`. Only slots are swapped: nothing is read,
 /// dropped or lost.
-pub fn close_gaps<T>(slots: &mut [MaybeUninit<T>], blocks: &[(Range<usize>, usize)]) -> usize {
+fn close_gaps<T>(slots: &mut [MaybeUninit<T>], blocks: &[(Range<usize>, usize)]) -> usize {
     let total: usize = blocks.iter().map(|(_, filled)| filled).sum();
     // Unwritten slots before `total`, and written ones from `total` on: as many of each.
     let holes = blocks

@@ -617,9 +617,10 @@ fn by_thread<R: Send>(
 /// A key the filter says only one write touched is final as that write left it (a delta
 /// on the pre-block value): the layers are walked for those in parallel, each preferably
 /// by the thread that executed it, moving values straight into the diff (each layer
-/// fills a block of the diff's spare capacity, [`crate::gather`]). The other keys (the filter's "more than once", false answers included)
-/// are resolved after, in block order: the layers' writes one after the other, a delta
-/// on the value before it; the rest's write, final, replaces them all.
+/// fills a block of the diff's spare capacity, [`crate::gather`]). The other keys (the
+/// filter's "more than once", false answers included) are resolved after, in block order:
+/// the layers' writes one after the other, a delta on the value before it; the rest's
+/// write, final, replaces them all.
 fn state_diff<V, S>(
     mut committed: Committed<'_, V, S>,
     rest: Option<Cache<V::Key, V::Value>>,
