@@ -11,7 +11,8 @@
 //! waited for is in that worker's cache).
 //! Transactions sharing a sequence key ([`Vm::sequence_key`], the sender of a nonce
 //! sequence) start ordered: before any execution, the earlier one's write of the key is
-//! an estimate (a hint: its first execution replaces or removes it).
+//! an estimate (a hint: its first execution replaces or removes it), and a worker that
+//! draws the later one before the earlier has executed suspends it without running it.
 //!
 //! Invariants: (1) a transaction's recorded read set and writes belong to the same,
 //! latest incarnation; (2) when the scheduler reports done, every transaction's latest
@@ -111,6 +112,9 @@ struct TxSlot<V: Vm> {
     reads: ReadSet<V>,
     written: KeySet<V>,
     output: Option<Result<V::Output, VmError>>,
+    /// The worker that recorded it, whose allocations the two sets are (it frees them at
+    /// the end: see [`execute_units`]).
+    recorder: usize,
 }
 
 struct BlockStm<'a, V: Vm, S> {
@@ -134,11 +138,11 @@ struct BlockStm<'a, V: Vm, S> {
     next_declared: AtomicUsize,
     /// Slow storage: workers first run discovery on these windows ([`crate::prefetch`]).
     discovery: Option<crate::prefetch::Windows>,
+    /// Per transaction, the nearest earlier one with its sequence key, if any (see
+    /// [`BlockStm::seed_sequence_estimates`]; empty on chunked blocks).
+    sequence_predecessors: Box<[Option<u32>]>,
     tracer: Tracer,
 }
-
-/// Transactions whose read and write sets a worker frees at a time, at the end.
-const SLOTS_FREED_AT_ONCE: usize = 64;
 
 /// A worker judges its speculation in windows of this many executions of its own (at
 /// most; on blocks of fewer than `8 * JUDGE_AFTER` units, an eighth of the block's units,
@@ -165,7 +169,8 @@ struct Worker<V: Vm> {
     metrics: Metrics,
     dependency_retries: u64,
     /// Dependency waits on the transaction's own sequence key (see
-    /// [`BlockStm::seed_sequence_estimates`]): expected, and cheap (the key is read first).
+    /// [`BlockStm::seed_sequence_estimates`]): expected, and cheap (taken before the
+    /// execution, or at its first read).
     sequence_waits: u64,
     /// Pre-block values this worker loaded (a shared counter would bounce between cores).
     storage_reads: u64,
@@ -174,6 +179,9 @@ struct Worker<V: Vm> {
     /// What its discovery prefetched (slow storage; [`crate::prefetch`]).
     discovered: crate::prefetch::Discovered,
     judge: WasteJudge,
+    /// The transactions this worker recorded, in order (repeats included): it frees their
+    /// sets at the end.
+    recorded: Vec<TxIndex>,
     /// Dependents of transactions this worker executed, claimed for it by the scheduler
     /// ([`Scheduler::finish_execution`]): its next tasks once the current one is done
     /// (a validation can end in a re-execution that claims another before they run).
@@ -374,7 +382,7 @@ where
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
     let memory = MvMemory::new(keys, slow_storage).with_sinks(vm.delta_sinks(), workers);
     memory.seed_bases(cached);
-    let engine = BlockStm {
+    let mut engine = BlockStm {
         vm,
         storage,
         memory,
@@ -385,6 +393,7 @@ where
                     reads: Vec::new(),
                     written: Vec::new(),
                     output: None,
+                    recorder: 0,
                 })
             })
             .collect(),
@@ -395,6 +404,7 @@ where
         oversubscribed: workers > run.threads.max(1),
         next_declared: AtomicUsize::new(0),
         discovery: discover.then(|| crate::prefetch::Windows::new(n, workers)),
+        sequence_predecessors: Box::default(),
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -403,17 +413,19 @@ where
         0
     };
     // Once done, the workers assemble the final state side by side, each taking shards of
-    // the memory until none is left (a worker that stopped early takes none), then free
-    // the transactions' read and write sets the same way.
+    // the memory until none is left (a worker that stopped early takes none), then each
+    // frees the read and write sets it recorded (still in its caches, and freed by the
+    // thread that allocated them: freeing them in shared turns took 87 of the 164 us each
+    // worker spent on 14396881's end, a third of the frees going to the other thread's
+    // heap). Sets whose recorder stopped early are freed with the slots.
     let next_shard = AtomicUsize::new(0);
-    let next_slot = AtomicUsize::new(0);
     // The final values go straight into one vector, a block of it per shard (room for
     // twice the keys the block was expected to write, never touched unless written; any
     // beyond are kept apart and appended).
     let mut state_diff = Vec::new();
     let results = gather_into(&mut state_diff, 2 * keys, |out| {
         crate::workers::run(workers, |id| {
-            let mut metrics = engine.work(id);
+            let (mut metrics, recorded) = engine.work(id);
             if !engine.scheduler.completed() {
                 return (metrics, None);
             }
@@ -425,17 +437,12 @@ where
                 out,
                 |k| storage.read(k),
                 |k, v, d| vm.apply_delta(k, v, d),
+                |earlier, later| vm.merge_deltas(earlier, later),
             );
-            loop {
-                let first = next_slot.fetch_add(SLOTS_FREED_AT_ONCE, Relaxed);
-                let Some(slots) = engine
-                    .slots
-                    .get(first..(first + SLOTS_FREED_AT_ONCE).min(n))
-                else {
-                    break;
-                };
-                for slot in slots {
-                    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            for tx in recorded {
+                let mut slot = engine.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
+                // Recorded again by another worker since: that one frees it.
+                if slot.recorder == id {
                     drop(std::mem::take(&mut slot.reads));
                     drop(std::mem::take(&mut slot.written));
                 }
@@ -594,13 +601,17 @@ where
     /// Makes each transaction that shares its sequence key ([`Vm::sequence_key`]) with an
     /// earlier one wait for the nearest such: an estimate of that one's write is left
     /// under the key (and the key counted as written by it, so that its first recorded
-    /// execution replaces or removes the estimate). Returns the transactions so ordered.
-    fn seed_sequence_estimates(&self) -> u64 {
+    /// execution replaces or removes the estimate), and the earlier one is recorded as
+    /// its predecessor, so that a worker that draws it while the predecessor has not
+    /// executed suspends it at once instead of running it up to its first read (see
+    /// [`BlockStm::wait_for_predecessor`]). Returns the transactions so ordered.
+    fn seed_sequence_estimates(&mut self) -> u64 {
         let n = self.vm.tx_count();
         let mut last: HashMap<V::Key, TxIndex, DefaultHashBuilder> =
             HashMap::with_capacity_and_hasher(n, DefaultHashBuilder::default());
+        let mut predecessors = vec![None; n];
         let mut sequenced = 0;
-        for tx in 0..n {
+        for (tx, predecessor) in predecessors.iter_mut().enumerate() {
             let Some(key) = self.vm.sequence_key(tx) else {
                 continue;
             };
@@ -610,14 +621,37 @@ where
                     .unwrap_or_else(|e| e.into_inner());
                 slot.written.push(key.clone());
                 let _ = self.memory.write(key, earlier, Entry::Estimate, 0);
+                *predecessor = u32::try_from(earlier).ok();
                 sequenced += 1;
             }
         }
+        self.sequence_predecessors = predecessors.into_boxed_slice();
         sequenced
     }
 
-    /// One worker's loop: run tasks until the scheduler is done. Returns its metrics.
-    fn work(&self, id: usize) -> Metrics {
+    /// Suspends `tx` (drawn for execution) until its sequence predecessor has executed, if
+    /// that one has not yet: its execution would read the predecessor's estimate first
+    /// thing and be void (a blocked execution of a light transaction cost 4 us on
+    /// 14396881). Waiting is never wrong, only later than needed: a transaction waits
+    /// only for an earlier one, which never waits for it. Returns whether it suspended.
+    fn wait_for_predecessor(&self, tx: TxIndex, w: &mut Worker<V>) -> bool {
+        let Some(&Some(earlier)) = self.sequence_predecessors.get(tx) else {
+            return false;
+        };
+        let earlier = earlier as TxIndex;
+        let span = w.trace.start();
+        if self.scheduler.executed(earlier) || !self.scheduler.add_dependency(tx, earlier, w.id) {
+            return false;
+        }
+        w.trace.record(SpanKind::Blocked, Some(tx), span);
+        w.metrics.dependency_waits += 1;
+        w.sequence_waits += 1;
+        true
+    }
+
+    /// One worker's loop: run tasks until the scheduler is done. Returns its metrics and
+    /// the transactions it recorded.
+    fn work(&self, id: usize) -> (Metrics, Vec<TxIndex>) {
         let _halt = HaltOnPanic(&self.scheduler);
         let mut w = Worker::<V> {
             id,
@@ -630,6 +664,7 @@ where
             preloaded: 0,
             discovered: Default::default(),
             judge: WasteJudge::new(self.judge_interval, self.workers),
+            recorded: Vec::new(),
             resumed: Vec::new(),
             clock: PhaseClock::new(),
             trace: self.tracer.recorder(id),
@@ -696,7 +731,7 @@ where
             ("preloaded", w.preloaded),
         ];
         w.metrics.extra.extend(w.discovered.extras());
-        w.metrics
+        (w.metrics, w.recorded)
     }
 
     /// Whether this worker should give up speculating ([`WasteJudge`]; only its own
@@ -754,6 +789,9 @@ where
         incarnation: Incarnation,
         w: &mut Worker<V>,
     ) -> Option<Task> {
+        if self.wait_for_predecessor(tx, w) {
+            return None;
+        }
         loop {
             let span = w.trace.start();
             w.reads.clear();
@@ -865,6 +903,8 @@ where
         w.reads.clear();
         w.reads.reserve(slot.reads.len());
         slot.output = Some(output);
+        slot.recorder = w.id;
+        w.recorded.push(tx);
         wrote_new_path && read_above
     }
 

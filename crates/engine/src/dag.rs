@@ -532,6 +532,7 @@ where
                 out,
                 |k| storage.read(k),
                 |k, v, d| vm.apply_delta(k, v, d),
+                |earlier, later| vm.merge_deltas(earlier, later),
             );
             (outputs, values)
         })

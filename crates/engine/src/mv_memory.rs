@@ -438,6 +438,22 @@ fn resolve_over_storage<K, V: Clone, D>(
     }
 }
 
+/// `deltas` merged into one (`merge`: applying the result equals applying them in
+/// turn), or `None` if there are none. A final value with many deltas (a block's fee
+/// credits to its beneficiary) is then one application instead of one per delta: each
+/// moves the whole value in and out, and 1346 of them took a third of 14396881's drains.
+pub(crate) fn merged<'d, D: Clone + 'd>(
+    deltas: impl IntoIterator<Item = &'d D>,
+    merge: &impl Fn(&mut D, &D),
+) -> Option<D> {
+    let mut deltas = deltas.into_iter();
+    let mut sum = deltas.next()?.clone();
+    for delta in deltas {
+        merge(&mut sum, delta);
+    }
+    Some(sum)
+}
+
 /// Applies the deltas `versions[from..end]` in order on top of `value`.
 fn apply_deltas<K, V, D>(
     key: &K,
@@ -858,6 +874,7 @@ where
         threads: usize,
         load: impl Fn(&K) -> Result<Option<V>, StorageError> + Sync,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V> + Sync,
+        merge: impl Fn(&mut D, &D) + Sync,
     ) -> Result<Vec<(K, V)>, StorageError> {
         let threads = threads.clamp(1, self.shards.len());
         let next = AtomicUsize::new(0);
@@ -865,7 +882,7 @@ where
         let room = self.keys();
         let apart = gather_into(&mut values, room, |out| {
             std::thread::scope(|scope| {
-                let drain = || self.drain_final_values(&next, out, &load, &apply);
+                let drain = || self.drain_final_values(&next, out, &load, &apply, &merge);
                 let handles: Vec<_> = (1..threads).map(|_| scope.spawn(drain)).collect();
                 let mut apart = vec![drain()];
                 apart.extend(
@@ -903,6 +920,7 @@ where
         out: &Gather<'_, (K, V)>,
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+        merge: impl Fn(&mut D, &D),
     ) -> Result<Vec<(K, V)>, StorageError> {
         let mut apart = Vec::new();
         let batches = self.shards.len().div_ceil(SHARDS_PER_CLAIM);
@@ -914,7 +932,7 @@ where
                 };
                 let key = &sink.key;
                 if let Some(Some(value)) =
-                    sink.final_value(|| load(key), |v, d| apply(key, v, d))?
+                    sink.final_value(|| load(key), |v, d| apply(key, v, d), &merge)?
                 {
                     push_or_keep_apart(&mut out.block(1), &mut apart, (key.clone(), value));
                 }
@@ -960,7 +978,17 @@ where
                             unreachable!("estimate of transaction {t} left at the end")
                         }
                     };
-                    if let Some(v) = apply_deltas(&key, &versions, first_delta, end, base, &apply) {
+                    let deltas = versions[first_delta..end]
+                        .iter()
+                        .map(|(_, entry)| match entry {
+                            Entry::Delta(_, d) => d,
+                            _ => unreachable!("only deltas lie above the base"),
+                        });
+                    let value = match merged(deltas, &merge) {
+                        Some(delta) => apply(&key, base, &delta),
+                        None => base,
+                    };
+                    if let Some(v) = value {
                         push_or_keep_apart(&mut block, &mut apart, (key, v));
                     }
                 }
@@ -1024,6 +1052,10 @@ mod tests {
         Some(v.unwrap_or(0) + d)
     }
 
+    fn merge(earlier: &mut i64, later: &i64) {
+        *earlier += later;
+    }
+
     fn value(read: Read<i64>) -> (Result<Option<i64>, StorageError>, Origin<i64>) {
         match read {
             Read::Value(value, origin) => (value, origin),
@@ -1071,7 +1103,7 @@ mod tests {
             assert!(matches!(m.read(&1, 3, load, add), Read::Blocked(2)));
             assert!(!m.validate(&1, 3, &Origin::Version(2, 1), load, add));
             m.remove(&1, 2);
-            let mut finals = m.into_final_values(2, load, add).unwrap();
+            let mut finals = m.into_final_values(2, load, add, merge).unwrap();
             finals.sort();
             assert_eq!(finals, vec![(1, 5)]);
         }
@@ -1093,7 +1125,7 @@ mod tests {
             assert_eq!(value(m.read(&5, 4, load, add)).0, Ok(Some(10)));
             // A key that only received deltas ends on its pre-block value plus them.
             m.write(6, 8, Entry::Delta(0, 4), 0);
-            let mut finals = m.into_final_values(1, load, add).unwrap();
+            let mut finals = m.into_final_values(1, load, add, merge).unwrap();
             finals.sort();
             assert_eq!(finals, vec![(5, 10), (6, 64)]);
         }
@@ -1111,7 +1143,7 @@ mod tests {
             assert!(got.is_err());
             assert_eq!(origin, Origin::Failed);
             assert!(m.validate(&9, 2, &origin, load, add));
-            assert!(m.into_final_values(1, load, add).is_err());
+            assert!(m.into_final_values(1, load, add, merge).is_err());
         }
     }
 
@@ -1279,7 +1311,7 @@ mod tests {
                     );
                 }
             }
-            let mut finals = m.into_final_values(2, load, add).unwrap();
+            let mut finals = m.into_final_values(2, load, add, merge).unwrap();
             finals.sort();
             let expected: Vec<(u32, i64)> = (0..2000u32).map(|k| (k, -i64::from(k))).collect();
             assert_eq!(finals, expected);
@@ -1302,7 +1334,7 @@ mod tests {
             let mut finals = Vec::new();
             let apart = gather_into(&mut finals, room, |out| {
                 std::thread::scope(|scope| {
-                    let drain = || m.drain_final_values(&next, out, load, add);
+                    let drain = || m.drain_final_values(&next, out, load, add, merge);
                     let other = scope.spawn(drain);
                     vec![drain(), other.join().unwrap()]
                 })
@@ -1478,7 +1510,7 @@ mod tests {
                 apply_op(&plain, &sink, &mut txs, &Op::Execute { tx, lane: tx % 3, writes });
             }
             let finals = |m: MvMemory<u32, i64, i64>| {
-                m.into_final_values(2, load, add).map(|mut f| { f.sort(); f }).map_err(|e| e.to_string())
+                m.into_final_values(2, load, add, merge).map(|mut f| { f.sort(); f }).map_err(|e| e.to_string())
             };
             prop_assert_eq!(finals(plain), finals(sink));
         }

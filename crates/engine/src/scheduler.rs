@@ -2,7 +2,11 @@
 //!
 //! Two shared indices hand out tasks in block order: `execution_idx` (the next
 //! transaction to execute) and `validation_idx` (the next to validate); a worker takes
-//! a validation task whenever validation lags behind execution. Aborts and resumed
+//! a validation task whenever validation lags behind execution. Both live in one atomic
+//! word (`indices`, execution in the low half): a worker choosing its next task reads
+//! both at every task, and the two counters on two cache lines, each moved by the other
+//! worker at its last task, cost two transfers between the cores where one does (one
+//! reading of both is also a consistent pair, which two loads were not). Aborts and resumed
 //! dependencies move the indices back down; `decrease_cnt` counts such moves so that
 //! [`Scheduler::check_done`] can tell a stable "everything executed and validated"
 //! state from a transient one, and each worker counts its own tasks in flight (`active`,
@@ -56,10 +60,18 @@ struct TxState {
     dependents: Mutex<Vec<TxIndex>>,
 }
 
+/// Where each index sits in the word of [`Scheduler::indices`].
+const EXECUTION_SHIFT: u32 = 0;
+const VALIDATION_SHIFT: u32 = 32;
+const HALF: u64 = u32::MAX as u64;
+
 pub struct Scheduler {
     n: usize,
-    execution_idx: CachePadded<AtomicUsize>,
-    validation_idx: CachePadded<AtomicUsize>,
+    /// `execution_idx` (low 32 bits) and `validation_idx` (high 32 bits). Each only grows
+    /// by one per task handed out (at most a few per worker past `n`) and is moved back to
+    /// a transaction index, so neither half overflows into the other (blocks have fewer
+    /// than 2^31 transactions: [`Scheduler::new`]).
+    indices: CachePadded<AtomicU64>,
     decrease_cnt: CachePadded<AtomicUsize>,
     /// Per worker, its tasks in flight.
     active: Box<[CachePadded<AtomicUsize>]>,
@@ -72,10 +84,13 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler for `n` transactions and `workers` workers (numbered from 0).
     pub fn new(n: usize, workers: usize) -> Self {
+        assert!(
+            n < 1 << 31,
+            "a block of {n} transactions is beyond the scheduler's indices"
+        );
         Self {
             n,
-            execution_idx: CachePadded::new(AtomicUsize::new(0)),
-            validation_idx: CachePadded::new(AtomicUsize::new(0)),
+            indices: CachePadded::new(AtomicU64::new(0)),
             decrease_cnt: CachePadded::new(AtomicUsize::new(0)),
             active: (0..workers.max(1))
                 .map(|_| CachePadded::new(AtomicUsize::new(0)))
@@ -110,32 +125,61 @@ impl Scheduler {
         self.done_marker.store(true, SeqCst);
     }
 
+    /// `(execution_idx, validation_idx)`, read together.
+    #[inline]
+    fn indices(&self) -> (usize, usize) {
+        let word = self.indices.load(SeqCst);
+        (
+            ((word >> EXECUTION_SHIFT) & HALF) as usize,
+            ((word >> VALIDATION_SHIFT) & HALF) as usize,
+        )
+    }
+
+    /// Moves the index at `shift` forward by one; returns its value before.
+    #[inline]
+    fn take_index(&self, shift: u32) -> usize {
+        ((self.indices.fetch_add(1 << shift, SeqCst) >> shift) & HALF) as usize
+    }
+
     // The paper counts every call; counting only actual decreases is enough for
     // `check_done` (an index that did not move changed nothing) and spares the shared
     // counter's cache line most of the time.
-    fn decrease_execution_idx(&self, target: TxIndex) {
-        if self.execution_idx.load(SeqCst) > target
-            && self.execution_idx.fetch_min(target, SeqCst) > target
-        {
-            self.decrease_cnt.fetch_add(1, SeqCst);
+    /// Moves the index at `shift` back to `target` if it is beyond it (the other index
+    /// is left as it is: a failed exchange means either moved, and the minimum is taken
+    /// again).
+    fn decrease_index(&self, shift: u32, target: TxIndex) {
+        let target = target as u64;
+        let mut word = self.indices.load(SeqCst);
+        loop {
+            if (word >> shift) & HALF <= target {
+                return;
+            }
+            let lowered = (word & !(HALF << shift)) | (target << shift);
+            match self
+                .indices
+                .compare_exchange_weak(word, lowered, SeqCst, SeqCst)
+            {
+                Ok(_) => {
+                    self.decrease_cnt.fetch_add(1, SeqCst);
+                    return;
+                }
+                Err(now) => word = now,
+            }
         }
     }
 
+    fn decrease_execution_idx(&self, target: TxIndex) {
+        self.decrease_index(EXECUTION_SHIFT, target);
+    }
+
     fn decrease_validation_idx(&self, target: TxIndex) {
-        if self.validation_idx.load(SeqCst) > target
-            && self.validation_idx.fetch_min(target, SeqCst) > target
-        {
-            self.decrease_cnt.fetch_add(1, SeqCst);
-        }
+        self.decrease_index(VALIDATION_SHIFT, target);
     }
 
     fn check_done(&self) {
         let observed = self.decrease_cnt.load(SeqCst);
-        if self
-            .execution_idx
-            .load(SeqCst)
-            .min(self.validation_idx.load(SeqCst))
-            >= self.n
+        let (execution, validation) = self.indices();
+        if execution.min(validation) >= self.n
             && self.active.iter().all(|a| a.load(SeqCst) == 0)
             && observed == self.decrease_cnt.load(SeqCst)
         {
@@ -161,23 +205,25 @@ impl Scheduler {
         None
     }
 
-    fn next_version_to_execute(&self, worker: usize) -> Option<Task> {
-        if self.execution_idx.load(SeqCst) >= self.n {
+    /// (`execution` is the index as the caller last read it.)
+    fn next_version_to_execute(&self, execution: usize, worker: usize) -> Option<Task> {
+        if execution >= self.n {
             self.check_done();
             return None;
         }
         self.active[worker].fetch_add(1, SeqCst);
-        let tx = self.execution_idx.fetch_add(1, SeqCst);
+        let tx = self.take_index(EXECUTION_SHIFT);
         self.try_incarnate(tx, worker)
     }
 
-    fn next_version_to_validate(&self, worker: usize) -> Option<Task> {
-        if self.validation_idx.load(SeqCst) >= self.n {
+    /// (`validation` is the index as the caller last read it.)
+    fn next_version_to_validate(&self, validation: usize, worker: usize) -> Option<Task> {
+        if validation >= self.n {
             self.check_done();
             return None;
         }
         self.active[worker].fetch_add(1, SeqCst);
-        let tx = self.validation_idx.fetch_add(1, SeqCst);
+        let tx = self.take_index(VALIDATION_SHIFT);
         if tx < self.n {
             let (incarnation, s) = unpack(self.txs[tx].status.load(SeqCst));
             if s == EXECUTED {
@@ -197,21 +243,26 @@ impl Scheduler {
     /// `worker` is the caller's number (as for every call that starts or ends a task).
     pub fn next_task(&self, worker: usize) -> Option<Task> {
         loop {
-            let validation = self.validation_idx.load(SeqCst);
-            let execution = self.execution_idx.load(SeqCst);
+            let (execution, validation) = self.indices();
             if validation >= self.n && execution >= self.n {
                 self.check_done();
                 return None;
             }
             let task = if validation < execution {
-                self.next_version_to_validate(worker)
+                self.next_version_to_validate(validation, worker)
             } else {
-                self.next_version_to_execute(worker)
+                self.next_version_to_execute(execution, worker)
             };
             if task.is_some() {
                 return task;
             }
         }
+    }
+
+    /// Whether `tx`'s current incarnation has executed (a hint: it may be aborted next).
+    #[inline]
+    pub fn executed(&self, tx: TxIndex) -> bool {
+        unpack(self.txs[tx].status.load(SeqCst)).1 == EXECUTED
     }
 
     /// Suspends `tx` (executing) until `blocking_tx` finishes its current execution.
@@ -279,7 +330,7 @@ impl Scheduler {
                 self.decrease_execution_idx(next);
             }
         }
-        if self.validation_idx.load(SeqCst) > tx {
+        if self.indices().1 > tx {
             if wrote_new_path {
                 self.decrease_validation_idx(tx);
             } else {
@@ -310,7 +361,7 @@ impl Scheduler {
         if aborted {
             self.set_ready_status(tx);
             self.decrease_validation_idx(tx + 1);
-            if self.execution_idx.load(SeqCst) > tx {
+            if self.indices().0 > tx {
                 return self.try_incarnate(tx, worker);
             }
         }

@@ -21,7 +21,9 @@ pub enum SpanKind {
     Reexecute,
     /// Checking a finished execution's reads.
     Validate,
-    /// An execution abandoned because it read a value not yet final (its work is lost).
+    /// An execution abandoned because it read a value not yet final (its work is lost),
+    /// or a transaction suspended before executing because it would have (block-stm: a
+    /// nonce sequence's next transaction while the one before has not executed).
     Blocked,
     /// Waiting for work: spinning for a task, or for a lock or dependency to clear.
     Wait,

@@ -213,18 +213,26 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
 
     /// The sink's final value: its last write with the later deltas applied, or the
     /// pre-block value with all of them applied; `Ok(None)` if nothing was written.
+    /// (The deltas are merged first, `merge`, and applied once: [`super::merged`].)
     pub(super) fn final_value(
         &self,
         load: impl FnOnce() -> Result<Option<V>, StorageError>,
         apply: impl Fn(Option<V>, &D) -> Option<V>,
-    ) -> Result<Option<Option<V>>, StorageError> {
+        merge: &impl Fn(&mut D, &D),
+    ) -> Result<Option<Option<V>>, StorageError>
+    where
+        D: Clone,
+    {
         self.below(TxIndex::MAX, |below| match below {
             Below::Blocked(t) => unreachable!("estimate of transaction {t} left at the end"),
             Below::Over {
                 write: None,
                 deltas,
             } if deltas.is_empty() => Ok(None),
-            Below::Over { write, deltas } => resolve(write, deltas, load, apply).map(Some),
+            Below::Over { write, deltas } => {
+                let delta = super::merged(deltas, merge);
+                resolve(write, delta.as_ref().into_iter().collect(), load, apply).map(Some)
+            }
         })
     }
 }
