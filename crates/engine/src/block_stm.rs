@@ -67,8 +67,9 @@
 //!
 //! Final state: once the scheduler is done, the workers that are still running resolve
 //! the memory's final values side by side ([`MvMemory::drain_final_values`]), each
-//! shard's straight into a block of the one vector of the state diff ([`crate::gather`]),
-//! and free the read and write sets, before they return.
+//! shard's straight into a block of the one vector of the state diff ([`crate::gather`];
+//! a key's deltas merged into one and applied once), and each frees the read and write
+//! sets it recorded, before they return.
 //!
 //! Errors: a [`VmError`] (or a panic) from speculative execution may be an artefact of
 //! inconsistent reads, so it is recorded as that incarnation's output with no writes
