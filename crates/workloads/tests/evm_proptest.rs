@@ -23,6 +23,7 @@ use alloy_sol_types::SolCall;
 use common::describe_difference;
 use parex_core::outcome::EvmBlockOutcome;
 use parex_core::{AccountInfo, AccountValue, InMemoryStorage, StateKey, StateValue, TxStatus};
+use parex_engine::trace::SpanKind;
 use parex_engine::{EngineKind, RunOptions, block_stm};
 use parex_evm::{EvmBlock, EvmTx, EvmVm, MAINNET_CHAIN_ID};
 use parex_workloads::contracts::{self, ParexToken};
@@ -1221,7 +1222,12 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
 
 /// A nonce sequence is invisible to pre-execution (all but its first transaction are
 /// invalid on the pre-block state): `dag` orders it by the sender's sequence key
-/// instead, so none of it is mispredicted.
+/// instead, so none of it is mispredicted (re-executed at its commit). The transfers
+/// between them, short sequences of five senders to two shared recipients, may be: their
+/// recipients' credits make some of them read what an earlier one had not yet written,
+/// depending on the two workers' timing (1 to 3 of them in 5 to 25% of runs, before and
+/// after this test was narrowed to the sequence it is about; the outcome is exact either
+/// way).
 #[test]
 fn dag_orders_a_nonce_sequence_by_its_sender() {
     let w = world();
@@ -1238,7 +1244,13 @@ fn dag_orders_a_nonce_sequence_by_its_sender() {
         .build()
         .unwrap();
     let (outcome, metrics) = pool
-        .install(|| EngineKind::Dag.run(&vm, &w.state, &RunOptions::stress(2)))
+        .install(|| {
+            let traced = RunOptions {
+                trace: true,
+                ..RunOptions::stress(2)
+            };
+            EngineKind::Dag.run(&vm, &w.state, &traced)
+        })
         .expect("dag executes");
     assert!(
         outcome == expected,
@@ -1248,5 +1260,20 @@ fn dag_orders_a_nonce_sequence_by_its_sender() {
     let extra = |name: &str| metrics.extra.iter().find(|(n, _)| *n == name).map(|e| e.1);
     assert_eq!(extra("sequential_fallback"), Some(0), "{metrics:?}");
     assert_eq!(extra("optimistic_fallback"), Some(0), "{metrics:?}");
-    assert_eq!(extra("mispredictions"), Some(0), "{metrics:?}");
+    // user(0)'s transfers are the even transactions.
+    let trace = metrics.trace.as_ref().expect("traced");
+    let repaired: Vec<u32> = trace
+        .spans
+        .iter()
+        .filter(|span| span.kind == SpanKind::Reexecute)
+        .filter_map(|span| span.tx)
+        .collect();
+    assert!(
+        repaired.iter().all(|tx| tx % 2 == 1),
+        "the sequence was mispredicted: re-executed {repaired:?}"
+    );
+    assert!(
+        extra("mispredictions").is_some_and(|m| m as usize == repaired.len()),
+        "{metrics:?}"
+    );
 }
