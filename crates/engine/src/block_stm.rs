@@ -640,8 +640,11 @@ where
             return false;
         };
         let earlier = earlier as TxIndex;
+        if self.scheduler.executed(earlier) {
+            return false;
+        }
         let span = w.trace.start();
-        if self.scheduler.executed(earlier) || !self.scheduler.add_dependency(tx, earlier, w.id) {
+        if !self.scheduler.add_dependency(tx, earlier, w.id) {
             return false;
         }
         w.trace.record(SpanKind::Blocked, Some(tx), span);

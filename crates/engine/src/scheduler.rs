@@ -141,12 +141,11 @@ impl Scheduler {
         ((self.indices.fetch_add(1 << shift, SeqCst) >> shift) & HALF) as usize
     }
 
-    // The paper counts every call; counting only actual decreases is enough for
-    // `check_done` (an index that did not move changed nothing) and spares the shared
-    // counter's cache line most of the time.
     /// Moves the index at `shift` back to `target` if it is beyond it (the other index
     /// is left as it is: a failed exchange means either moved, and the minimum is taken
-    /// again).
+    /// again). Counts the move in `decrease_cnt` only if the index moved: the paper counts
+    /// every call, but an index that did not move changed nothing for `check_done`, and
+    /// the shared counter's cache line is spared most of the time.
     fn decrease_index(&self, shift: u32, target: TxIndex) {
         let target = target as u64;
         let mut word = self.indices.load(SeqCst);

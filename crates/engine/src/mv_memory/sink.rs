@@ -49,9 +49,9 @@ enum Below<'a, V, D> {
 
 /// `deltas` applied in block order over the write's value, or over the pre-block value
 /// (`load`) when there is no write below them.
-fn resolve<V: Clone, D>(
+fn resolve<'d, V: Clone, D: 'd>(
     write: Option<(TxIndex, Incarnation, &V)>,
-    deltas: Vec<&D>,
+    deltas: impl IntoIterator<Item = &'d D>,
     load: impl FnOnce() -> Result<Option<V>, StorageError>,
     apply: impl Fn(Option<V>, &D) -> Option<V>,
 ) -> Result<Option<V>, StorageError> {
@@ -231,7 +231,7 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
             } if deltas.is_empty() => Ok(None),
             Below::Over { write, deltas } => {
                 let delta = super::merged(deltas, merge);
-                resolve(write, delta.as_ref().into_iter().collect(), load, apply).map(Some)
+                resolve(write, delta.as_ref(), load, apply).map(Some)
             }
         })
     }
