@@ -180,12 +180,22 @@ struct Writers {
 /// Per transaction, the transactions it depends on (sorted, distinct).
 fn predecessors<V: Vm>(hints: &[Hint<V>]) -> Vec<Vec<TxIndex>> {
     let mut writers: HashTable<Writers> = HashTable::with_capacity(hints.len() * 2);
-    let mut sequences: HashMap<u64, TxIndex> = HashMap::new();
+    // The last transaction of each sequence key (by its hash, which is its own hash).
+    // (A hash map of the std hasher, grown from nothing, was a third of this function on
+    // the raw-transfer gigagas block: every transaction has a sender.)
+    let mut sequences: HashTable<(u64, TxIndex)> = HashTable::with_capacity(hints.len());
     let mut preds = Vec::with_capacity(hints.len());
     for (j, hint) in hints.iter().enumerate() {
         let mut mine = Vec::new();
         if let Some(sequence) = hint.sequence {
-            mine.extend(sequences.insert(sequence, j));
+            match sequences.entry(sequence, |&(s, _)| s == sequence, |&(s, _)| s) {
+                hashbrown::hash_table::Entry::Occupied(mut e) => {
+                    mine.push(std::mem::replace(&mut e.get_mut().1, j));
+                }
+                hashbrown::hash_table::Entry::Vacant(e) => {
+                    e.insert((sequence, j));
+                }
+            }
         }
         for &hash in &hint.reads {
             if let Some(w) = writers.find(hash, |w| w.hash == hash) {
