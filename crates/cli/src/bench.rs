@@ -32,10 +32,12 @@ use parex_engine::EngineKind;
 use parex_evm::{EvmBlock, EvmVm};
 use parex_report::geomean;
 use parex_workloads::{Size, WorkloadKind, WorkloadSpec, mainnet, synthetic};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::analyze::analyze_block;
+
+mod processes;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -99,6 +101,13 @@ pub struct BenchArgs {
     /// Also write every cell and the mainnet summary as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the whole matrix this many times, one process after another, and report each
+    /// cell's median over the processes with the range of its speedups between them. One
+    /// process can measure an engine a few percent off in a way its per-round quartiles do
+    /// not show (where code and data happened to land in it); several show it and average
+    /// it out.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    processes: u64,
 }
 
 fn parse_workload(s: &str) -> Result<(WorkloadKind, f64), String> {
@@ -259,7 +268,7 @@ fn dedup_in_order<T: PartialEq + Clone>(v: &mut Vec<T>) {
 }
 
 /// One engine at one thread count on one block, as `--json` writes it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Cell {
     workload: String,
     hot_ratio: f64,
@@ -289,6 +298,10 @@ struct Cell {
     block: Option<u64>,
     ideal_speedup: Option<f64>,
     bound_at_threads: Option<f64>,
+    /// With `--processes` above 1: the lowest and highest of the processes' speedups (none
+    /// for `sequential`, and absent from the JSON of a single process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    speedup_process_range: Option<[f64; 2]>,
 }
 
 /// A block to measure, with what the cells need to say about it.
@@ -483,6 +496,7 @@ impl Bench {
                         .bounds
                         .as_ref()
                         .and_then(|(_, at)| at.iter().find(|(n, _)| *n == t).map(|(_, b)| *b)),
+                    speedup_process_range: None,
                 });
             }
         }
@@ -740,14 +754,26 @@ fn quartiles(q: Option<[f64; 2]>) -> String {
 
 fn print_tables(cells: &[Cell], summary: &[MainnetSummary]) {
     let synthetic: Vec<&Cell> = cells.iter().filter(|c| c.workload != "mainnet").collect();
+    // The range over processes, when the cells were measured in several.
+    let ranges = cells.iter().any(|c| c.speedup_process_range.is_some());
+    let (range_head, range_rule) = if ranges {
+        (" range over processes |", "---|")
+    } else {
+        ("", "")
+    };
     if !synthetic.is_empty() {
         out!(
-            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | per-round quartiles | machine ceiling | re-exec/tx | peak RSS MB |"
+            "| workload | hot | txs | Mgas | latency us | threads | engine | median ms | min ms | Mgas/s | ktx/s | speedup | per-round quartiles |{range_head} machine ceiling | re-exec/tx | peak RSS MB |"
         );
-        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        out!("|---|---|---|---|---|---|---|---|---|---|---|---|---|{range_rule}---|---|---|");
         for c in synthetic {
+            let range = if ranges {
+                format!(" {} |", quartiles(c.speedup_process_range))
+            } else {
+                String::new()
+            };
             out!(
-                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {} | {} | {:.3} | {} |",
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2}x | {} |{range} {} | {:.3} | {} |",
                 c.workload,
                 c.hot_ratio,
                 c.txs,
@@ -802,6 +828,9 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     let plan = Plan::from_args(&args);
+    if args.processes > 1 {
+        return processes::run(&args, &plan);
+    }
     let runs_per_group = (plan.repeat + 1) * plan.runs_per_round();
     let synthetic_groups = plan.workloads.len() * plan.sizes.len();
     let mainnet_source = if plan.mainnet {
@@ -930,23 +959,14 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
     let summary = mainnet_summary(&bench.plan, &bench.cells);
     print_tables(&bench.cells, &summary);
     if let Some(path) = &args.json {
-        let value = json!({
-            "parex_version": env!("CARGO_PKG_VERSION"),
-            "machine": {
-                "cores": cores(),
-                "os": std::env::consts::OS,
-                "arch": std::env::consts::ARCH,
-            },
-            "repeat": bench.plan.repeat,
-            "min_time_ms": bench.plan.min_time.as_millis() as u64,
-            "engines": bench.plan.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
-            "threads": bench.plan.threads,
-            "cells": bench.cells,
-            "mainnet_summary": summary,
-            "failures": bench.failures,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(
+            path,
+            &bench.plan,
+            1,
+            &bench.cells,
+            &summary,
+            &bench.failures,
+        )?;
     }
     if !bench.failures.is_empty() {
         bail!(
@@ -956,6 +976,35 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the results as `--json` documents them.
+fn write_json(
+    path: &std::path::Path,
+    plan: &Plan,
+    processes: u64,
+    cells: &[Cell],
+    summary: &[MainnetSummary],
+    failures: &[String],
+) -> Result<()> {
+    let value = json!({
+        "parex_version": env!("CARGO_PKG_VERSION"),
+        "machine": {
+            "cores": cores(),
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+        },
+        "repeat": plan.repeat,
+        "min_time_ms": plan.min_time.as_millis() as u64,
+        "processes": processes,
+        "engines": plan.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
+        "threads": plan.threads,
+        "cells": cells,
+        "mainnet_summary": summary,
+        "failures": failures,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn run_group(bench: &mut Bench, group: &Group<'_>) {

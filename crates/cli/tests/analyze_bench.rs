@@ -321,6 +321,7 @@ fn bench_rejects_bad_input() {
     );
     assert_clean_failure(&parex(&["bench", "--engines", "warp"]), "possible values");
     assert_clean_failure(&parex(&["bench", "--threads", "0"]), "--threads");
+    assert_clean_failure(&parex(&["bench", "--processes", "0"]), "--processes");
     assert_clean_failure(
         &parex(&["bench", "--json", "/nonexistent/dir/b.json"]),
         "cannot write",
@@ -330,6 +331,68 @@ fn bench_rejects_bad_input() {
         &parex(&["bench", "--blocks", "46147", "--no-mainnet"]),
         "cannot be used with",
     );
+}
+
+#[test]
+fn bench_runs_in_several_processes_and_reports_their_spread() {
+    let path = temp("bench-processes");
+    let o = parex(&[
+        "bench",
+        "--workloads",
+        "raw",
+        "--txs",
+        "100",
+        "--no-mainnet",
+        "--engines",
+        "block-stm",
+        "--threads",
+        "2",
+        "--repeat",
+        "1",
+        "--min-time-ms",
+        "0",
+        "--no-ceiling",
+        "--processes",
+        "2",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("range over processes"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("bench: process ").count(),
+        2,
+        "{}",
+        stderr(&o)
+    );
+    let j = read_json(&path);
+    assert_eq!(j["processes"], 2);
+    let cells = j["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{cells:?}");
+    assert_eq!(cells[0]["engine"], "sequential");
+    assert!(cells[0].get("speedup_process_range").is_none());
+    let stm = &cells[1];
+    assert_eq!(stm["engine"], "block-stm");
+    // One timed run per process, merged.
+    assert_eq!(stm["runs"], 2);
+    let range = stm["speedup_process_range"].as_array().unwrap();
+    let (low, high) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    let speedup = stm["speedup_vs_sequential"].as_f64().unwrap();
+    assert!(low <= speedup && speedup <= high, "{low} {speedup} {high}");
+    // Each process's scratch file is gone.
+    let scratch = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("parex-bench-") && name.contains("-process-")
+        })
+        .count();
+    assert_eq!(scratch, 0);
 }
 
 #[test]
