@@ -968,11 +968,16 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode> {
             &bench.failures,
         )?;
     }
-    if !bench.failures.is_empty() {
+    finish(&bench.failures)
+}
+
+/// The command's end: failure (exit 1) if any engine result was wrong or failed.
+fn finish(failures: &[String]) -> Result<ExitCode> {
+    if !failures.is_empty() {
         bail!(
             "{} engine results differ from sequential or failed (their cells are left out):\n  {}",
-            bench.failures.len(),
-            bench.failures.join("\n  ")
+            failures.len(),
+            failures.join("\n  ")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -813,8 +813,8 @@ where
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     /// The scheduler, locked. Its holders keep it a microsecond or two (a pop, a hand-in,
-    /// or a commit's bookkeeping): a worker spins and yields for it a while before it sleeps in the kernel,
-    /// where a sleep and a wake-up cost more than the wait. On the raw-transfer gigagas
+    /// or a commit's bookkeeping): a worker spins and yields for it a while before it
+    /// sleeps in the kernel, where a sleep and a wake-up cost more than the wait. On the raw-transfer gigagas
     /// block on 2 threads: 165-177 ms to 148-150 ms, of which committing (waits for the
     /// lock included) 130-151 ms to 95-98 ms, summed over the workers.
     fn sched(&self) -> MutexGuard<'_, Sched<V>> {
@@ -995,7 +995,7 @@ where
                     }
                 };
                 if finished.frontier {
-                    if let Err(error) = self.apply(&finished.writes) {
+                    if let Err(error) = self.apply_run(std::iter::once(&finished.writes)) {
                         sched.error = Some(VmError::Read(ReadError::Storage(error)));
                         break;
                     }
@@ -1047,27 +1047,7 @@ where
         }
     }
 
-    /// Applies a committed transaction's writes to the committed state.
-    fn apply(&self, writes: &Writes<V>) -> Result<(), StorageError> {
-        for (key, write) in writes {
-            match write {
-                Write::Put(value) => self.state.put(key.clone(), Some(value.clone())),
-                Write::Delta(delta) => {
-                    let apply = |value| self.vm.apply_delta(key, value, delta);
-                    // One turn of the shard's lock when a committed transaction wrote
-                    // the key (the beneficiary, at every commit); else the pre-block
-                    // value is read first, outside the lock.
-                    if !self.state.update(key, apply) {
-                        let base = self.storage.read(key)?;
-                        self.state.put(key.clone(), apply(base));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies the writes of a run of committed transactions (in block order) to the
+    /// Applies the writes of committed transactions (a run of them, in block order) to the
     /// committed state. On fast storage each shard's lock is taken once for the whole
     /// run, and a delta to a key no committed transaction wrote reads the pre-block value
     /// under it (a read from memory): a turn of a shard's lock ends with the wait for every
@@ -1079,7 +1059,20 @@ where
         V: 'w,
     {
         if self.storage.read_latency() >= crate::workers::SLOW_READ {
-            return run.into_iter().try_for_each(|writes| self.apply(writes));
+            // Slow storage: a pre-block value is read outside the shard's lock.
+            for (key, write) in run.flatten() {
+                match write {
+                    Write::Put(value) => self.state.put(key.clone(), Some(value.clone())),
+                    Write::Delta(delta) => {
+                        let apply = |value| self.vm.apply_delta(key, value, delta);
+                        if !self.state.update(key, apply) {
+                            let base = self.storage.read(key)?;
+                            self.state.put(key.clone(), apply(base));
+                        }
+                    }
+                }
+            }
+            return Ok(());
         }
         // (shard, key, write), in block order.
         let mut writes: Vec<_> = run

@@ -14,7 +14,9 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use super::{BenchArgs, Cell, Plan, mainnet_summary, print_tables, write_json};
+use super::{
+    BenchArgs, Cell, Plan, finish, mainnet_summary, per_second, print_tables, quantile, write_json,
+};
 
 /// Runs the bench of `args` in `args.processes` child processes and reports the merge.
 pub(super) fn run(args: &BenchArgs, plan: &Plan) -> Result<ExitCode> {
@@ -54,14 +56,7 @@ pub(super) fn run(args: &BenchArgs, plan: &Plan) -> Result<ExitCode> {
     if let Some(path) = &args.json {
         write_json(path, plan, args.processes, &cells, &summary, &failures)?;
     }
-    if !failures.is_empty() {
-        bail!(
-            "{} engine results differ from sequential or failed (their cells are left out):\n  {}",
-            failures.len(),
-            failures.join("\n  ")
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    finish(&failures)
 }
 
 /// What a child's `--json` holds that the merge needs.
@@ -76,7 +71,7 @@ struct ProcessResult {
 fn child_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     const DROPPED: [&str; 2] = ["--processes", "--json"];
     let mut out = Vec::new();
-    let mut args = args.into_iter();
+    let mut args = args;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         if DROPPED.contains(&text.as_ref()) {
@@ -136,16 +131,8 @@ fn merge(per_process: &[Vec<Cell>]) -> Vec<Cell> {
                 median_ms,
                 min_ms: all.iter().map(|c| c.min_ms).fold(f64::INFINITY, f64::min),
                 runs: all.iter().map(|c| c.runs).sum(),
-                gas_per_s: if seconds > 0.0 {
-                    first.gas as f64 / seconds
-                } else {
-                    0.0
-                },
-                txs_per_s: if seconds > 0.0 {
-                    first.txs as f64 / seconds
-                } else {
-                    0.0
-                },
+                gas_per_s: per_second(first.gas as f64, seconds),
+                txs_per_s: per_second(first.txs as f64, seconds),
                 speedup_vs_sequential: median(speedups.clone()).unwrap_or(1.0),
                 speedup_quartiles: match (
                     median_of(&|c| c.speedup_quartiles.map(|q| q[0])),
@@ -176,12 +163,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
         return None;
     }
     values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    })
+    Some(quantile(&values, 0.5))
 }
 
 #[cfg(test)]
