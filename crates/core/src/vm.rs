@@ -150,10 +150,20 @@ pub trait Vm: Sync {
     /// About how many light transactions (the cheapest kind the VM runs) the block's work
     /// amounts to, judged before it runs: an engine gives a small block a second worker
     /// only when this says the work repays waking one (see the engine crate's
-    /// `workers::count`). Only asked of small blocks. Default: each transaction counts as
-    /// one.
+    /// `workers::count`). Only asked of small blocks. Default: the sum of
+    /// [`Vm::light_tx_equivalents_of`] over the transactions.
     fn light_tx_equivalents(&self) -> usize {
-        self.tx_count()
+        (0..self.tx_count())
+            .map(|tx| self.light_tx_equivalents_of(tx))
+            .sum()
+    }
+
+    /// About how many light transactions transaction `tx`'s work amounts to, judged before
+    /// it runs (at least 1): a hint for scheduling (e.g. which nonce sequences
+    /// `block-stm` runs as one unit). Default: 1.
+    fn light_tx_equivalents_of(&self, tx: TxIndex) -> usize {
+        let _ = tx;
+        1
     }
 
     /// A key that transaction `tx` is known, before it runs, to read first and to write

@@ -42,14 +42,24 @@
 //! `sequential_fallback` (and `finished_alone` for the first).
 //!
 //! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
-//! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk executes its
-//! transactions in order on a local overlay and publishes their net writes (the fee
+//! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk
+//! executes its transactions in order on a local overlay and publishes their net writes (the fee
 //! credits of all of them as one delta), so scheduling, read-set, validation and
 //! multi-version costs are paid per chunk and dependencies inside a chunk cost nothing;
 //! a conflict with an earlier chunk re-executes the chunk. Everything above holds with
 //! "chunk" for "transaction" (a chunk's execution is a pure function of what it reads).
 //! In the metrics of a chunked block, `executions` and `reexecutions` count transactions;
 //! `validations`, `validation_failures` and `dependency_waits` count chunks.
+//!
+//! Sequence runs: on smaller blocks (fast storage) a sender's run of consecutive light
+//! transactions (up to 64; [`crate::chunk::ChunkVm::sequence_runs`]: an exchange's or a
+//! pool's payouts, a nonce chain that no worker could run ahead of anyway) is one unit,
+//! the other transactions one each: the run is executed by one worker in one go, with
+//! one publication of its writes and one round of revalidation above it, instead of a
+//! suspension, a publication and a revalidation of everything above at every step, on
+//! whichever worker resumed it (mainnet 4330482 opens with 37 payouts from its
+//! beneficiary: 0.94x `sequential` before, 0.98x as one unit). Metric `sequence_runs`:
+//! the runs made units.
 //!
 //! Slow storage: when `Storage::read_latency` says reads block (a disk), the engine runs
 //! more workers than threads (8 per thread), so that reads overlap while the cores stay
@@ -87,6 +97,7 @@ use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
+use crate::chunk::ChunkVm;
 use crate::gather::gather_into;
 use crate::mv_memory::{CachedBases, Entry, Incarnation, MvMemory, Origin, Read, append_parts};
 use crate::prefetch::ChainCheck;
@@ -310,6 +321,7 @@ where
     let extra = [
         ("workers", 1),
         ("chunk_size", 1),
+        ("sequence_runs", 0),
         ("dependency_retries", 0),
         ("storage_reads", 0),
         ("preloaded", 0),
@@ -338,17 +350,28 @@ where
         // On slow storage, unless the chain check discovered the whole block already.
         discover: slow_storage && !options.adaptive,
     };
+    // One transaction per unit, except that a sender's run of consecutive transactions
+    // (a nonce chain) is one unit (see `ChunkVm::sequence_runs`), unless the caller fixed
+    // the unit size.
+    let runs = (chunk == 1 && options.chunk_size.is_none() && !slow_storage)
+        .then(|| ChunkVm::sequence_runs(vm))
+        .flatten();
+    if let Some(runs) = runs {
+        return crate::chunk::run_chunked(runs, |units| {
+            execute_units(units, storage, run, options.adaptive, true, sizes, cached)
+        });
+    }
     if chunk == 1 {
         let (outcome, mut metrics) =
             execute_units(vm, storage, run, options.adaptive, true, sizes, cached)?;
         metrics.extra.push(("chunk_size", 1));
+        metrics.extra.push(("sequence_runs", 0));
         metrics.add_extra("storage_reads", judging.found.keys);
         return judging.added_to(Ok((outcome, metrics)));
     }
-    let chunked = crate::chunk::run_chunked(vm, chunk, |chunks| {
-        execute_units(chunks, storage, run, options.adaptive, false, sizes, cached).map(Some)
-    })?;
-    Ok(chunked.unwrap_or_else(|_| unreachable!("block-stm never abandons its chunks")))
+    crate::chunk::run_chunked(ChunkVm::new(vm, chunk), |chunks| {
+        execute_units(chunks, storage, run, options.adaptive, false, sizes, cached)
+    })
 }
 
 /// What [`execute_units`] sizes from the block's transactions (not its units).

@@ -14,7 +14,8 @@ mod mock;
 
 use mock::*;
 
-/// Runs block-stm with 1, 2, 4, 8 threads, one transaction or chunks of three per
+/// Runs block-stm with 1, 2, 4, 8 threads, one transaction, chunks of three or the
+/// automatic units (on these small blocks: one transaction, or a sequence run) per
 /// scheduled unit, `repeat` times each, against sequential.
 fn check(vm: &MockVm, keys: u32, repeat: usize) {
     let storage = storage_for(keys);
@@ -23,10 +24,17 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
         .map_err(|e| e.to_string());
     for threads in [1, 2, 4, 8] {
         for _ in 0..repeat {
-            for (adaptive, chunk) in [(false, 1), (true, 1), (false, 3), (true, 3)] {
+            for (adaptive, chunk) in [
+                (false, Some(1)),
+                (true, Some(1)),
+                (false, Some(3)),
+                (true, Some(3)),
+                (false, None),
+                (true, None),
+            ] {
                 let options = block_stm::Options {
                     adaptive,
-                    chunk_size: Some(chunk),
+                    chunk_size: chunk,
                 };
                 let got =
                     block_stm::execute_with(vm, &storage, &RunOptions::stress(threads), options)
@@ -34,7 +42,7 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
                         .map_err(|e| e.to_string());
                 assert_eq!(
                     got, expected,
-                    "threads {threads}, adaptive {adaptive}, chunk {chunk}"
+                    "threads {threads}, adaptive {adaptive}, chunk {chunk:?}"
                 );
             }
         }
@@ -309,6 +317,79 @@ fn sequence_keys_order_their_transactions() {
     assert_eq!(outcome, expected);
     assert_eq!(extra(&m, "sequenced"), 600 - u64::from(senders), "{m:?}");
     assert_eq!(extra(&m, "sequential_fallback"), 0, "{m:?}");
+}
+
+/// A sender's run of consecutive light transactions is one scheduled unit (up to 64
+/// transactions); a heavy transaction, another sender, a transaction with no sequence key
+/// or the cap end a run. The units execute exactly as `sequential` does, and the metrics
+/// count executions in transactions.
+#[test]
+fn sequence_runs_are_scheduled_units() {
+    let tx = |sequence: Option<u32>, work: u32, i: u32| MockTx {
+        reads: sequence.into_iter().chain([100 + i]).collect(),
+        extra_read: 0,
+        writes: sequence.into_iter().chain([300 + i]).collect(),
+        deltas: vec![7],
+        work,
+        declared: Vec::new(),
+        sequence,
+    };
+    let light = LIGHT_WORK / 2;
+    let heavy = 3 * LIGHT_WORK;
+    // (sender, work, how many)
+    let plan = [
+        (Some(1), light, 5),
+        (Some(2), light, 1),
+        (Some(1), light, 2),
+        (Some(3), heavy, 3),
+        (None, light, 2),
+        (Some(4), light, 70),
+        (Some(5), light, 2),
+        (Some(5), heavy, 1),
+        (Some(5), light, 2),
+    ];
+    let txs: Vec<MockTx> = plan
+        .iter()
+        .flat_map(|&(sender, work, count)| std::iter::repeat_n((sender, work), count))
+        .enumerate()
+        .map(|(i, (sender, work))| tx(sender, work, i as u32))
+        .collect();
+    let block = vm(txs);
+    let units = parex_engine::chunk::ChunkVm::sequence_runs(&block).expect("runs");
+    let unit_txs: Vec<std::ops::Range<usize>> = (0..parex_core::Vm::tx_count(&units))
+        .map(|u| units.txs(u))
+        .collect();
+    let mut expected_units = vec![0..5, 5..6, 6..8, 8..9, 9..10, 10..11, 11..12, 12..13];
+    expected_units.extend([13..77, 77..83, 83..85, 85..86, 86..88]);
+    assert_eq!(unit_txs, expected_units);
+    assert_eq!(units.multi_tx_chunks(), 6);
+    // No runs (every transaction alone): no units.
+    let alone = vm((0..20).map(|i| tx(Some(i), light, i)).collect());
+    assert!(parex_engine::chunk::ChunkVm::sequence_runs(&alone).is_none());
+
+    check(&block, 400, 2);
+    let storage = storage_for(400);
+    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    for threads in [1, 2, 4] {
+        let options = block_stm::Options {
+            adaptive: false,
+            chunk_size: None,
+        };
+        let (outcome, m) =
+            block_stm::execute_with(&block, &storage, &RunOptions::stress(threads), options)
+                .unwrap();
+        assert_eq!(outcome, expected, "threads {threads}");
+        assert_eq!(m.extra("sequence_runs"), Some(6), "{m:?}");
+        assert_eq!(m.extra("chunk_size"), Some(1), "{m:?}");
+        assert!(m.executions >= block.txs.len() as u64, "{m:?}");
+        assert_eq!(
+            m.reexecutions,
+            m.executions - block.txs.len() as u64,
+            "{m:?}"
+        );
+    }
 }
 
 /// A block that opens with a conflicting cluster (as mainnet blocks do: arbitrage and

@@ -230,13 +230,12 @@ impl Vm for EvmVm<'_> {
         earlier.merge(later);
     }
 
-    /// Each transaction weighs its gas limit over `LIGHT_TX_GAS`, at least one.
-    fn light_tx_equivalents(&self) -> usize {
+    /// A transaction weighs its gas limit over `LIGHT_TX_GAS`, at least one.
+    fn light_tx_equivalents_of(&self, tx: TxIndex) -> usize {
         self.block
             .txs
-            .iter()
-            .map(|t| (t.env.gas_limit / LIGHT_TX_GAS).max(1) as usize)
-            .sum()
+            .get(tx)
+            .map_or(1, |t| (t.env.gas_limit / LIGHT_TX_GAS).max(1) as usize)
     }
 
     /// The beneficiary's account (every transaction credits it its fee, as a delta), then

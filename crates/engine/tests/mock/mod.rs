@@ -44,6 +44,10 @@ pub struct MockOutput {
     pub cumulative: u64,
 }
 
+/// Busy work of a light transaction (see `Vm::light_tx_equivalents_of`): in
+/// `tx_strategy`'s range of work, three transactions in five are light.
+pub const LIGHT_WORK: u32 = 1000;
+
 #[derive(Default)]
 pub struct MockVm {
     pub txs: Vec<MockTx>,
@@ -178,6 +182,11 @@ impl Vm for MockVm {
 
     fn sequence_key(&self, tx: TxIndex) -> Option<Key> {
         self.txs[tx].sequence
+    }
+
+    /// A transaction's busy work in units of `LIGHT_WORK` (at least one).
+    fn light_tx_equivalents_of(&self, tx: TxIndex) -> usize {
+        (self.txs[tx].work / LIGHT_WORK).max(1) as usize
     }
 
     fn in_sequence(&self, _tx: TxIndex, value: Option<Value>) -> Option<Value> {
