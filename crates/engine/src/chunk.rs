@@ -367,6 +367,13 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         self.inner.delta_sinks()
     }
 
+    /// Its transactions' together.
+    fn light_tx_equivalents_of(&self, chunk: TxIndex) -> usize {
+        self.txs(chunk)
+            .map(|tx| self.inner.light_tx_equivalents_of(tx))
+            .sum()
+    }
+
     /// A sequence run's key (every transaction of the chunk has it); none for fixed-size
     /// chunks, whose transactions may have different ones.
     fn sequence_key(&self, chunk: TxIndex) -> Option<Self::Key> {

@@ -74,11 +74,33 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    preexecute_checked(vm, storage, tx, prediction, None)
+}
+
+/// Asked before each read of the pre-block state, with the reads so far and the key about
+/// to be read: `true` (what was or would be read is out of date) stops the execution
+/// there, its read failing with [`ReadError::Aborted`].
+pub(crate) type StaleCheck<'c, K, V> = &'c mut dyn FnMut(&[(K, Option<V>)], &K) -> bool;
+
+/// [`preexecute_predicted`], stopped early when `stale` says so (a failed pre-execution,
+/// which no engine commits).
+pub(crate) fn preexecute_checked<V, S>(
+    vm: &V,
+    storage: &S,
+    tx: TxIndex,
+    prediction: Option<(V::Key, Option<V::Value>)>,
+    stale: Option<StaleCheck<'_, V::Key, V::Value>>,
+) -> PreExecution<V>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
     let mut view = RecordingView {
         storage,
         reads: Vec::new(),
         prediction,
         predicted: false,
+        stale,
     };
     let result = match catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view))) {
         Ok(result) => result,
@@ -96,14 +118,15 @@ where
 
 /// Reads the pre-block state, remembering each key read (once) and its value; the
 /// predicted key reads its prediction, and is remembered apart.
-struct RecordingView<'a, K, V, S> {
+struct RecordingView<'a, 'c, K, V, S> {
     storage: &'a S,
     reads: Vec<(K, Option<V>)>,
     prediction: Option<(K, Option<V>)>,
     predicted: bool,
+    stale: Option<StaleCheck<'c, K, V>>,
 }
 
-impl<K, V, S> ReadView<K, V> for RecordingView<'_, K, V, S>
+impl<K, V, S> ReadView<K, V> for RecordingView<'_, '_, K, V, S>
 where
     K: Clone + Eq,
     V: Clone,
@@ -117,6 +140,11 @@ where
         if let Some((_, value)) = self.prediction.as_ref().filter(|(k, _)| k == key) {
             self.predicted = true;
             return Ok(value.clone());
+        }
+        if let Some(stale) = &mut self.stale
+            && stale(&self.reads, key)
+        {
+            return Err(ReadError::Aborted);
         }
         let value = self.storage.read(key)?;
         self.reads.push((key.clone(), value.clone()));

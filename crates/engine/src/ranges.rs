@@ -779,6 +779,10 @@ impl<V: Vm> Vm for Suffix<'_, V> {
         Ok(())
     }
 
+    fn light_tx_equivalents_of(&self, tx: TxIndex) -> usize {
+        self.inner.light_tx_equivalents_of(self.offset + tx)
+    }
+
     fn sequence_key(&self, tx: TxIndex) -> Option<Self::Key> {
         self.inner.sequence_key(tx + self.offset)
     }
