@@ -17,7 +17,7 @@
 //! On fast storage the pre-executions of heavy transactions ([`Vm::light_tx_equivalents_of`]
 //! at least `GUARDED_FROM`) are guarded: one stops, as a failed pre-execution, as soon as
 //! a key it read or is about to read was written by a merged transaction
-//! ([`StaleGuard`], `stopped_stale`), instead of running to its end only to fail its
+//! (`StaleGuard`, `stopped_stale`), instead of running to its end only to fail its
 //! merge check and be executed again, alone, by the merger.
 //!
 //! On slow storage, a pre-execution of a transaction whose sender (its
