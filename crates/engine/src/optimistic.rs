@@ -337,8 +337,11 @@ where
 /// The keys merged transactions wrote, as a Bloom filter (three bits of 512 per
 /// transaction each): "not written" is exact, "written" is wrong for about one key in
 /// 100,000 (a guarded execution checks each key it read again and again: with one bit
-/// of 64 per transaction nearly every long one looked out of date). Shared by the
-/// merger, which marks, and guarded pre-executions, which look.
+/// of 64 per transaction nearly every long one looked out of date). The bits come from
+/// 21-bit pieces of one hash, so a block beyond 4096 transactions (the rest of a large
+/// block handed over by its range rounds) gets fewer per transaction: more false stops,
+/// each only a transaction the merger executes itself. Shared by the merger, which marks,
+/// and guarded pre-executions, which look.
 struct WrittenKeys {
     words: Box<[AtomicU64]>,
     /// log2 of the number of bits.
