@@ -26,12 +26,12 @@
 //! transactions, where speculation only adds work) in three judging windows in a row (of
 //! a few dozen executions; an eighth of the block, and at least a dozen, on small blocks;
 //! one or two windows could be a conflicting cluster at the start of a block), the other
-//! workers stop at their next idle moment and this one finishes the block alone (on slow storage
-//! the stopped workers first load, side by side, the pre-block values that the rest of
-//! the block declares, so that the lone worker finds them cached: `preloaded`). A lone
-//! worker takes tasks in block order, so it executes each
-//! transaction only after every one below it is final and meets no new conflict, while
-//! every speculative execution that still validates is kept (handing the block to
+//! workers stop at their next idle moment and this one finishes the block alone (on slow
+//! storage the stopped workers first load, side by side, the pre-block values that the
+//! rest of the block declares, so that the lone worker finds them cached: `preloaded`). A
+//! lone worker takes tasks in block order, so it executes each transaction only after
+//! every one below it is final and meets no new conflict, while every speculative
+//! execution that still validates is kept (handing the block to
 //! `sequential` instead threw that work away: mainnet block 12244000 then took twice as
 //! long as serial execution). A block whose first 64 transactions' declared accesses
 //! ([`Vm::declared_access`]) already conflict each with the one before (a chain) goes to
@@ -43,8 +43,8 @@
 //!
 //! Chunks: on large blocks (4096 transactions and more, on fast storage) the scheduled
 //! unit is a run of up to 16 consecutive transactions ([`crate::chunk::ChunkVm`]): a chunk
-//! executes its transactions in order on a local overlay and publishes their net writes (the fee
-//! credits of all of them as one delta), so scheduling, read-set, validation and
+//! executes its transactions in order on a local overlay and publishes their net writes
+//! (the fee credits of all of them as one delta), so scheduling, read-set, validation and
 //! multi-version costs are paid per chunk and dependencies inside a chunk cost nothing;
 //! a conflict with an earlier chunk re-executes the chunk. Everything above holds with
 //! "chunk" for "transaction" (a chunk's execution is a pure function of what it reads).
@@ -352,18 +352,18 @@ where
         // On slow storage, unless the chain check discovered the whole block already.
         discover: slow_storage && !options.adaptive,
     };
-    // One transaction per unit, except that a sender's run of consecutive transactions
-    // (a nonce chain) is one unit (see `ChunkVm::sequence_runs`), unless the caller fixed
-    // the unit size.
-    let runs = (chunk == 1 && options.chunk_size.is_none() && !slow_storage)
-        .then(|| ChunkVm::sequence_runs(vm))
-        .flatten();
-    if let Some(runs) = runs {
-        return crate::chunk::run_chunked(runs, |units| {
-            execute_units(units, storage, run, options.adaptive, true, sizes, cached)
-        });
-    }
     if chunk == 1 {
+        // One transaction per unit, except that a sender's run of consecutive transactions
+        // (a nonce chain) is one unit (see `ChunkVm::sequence_runs`), unless the caller
+        // fixed the unit size.
+        let runs = (options.chunk_size.is_none() && !slow_storage)
+            .then(|| ChunkVm::sequence_runs(vm))
+            .flatten();
+        if let Some(runs) = runs {
+            return crate::chunk::run_chunked(runs, |units| {
+                execute_units(units, storage, run, options.adaptive, true, sizes, cached)
+            });
+        }
         let (outcome, mut metrics) =
             execute_units(vm, storage, run, options.adaptive, true, sizes, cached)?;
         metrics.extra.push(("chunk_size", 1));
@@ -833,7 +833,7 @@ where
                 blocked_on_sequence: false,
                 storage_reads: &mut w.storage_reads,
             };
-            let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+            let result = crate::execute_caught(self.vm, tx, &mut view);
             let blocked = view.blocked;
             let blocked_on_sequence = view.blocked_on_sequence;
             w.metrics.executions += 1;
@@ -850,15 +850,8 @@ where
                 continue;
             }
             let (writes, output) = match result {
-                Ok(Ok(execution)) => (execution.writes, Ok(execution.output)),
-                Ok(Err(error)) => (Vec::new(), Err(error)),
-                Err(panic) => (
-                    Vec::new(),
-                    Err(VmError::Internal {
-                        tx,
-                        message: crate::panic_message(&panic),
-                    }),
-                ),
+                Ok(execution) => (execution.writes, Ok(execution.output)),
+                Err(error) => (Vec::new(), Err(error)),
             };
             let wrote_new_path = self.record(tx, incarnation, writes, output, w);
             // Reporting to the scheduler counts as part of the task (one clock reading).

@@ -17,7 +17,6 @@
 //! conflict with an earlier chunk re-executes the whole chunk.
 
 use std::ops::Range;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use alloy_primitives::map::DefaultHashBuilder;
@@ -251,14 +250,8 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> Overlay<'_, V, R> {
         let mut outputs = Vec::with_capacity(expected);
         for tx in txs {
             // A panic names its own transaction, not the chunk.
-            let execution = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut *self)))
-                .unwrap_or_else(|panic| {
-                    Err(VmError::Internal {
-                        tx,
-                        message: crate::panic_message(&panic),
-                    })
-                });
-            match execution {
+            let vm = self.vm;
+            match crate::execute_caught(vm, tx, self) {
                 Ok(execution) => {
                     for (key, write) in execution.writes {
                         self.apply(key, write);
@@ -319,13 +312,7 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         if txs.len() == 1 {
             // A transaction alone needs no overlay: its writes are its chunk's.
             let tx = txs.start;
-            let execution = catch_unwind(AssertUnwindSafe(|| self.inner.execute(tx, view)))
-                .unwrap_or_else(|panic| {
-                    Err(VmError::Internal {
-                        tx,
-                        message: crate::panic_message(&panic),
-                    })
-                })?;
+            let execution = crate::execute_caught(self.inner, tx, view)?;
             return Ok(Execution {
                 writes: execution.writes,
                 output: vec![execution.output],

@@ -40,7 +40,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasher;
 use std::ops::Range;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -727,13 +726,7 @@ where
             reads: Vec::new(),
             broken: false,
         };
-        let result = match catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view))) {
-            Ok(result) => result,
-            Err(panic) => Err(VmError::Internal {
-                tx,
-                message: crate::panic_message(&panic),
-            }),
-        };
+        let result = crate::execute_caught(self.vm, tx, &mut view);
         let View { reads, broken, .. } = view;
         let mut record = self.records[tx].lock().unwrap_or_else(|e| e.into_inner());
         let record = &mut *record;

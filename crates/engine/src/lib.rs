@@ -266,6 +266,23 @@ pub(crate) fn finish<V: Vm>(
     ))
 }
 
+/// Executes `tx` on `view`, a panic of the VM turned into the error that names the
+/// transaction (every engine fails a block that way, as `sequential` does).
+pub(crate) fn execute_caught<V: Vm, R: parex_core::ReadView<V::Key, V::Value>>(
+    vm: &V,
+    tx: parex_core::TxIndex,
+    view: &mut R,
+) -> Result<parex_core::VmExecution<V>, VmError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.execute(tx, view))).unwrap_or_else(
+        |panic| {
+            Err(VmError::Internal {
+                tx,
+                message: panic_message(&panic),
+            })
+        },
+    )
+}
+
 /// The message of a caught panic, for an error naming it.
 /// (Takes the box itself: a `&Box<dyn Any>` would otherwise coerce to a `&dyn Any` of
 /// the box, and no downcast of the payload would match.)

@@ -58,7 +58,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -742,18 +741,10 @@ where
             warm,
             reads: None,
         };
-        let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+        let result = crate::execute_caught(self.vm, tx, &mut view);
         self.metrics.executions += 1;
         self.trace.record(kind, Some(tx), span);
-        let execution = match result {
-            Ok(result) => result?,
-            Err(panic) => {
-                return Err(VmError::Internal {
-                    tx,
-                    message: crate::panic_message(&panic),
-                });
-            }
-        };
+        let execution = result?;
         let span = self.trace.start();
         self.commit(execution.writes)?;
         self.outputs.push(execution.output);
@@ -771,13 +762,7 @@ where
             warm: &[],
             reads: Some(&mut reads),
         };
-        let result = match catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view))) {
-            Ok(result) => result,
-            Err(panic) => Err(VmError::Internal {
-                tx,
-                message: crate::panic_message(&panic),
-            }),
-        };
+        let result = crate::execute_caught(self.vm, tx, &mut view);
         self.metrics.executions += 1;
         self.own_speculations += 1;
         self.trace.record(SpanKind::Execute, Some(tx), span);

@@ -5,8 +5,6 @@
 //! first phase of `optimistic`. A pre-execution is exact for a transaction none of
 //! whose reads was written earlier in the block; for the others it is a prediction.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, VmExecution};
 
 use crate::trace::{SpanKind, Tracer};
@@ -102,13 +100,7 @@ where
         predicted: false,
         stale,
     };
-    let result = match catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view))) {
-        Ok(result) => result,
-        Err(panic) => Err(VmError::Internal {
-            tx,
-            message: crate::panic_message(&panic),
-        }),
-    };
+    let result = crate::execute_caught(vm, tx, &mut view);
     PreExecution {
         reads: view.reads,
         predicted: view.prediction.filter(|_| view.predicted).map(Box::new),

@@ -40,7 +40,6 @@
 
 use std::hash::BuildHasher;
 use std::ops::Range;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -754,12 +753,7 @@ impl<V: Vm> Vm for Suffix<'_, V> {
     ) -> Result<VmExecution<Self>, VmError> {
         let tx = tx + self.offset;
         // A panic is turned into an error here, where the block's index is known.
-        catch_unwind(AssertUnwindSafe(|| self.inner.execute(tx, view))).unwrap_or_else(|panic| {
-            Err(VmError::Internal {
-                tx,
-                message: crate::panic_message(&panic),
-            })
-        })
+        crate::execute_caught(self.inner, tx, view)
     }
 
     fn apply_delta(

@@ -87,7 +87,6 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -904,22 +903,15 @@ where
             violated: false,
             undeclared: false,
         };
-        let result = catch_unwind(AssertUnwindSafe(|| self.vm.execute(tx, &mut view)));
+        let result = crate::execute_caught(self.vm, tx, &mut view);
         stats.executions += 1;
         if view.violated {
             // Whatever the VM made of the refused read, this execution is void.
             return Run::Void;
         }
         let (writes, output) = match result {
-            Ok(Ok(execution)) => (execution.writes, Ok(execution.output)),
-            Ok(Err(error)) => (Vec::new(), Err(error)),
-            Err(panic) => (
-                Vec::new(),
-                Err(VmError::Internal {
-                    tx,
-                    message: crate::panic_message(&panic),
-                }),
-            ),
+            Ok(execution) => (execution.writes, Ok(execution.output)),
+            Err(error) => (Vec::new(), Err(error)),
         };
         let writes_declared = writes.iter().all(|(key, write)| {
             declared_kind(declaration, key).is_some_and(|kind| kind.permits_write(write))

@@ -2,7 +2,6 @@
 //! order, on a cache over the pre-block storage; each transaction's writes are applied
 //! before the next one starts. Every other engine must produce exactly its outcome.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, Vm, VmError, Write};
@@ -99,13 +98,7 @@ where
         let span = recorder.start();
         // A panicking VM fails the block with an error naming the transaction, as in
         // every engine (the EVM drops its per-thread state while unwinding).
-        let execution = catch_unwind(AssertUnwindSafe(|| vm.execute(tx, &mut view)))
-            .unwrap_or_else(|panic| {
-                Err(VmError::Internal {
-                    tx,
-                    message: crate::panic_message(&panic),
-                })
-            })?;
+        let execution = crate::execute_caught(vm, tx, &mut view)?;
         for (key, write) in execution.writes {
             match write {
                 // A full write needs no base value: nothing is read from storage.
