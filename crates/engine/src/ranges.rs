@@ -453,9 +453,8 @@ where
 /// Transactions of a round not yet taken by the worker executing them, `next..end`,
 /// packed in one word (`next` in the low half): the owner's claim of its next transaction
 /// and a thief's split are one compare-and-swap each. Each segment has a cache line of its
-/// own: the owner claims every transaction with a write to it, and packed next to another
-/// worker's segment the line moved between the cores at every claim (the claims were 4%
-/// of the ERC20 gigagas block's work).
+/// own: packed next to another worker's segment, the line would move between the cores at
+/// every claim.
 struct Segment(CachePadded<AtomicU64>);
 
 impl Segment {
