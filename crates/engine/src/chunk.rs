@@ -162,6 +162,48 @@ pub(crate) type LocalMap<V> = indexmap::IndexMap<
     DefaultHashBuilder,
 >;
 
+/// Applies one transaction's write to a chunk's keys (`local`): a full value replaces the
+/// key's (keeping whether the chunk read it before: it depends on that), a delta applies to
+/// the value if one is known and merges into the chunk's deltas otherwise. Reads nothing.
+pub(crate) fn apply_write<V: Vm>(
+    vm: &V,
+    local: &mut LocalMap<V>,
+    key: V::Key,
+    write: Write<V::Value, V::Delta>,
+) {
+    match write {
+        Write::Put(value) => match local.entry(key) {
+            Entry::Occupied(mut e) => {
+                let local = e.get_mut();
+                local.value = Some(Some(value));
+                local.written = Some(None);
+            }
+            Entry::Vacant(e) => {
+                e.insert(Local {
+                    value: Some(Some(value)),
+                    written: Some(None),
+                    read_outside: false,
+                });
+            }
+        },
+        Write::Delta(delta) => {
+            let local = local.entry(key.clone()).or_insert(Local {
+                value: None,
+                written: None,
+                read_outside: false,
+            });
+            if let Some(value) = local.value.take() {
+                local.value = Some(vm.apply_delta(&key, value, &delta));
+            }
+            match &mut local.written {
+                Some(Some(merged)) => vm.merge_deltas(merged, &delta),
+                Some(None) => {}
+                written @ None => *written = Some(Some(delta)),
+            }
+        }
+    }
+}
+
 /// The engine's view of the state before the chunk, with the chunk's own effects on top.
 pub(crate) struct Overlay<'v, V: Vm, R> {
     pub(crate) vm: &'v V,
@@ -201,44 +243,6 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> ReadView<V::Key, V::Value> for Overla
 }
 
 impl<V: Vm, R: ReadView<V::Key, V::Value>> Overlay<'_, V, R> {
-    /// Applies one transaction's write to the chunk's state.
-    fn apply(&mut self, key: V::Key, write: Write<V::Value, V::Delta>) {
-        match write {
-            Write::Put(value) => {
-                match self.local.entry(key) {
-                    // Keeps whether the key was read before (the chunk depends on that).
-                    Entry::Occupied(mut e) => {
-                        let local = e.get_mut();
-                        local.value = Some(Some(value));
-                        local.written = Some(None);
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(Local {
-                            value: Some(Some(value)),
-                            written: Some(None),
-                            read_outside: false,
-                        });
-                    }
-                }
-            }
-            Write::Delta(delta) => {
-                let local = self.local.entry(key.clone()).or_insert(Local {
-                    value: None,
-                    written: None,
-                    read_outside: false,
-                });
-                if let Some(value) = local.value.take() {
-                    local.value = Some(self.vm.apply_delta(&key, value, &delta));
-                }
-                match &mut local.written {
-                    Some(Some(merged)) => self.vm.merge_deltas(merged, &delta),
-                    Some(None) => {}
-                    written @ None => *written = Some(Some(delta)),
-                }
-            }
-        }
-    }
-
     /// Executes `txs` in order on the overlay, each on the state its predecessors left.
     /// On failure: the error and the transactions executed, the failed one included.
     /// (`expected`: about how many transactions `txs` yields.)
@@ -254,7 +258,7 @@ impl<V: Vm, R: ReadView<V::Key, V::Value>> Overlay<'_, V, R> {
             match crate::execute_caught(vm, tx, self) {
                 Ok(execution) => {
                     for (key, write) in execution.writes {
-                        self.apply(key, write);
+                        apply_write(self.vm, &mut self.local, key, write);
                     }
                     outputs.push(execution.output);
                 }

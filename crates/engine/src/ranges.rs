@@ -450,6 +450,38 @@ where
     )
 }
 
+/// The state diff of a block whose transactions' writes are `runs`: each the keys that a
+/// run of consecutive transactions wrote (applied in order with
+/// [`crate::chunk::apply_write`]; runs in block order), with the thread that built it —
+/// when no transaction read a key that a transaction of an earlier run wrote, so that the
+/// writes alone give the final state (as for committed ranges; `dag` uses it when its
+/// DAG has no edge). The runs' written keys are marked in the filter in parallel, each
+/// run preferably by its own thread; then the diff is assembled as for range rounds.
+pub(crate) fn diff_of_runs<V, S>(
+    vm: &V,
+    storage: &S,
+    txs: usize,
+    runs: Vec<(LocalMap<V>, ThreadId)>,
+    workers: usize,
+) -> Result<StateDiff<V>, VmError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let mut committed = Committed::new(vm, storage, txs);
+    let (layers, threads): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
+    by_thread(workers, &threads, |_, i| {
+        for (key, local) in &layers[i] {
+            if local.written.is_some() {
+                committed.mark(key);
+            }
+        }
+    });
+    committed.layers = layers;
+    committed.layer_threads = threads;
+    state_diff(committed, None, workers)
+}
+
 /// Transactions of a round not yet taken by the worker executing them, `next..end`,
 /// packed in one word (`next` in the low half): the owner's claim of its next transaction
 /// and a thief's split are one compare-and-swap each. Each segment has a cache line of its

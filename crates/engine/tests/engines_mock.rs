@@ -216,6 +216,49 @@ fn no_conflicts_with_shared_delta() {
     check(&vm(txs), 4002, 2);
 }
 
+/// A block whose hinted DAG has no edge is its hints (`dag` commits them without
+/// scheduling: `hints_committed`), deltas to a key nobody reads and blind writes of one
+/// key by several transactions included (applied in block order); one read of the delta
+/// key adds edges, and the DAG runs as usual. Both equal serial execution.
+#[test]
+fn dag_commits_hints_of_a_block_without_edges() {
+    let block = |read_sink: bool| {
+        vm((0..600u32)
+            .map(|i| MockTx {
+                reads: if read_sink && i == 300 {
+                    vec![2 * i + 1, 0]
+                } else {
+                    vec![2 * i + 1]
+                },
+                extra_read: 2 * i + 1,
+                // Key 5000 is written, never read, by every transaction that writes.
+                writes: vec![2 * i + 2, 5000],
+                deltas: vec![0, 5001],
+                work: 100,
+                declared: Vec::new(),
+                sequence: None,
+            })
+            .collect())
+    };
+    let storage = storage_for(5002);
+    for (read_sink, committed) in [(false, 1), (true, 0)] {
+        let vm = block(read_sink);
+        let expected = sequential::execute(&vm, &storage, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        for threads in [1, 2, 4] {
+            let (outcome, m) = EngineKind::Dag
+                .run(&vm, &storage, &RunOptions::stress(threads))
+                .unwrap();
+            assert_eq!(
+                outcome, expected,
+                "reads the sink: {read_sink}, {threads} threads"
+            );
+            assert_eq!(extra(&m, "hints_committed"), committed, "{m:?}");
+        }
+    }
+}
+
 /// The engines are reachable by name, and an empty block works.
 #[test]
 fn dispatch_and_empty_block() {
