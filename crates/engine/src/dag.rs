@@ -482,7 +482,7 @@ where
             scheduling_time: build_started.elapsed(),
             ..Metrics::default()
         };
-        return commit_hints(vm, storage, hints, workers, tracer, metrics);
+        return commit_hints(vm, storage, hints, &dag, workers, tracer, metrics);
     }
     let engine = DagEngine {
         vm,
@@ -607,7 +607,24 @@ where
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();
     metrics.trace = tracer.finish();
-    metrics.extra = vec![
+    metrics.extra = counters(&dag, mispredictions.into_inner(), false, workers);
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// The engine's counters in the metrics (see the module documentation).
+fn counters(
+    dag: &Dag,
+    mispredictions: u64,
+    hints_committed: bool,
+    workers: usize,
+) -> Vec<(&'static str, u64)> {
+    vec![
         ("sequential_fallback", 0),
         ("optimistic_fallback", 0),
         ("dag_edges", dag.edges),
@@ -618,17 +635,10 @@ where
             "reused_hints",
             dag.scheduled.iter().filter(|s| !**s).count() as u64,
         ),
-        ("mispredictions", mispredictions.into_inner()),
-        ("hints_committed", 0),
+        ("mispredictions", mispredictions),
+        ("hints_committed", u64::from(hints_committed)),
         ("workers", workers as u64),
-    ];
-    Ok((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
-        metrics,
-    ))
+    ]
 }
 
 /// The block when its DAG has no edge and every hint succeeded: then every hint is the
@@ -644,6 +654,7 @@ fn commit_hints<V, S>(
     vm: &V,
     storage: &S,
     mut hints: Vec<Hint<V>>,
+    dag: &Dag,
     workers: usize,
     tracer: Tracer,
     mut metrics: Metrics,
@@ -699,18 +710,7 @@ where
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();
     metrics.trace = tracer.finish();
-    metrics.extra = vec![
-        ("sequential_fallback", 0),
-        ("optimistic_fallback", 0),
-        ("dag_edges", 0),
-        ("groups", 0),
-        ("max_group_size", 0),
-        ("critical_path", u64::from(n > 0)),
-        ("reused_hints", n as u64),
-        ("mispredictions", 0),
-        ("hints_committed", 1),
-        ("workers", workers as u64),
-    ];
+    metrics.extra = counters(dag, 0, true, workers);
     Ok((
         BlockOutcome {
             tx_outcomes: outputs,
