@@ -316,21 +316,23 @@ impl Dag {
     }
 }
 
-/// Pre-executes `range` on `workers` workers; results in block order, and the time
-/// spent summed over workers.
+/// Pre-executes `range` on `workers` workers, appending the hints to `hints` in block
+/// order; returns the time spent, summed over workers.
 fn hint<V, S>(
+    hints: &mut Vec<Hint<V>>,
     vm: &V,
     storage: &S,
     range: Range<TxIndex>,
     workers: usize,
     hasher: &DefaultHashBuilder,
     tracer: &Tracer,
-) -> (Vec<Hint<V>>, Duration)
+) -> Duration
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    crate::workers::map_claimed(workers, range, 4, tracer, SpanKind::Hint, |tx| {
+    let kind = SpanKind::Hint;
+    crate::workers::map_claimed_into(hints, workers, range, 4, tracer, kind, |tx| {
         Hint::new(preexecute(vm, storage, tx), vm.sequence_key(tx), hasher)
     })
 }
@@ -436,7 +438,16 @@ where
     let sample = n.min((SAMPLE_PER_THREAD * threads).max(MIN_SAMPLE));
     // One hasher for every hint: the DAG tells keys apart by hash.
     let hasher = DefaultHashBuilder::default();
-    let (mut hints, mut hint_time) = hint(vm, storage, 0..sample, workers, &hasher, &tracer);
+    let mut hints = Vec::new();
+    let mut hint_time = hint(
+        &mut hints,
+        vm,
+        storage,
+        0..sample,
+        workers,
+        &hasher,
+        &tracer,
+    );
     if options.adaptive
         && sample >= MIN_SAMPLE
         && let Some(fallback) = judge_sample(vm, storage, &hints)
@@ -469,9 +480,15 @@ where
         ));
         return Ok((outcome, metrics));
     }
-    let (rest, rest_time) = hint(vm, storage, sample..n, workers, &hasher, &tracer);
-    hints.extend(rest);
-    hint_time += rest_time;
+    hint_time += hint(
+        &mut hints,
+        vm,
+        storage,
+        sample..n,
+        workers,
+        &hasher,
+        &tracer,
+    );
 
     let build_started = Instant::now();
     let dag = Dag::build(&hints);

@@ -85,6 +85,26 @@ where
     R: Send,
     F: Fn(usize) -> R + Sync,
 {
+    let mut results = Vec::new();
+    let time = map_claimed_into(&mut results, workers, range, claim, tracer, kind, f);
+    (results, time)
+}
+
+/// [`map_claimed`], appending the results to `results` (each moved once more, not twice,
+/// when the caller wants them after others it has: pre-executions are large).
+pub fn map_claimed_into<R, F>(
+    results: &mut Vec<R>,
+    workers: usize,
+    range: Range<usize>,
+    claim: usize,
+    tracer: &Tracer,
+    kind: SpanKind,
+    f: F,
+) -> Duration
+where
+    R: Send,
+    F: Fn(usize) -> R + Sync,
+{
     let next = AtomicUsize::new(range.start);
     let workers = workers.clamp(1, range.len().max(1));
     let per_worker = run(workers, |id| {
@@ -121,17 +141,18 @@ where
         runs.extend(worker_runs);
     }
     runs.sort_unstable();
-    let mut results = Vec::with_capacity(range.len());
+    let before = results.len();
+    results.reserve(range.len());
     for (first, len, worker) in runs {
-        debug_assert_eq!(first, range.start + results.len());
+        debug_assert_eq!(first, range.start + results.len() - before);
         results.extend(done[worker].by_ref().take(len));
     }
     assert_eq!(
-        results.len(),
+        results.len() - before,
         range.len(),
         "every index is claimed by one worker"
     );
-    (results, time)
+    time
 }
 
 /// Sets its flag if the holder unwinds: a worker holds one so that, if it panics, the
