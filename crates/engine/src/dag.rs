@@ -170,9 +170,7 @@ impl<V: Vm> Hint<V> {
             sequence,
         }
     }
-}
 
-impl<V: Vm> Hint<V> {
     /// Asks the CPU to fetch the buffers of this hint that committing it touches (its
     /// writes, and the reads and hashes it frees): hints are read back long after
     /// they were made, one cache miss after another unless fetched ahead.
@@ -699,12 +697,11 @@ where
         let mut keys = LocalMap::<V>::with_capacity_and_hasher(writes, Default::default());
         let mut outputs = Vec::with_capacity(mine.len());
         let mut hints = mine.into_iter();
-        while let Some(hint) = {
+        loop {
             if let Some(ahead) = hints.as_slice().get(HINT_LOOKAHEAD) {
                 ahead.prefetch();
             }
-            hints.next()
-        } {
+            let Some(hint) = hints.next() else { break };
             let Ok(execution) = hint.pre.result else {
                 unreachable!("only blocks whose hints all succeeded come here")
             };

@@ -532,7 +532,7 @@ impl Segment {
     /// until every store before it has left the core, and the stores of a transaction's
     /// execution (to memory the block has not touched yet) then stalled the worker
     /// instead of draining while the next transaction ran (the claims were 5% of the
-    /// raw-transfer gigagas block's instructions).
+    /// raw-transfer gigagas block's profile samples).
     fn claim(&self) -> Option<Range<TxIndex>> {
         self.update(|txs| {
             let take = (txs.len() / CLAIM_BATCH).clamp(1, CLAIM_BATCH);
