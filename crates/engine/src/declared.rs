@@ -2,6 +2,12 @@
 //! it runs: each transaction's declaration in normal form, and whether the block starts
 //! as a chain (every parallel engine checks that first and runs a chain in order).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use alloy_primitives::map::DefaultHashBuilder;
 use parex_core::{AccessKind, PreBlockView, Storage, Vm};
 
 /// A transaction's declaration, sorted by key, each key once.
@@ -81,6 +87,47 @@ pub(crate) fn normalize<K: Ord>(mut keys: Vec<(K, AccessKind)>) -> Declaration<K
     out.into_boxed_slice()
 }
 
+/// Whether two of `declared` (a block's declarations, in normal form: each key once)
+/// ask for one key in kinds that exclude each other ([`AccessKind::compatible`]: a write
+/// and anything else, a read and a delta). A key's requests are all compatible exactly
+/// when each is compatible with the first, so one kind per key is kept. `workers` workers
+/// each take the keys of one share of the hash space, reading every declaration; all stop
+/// soon after a conflict is found.
+pub(crate) fn declarations_conflict<K>(declared: &[Declaration<K>], workers: usize) -> bool
+where
+    K: Eq + Hash + Sync,
+{
+    let workers = workers.max(1);
+    let hasher = DefaultHashBuilder::default();
+    let found = AtomicBool::new(false);
+    let keys: usize = declared.iter().map(|d| d.len()).sum();
+    crate::workers::run(workers, |id| {
+        let mut first: HashMap<&K, AccessKind, DefaultHashBuilder> =
+            HashMap::with_capacity_and_hasher(keys / workers + 1, hasher.clone());
+        for (tx, declaration) in declared.iter().enumerate() {
+            if tx % 256 == 0 && found.load(Relaxed) {
+                return;
+            }
+            for (key, kind) in declaration.iter() {
+                if (hasher.hash_one(key) >> 32) as usize % workers != id {
+                    continue;
+                }
+                match first.entry(key) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(*kind);
+                    }
+                    Entry::Occupied(entry) if !entry.get().compatible(*kind) => {
+                        found.store(true, Relaxed);
+                        return;
+                    }
+                    Entry::Occupied(_) => {}
+                }
+            }
+        }
+    });
+    found.into_inner()
+}
+
 /// The kind `key` is declared with in `declaration`, if it is.
 pub(crate) fn declared_kind<K: Ord>(
     declaration: &[(K, AccessKind)],
@@ -96,7 +143,7 @@ pub(crate) fn declared_kind<K: Ord>(
 mod tests {
     use super::*;
     use parex_core::{Execution, InMemoryStorage, ReadView, TxIndex, VmError, VmExecution};
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::sync::atomic::AtomicUsize;
 
     /// Transactions that declare a write of their sender's key (its sequence key), and
     /// count their declarations.
@@ -179,5 +226,42 @@ mod tests {
         assert_eq!(&*d, &[(1, Write), (2, Write), (3, Read)]);
         assert_eq!(declared_kind(&d, &2), Some(Write));
         assert_eq!(declared_kind(&d, &4), None);
+    }
+
+    /// Reads with reads and deltas with deltas are no conflict; a write with anything
+    /// else, or a read with a delta, is, whichever share of the keys it falls in.
+    #[test]
+    fn conflicting_declarations_are_found() {
+        use AccessKind::{Delta, Read, Write};
+        let block = |txs: &[&[(u32, AccessKind)]]| -> Vec<Declaration<u32>> {
+            txs.iter().map(|d| normalize(d.to_vec())).collect()
+        };
+        let free = block(&[
+            &[(1, Write), (9, Delta), (5, Read)],
+            &[(2, Write), (9, Delta), (5, Read)],
+            &[(3, Delta), (9, Delta)],
+        ]);
+        for workers in 1..=4 {
+            assert!(!declarations_conflict(&free, workers));
+        }
+        for pair in [
+            [Write, Write],
+            [Write, Read],
+            [Read, Write],
+            [Delta, Read],
+            [Delta, Write],
+        ] {
+            let mut txs = free.clone();
+            txs.push(normalize(vec![(100, pair[0])]));
+            txs.push(normalize(vec![(7, Read)]));
+            txs.push(normalize(vec![(100, pair[1])]));
+            for workers in 1..=4 {
+                assert!(
+                    declarations_conflict(&txs, workers),
+                    "{pair:?} on {workers}"
+                );
+            }
+        }
+        assert!(!declarations_conflict::<u32>(&[], 2));
     }
 }

@@ -42,6 +42,20 @@
 //!    frontier run committed after it started, its result is discarded and it runs again
 //!    (as the frontier, so once more at most).
 //!
+//! **Step 0: no conflict, no locks** (adaptive runs). When no two declarations ask for
+//! one key in kinds that exclude each other (checked on every worker, each taking a share
+//! of the keys: `declared::declarations_conflict`), every lock would be granted at once
+//! and steps 2 to 6 would only cost: the block is cut into segments of consecutive
+//! transactions, and workers run the segments' transactions restricted, in order, on the
+//! pre-block state, applying their writes to keys of the segment's own; the segments then
+//! become the state diff as `optimistic`'s committed ranges do. Exact by induction in
+//! block order: a transaction read only keys it declared readable, no earlier transaction
+//! declared them written (that would conflict), and an earlier run that wrote outside its
+//! declaration would be void; so each read saw the serial value. (With pre-execution
+//! hints a pre-execution is reused as it is: its reads are part of its declaration.) The
+//! first void or failed run stops step 0 and the block starts over at step 2
+//! (`conflict_free` says which way it went).
+//!
 //! # Invariants
 //! * Commits happen in block order, so while transaction `i` runs the committed state
 //!   holds writes of transactions below `i` only.
@@ -82,13 +96,15 @@
 //! transactions whose final execution stayed within their declaration, percent),
 //! `undeclared_reruns` (executions voided by an undeclared access), `lock_acquisitions`,
 //! `lock_blocked` (transactions that had to wait for a lock), `frontier_runs`,
-//! `invalidated` (step 6), `preexec_reused`, `frontier_only`, `declared_keys`, `hint_us` (declaring,
+//! `invalidated` (step 6), `preexec_reused`, `frontier_only`, `conflict_free` (step 0
+//! committed the block; it takes no lock), `declared_keys`, `hint_us` (declaring,
 //! pre-execution included) and `workers`.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, RwLock, TryLockError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crossbeam::utils::Backoff;
@@ -97,7 +113,10 @@ use parex_core::{
     Vm, VmError, Write,
 };
 
-use crate::declared::{Declaration, declared_chain, declared_kind, normalize};
+use crate::chunk::{LocalMap, apply_write};
+use crate::declared::{
+    Declaration, declarations_conflict, declared_chain, declared_kind, normalize,
+};
 use crate::preexec::PreExecution;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
@@ -146,6 +165,9 @@ const CLAIM: usize = 16;
 /// Most restricted results a committer applies outside the scheduler's lock at once (their
 /// locks are released when the whole run is recorded).
 const COMMIT_BATCH: usize = 32;
+/// A block whose declarations conflict nowhere runs in this many segments per worker
+/// ([`Sealevel::run_unlocked`]): enough for a worker done early to find another.
+const SEGMENTS_PER_WORKER: usize = 8;
 
 /// Executes the block with declared hints (`sealevel`).
 pub fn execute<V, S>(
@@ -211,41 +233,77 @@ where
     let declared = declare(vm, storage, threads, pre.as_deref(), &tracer);
     let hint_time = hint_started.elapsed();
 
-    let build_started = Instant::now();
-    let mut sched = Sched::<V>::new(&declared);
-    sched.adaptive = options.adaptive;
-    let lock_blocked = sched.lock_blocked;
+    let workers = run.workers(vm, storage);
+    let checked = Instant::now();
+    // Step 0 applies when no two declarations ask for a key in exclusive kinds.
+    let unlocked = options.adaptive
+        && declared.iter().all(|d| !d.is_empty())
+        && !declarations_conflict(&declared, workers);
     let declared_keys: u64 = declared.iter().map(|d| d.len() as u64).sum();
     let engine = Sealevel {
         vm,
         storage,
         declared,
         pre,
-        sched: Mutex::new(sched),
+        // Built below, unless step 0 commits the block.
+        sched: Mutex::new(Sched::new(&[])),
         // Most declared keys are written (reads are mostly of written keys too).
         state: Committed::new(declared_keys as usize),
         halt: AtomicBool::new(false),
         tracer,
     };
-    let workers = run.workers(vm, storage);
-    let build_time = build_started.elapsed();
+    let extras = Extras {
+        declared_keys,
+        hint_us: hint_time.as_micros() as u64,
+        workers: workers as u64,
+    };
+    let mut metrics = Metrics {
+        scheduling_time: checked.elapsed(),
+        ..Metrics::default()
+    };
+    if let Some(pre) = &engine.pre {
+        // Pre-executions count as first executions.
+        metrics.executions += pre.len() as u64;
+    }
+    if unlocked {
+        let block = engine.run_unlocked(workers);
+        metrics.executions += block.executions;
+        metrics.execution_time += block.time;
+        if let Some(segments) = block.segments {
+            let counters = Counters {
+                preexec_reused: block.preexec_reused,
+                conflict_free: 1,
+                ..Counters::default()
+            };
+            return commit_unlocked(
+                vm,
+                storage,
+                engine.tracer,
+                segments,
+                workers,
+                metrics,
+                |m| {
+                    m.extra = extras.list(&counters);
+                },
+            );
+        }
+    }
+
+    let build_started = Instant::now();
+    let mut sched = Sched::<V>::new(&engine.declared);
+    sched.adaptive = options.adaptive;
+    let lock_blocked = sched.lock_blocked;
+    *engine.sched.lock().unwrap_or_else(|e| e.into_inner()) = sched;
+    metrics.scheduling_time += build_started.elapsed();
+    metrics.dependency_waits = lock_blocked;
 
     let per_worker = crate::workers::run(workers, |id| engine.work(id));
 
     let finalize_started = Instant::now();
     let mut finalize_trace = engine.tracer.recorder(0);
     let finalize_span = finalize_trace.start();
-    let mut metrics = Metrics {
-        scheduling_time: build_time,
-        dependency_waits: lock_blocked,
-        ..Metrics::default()
-    };
     let mut undeclared_reruns = 0;
     let mut preexec_reused = 0;
-    if let Some(pre) = &engine.pre {
-        // Pre-executions count as first executions.
-        metrics.executions += pre.len() as u64;
-    }
     for w in &per_worker {
         metrics.executions += w.executions;
         preexec_reused += w.preexec_reused;
@@ -289,20 +347,115 @@ where
     } else {
         sched.complete * 100 / n as u64
     };
-    metrics.extra = vec![
-        ("declaration_coverage_pct", coverage),
-        ("undeclared_reruns", undeclared_reruns),
-        ("lock_acquisitions", sched.lock_acquisitions),
-        ("lock_blocked", lock_blocked),
-        ("frontier_runs", sched.frontier_runs),
-        ("invalidated", sched.invalidated),
-        ("preexec_reused", preexec_reused),
-        ("sequential_fallback", 0),
-        ("frontier_only", u64::from(frontier_only)),
-        ("declared_keys", declared_keys),
-        ("hint_us", hint_time.as_micros() as u64),
-        ("workers", workers as u64),
-    ];
+    metrics.extra = extras.list(&Counters {
+        coverage,
+        undeclared_reruns,
+        lock_acquisitions: sched.lock_acquisitions,
+        lock_blocked,
+        frontier_runs: sched.frontier_runs,
+        invalidated: sched.invalidated,
+        preexec_reused,
+        frontier_only: u64::from(frontier_only),
+        conflict_free: 0,
+    });
+    Ok((
+        BlockOutcome {
+            tx_outcomes: outputs,
+            state_diff,
+        },
+        metrics,
+    ))
+}
+
+/// The metrics' extras that do not depend on how the block ran.
+struct Extras {
+    declared_keys: u64,
+    hint_us: u64,
+    workers: u64,
+}
+
+/// The metrics' extras that count what the workers did.
+struct Counters {
+    coverage: u64,
+    undeclared_reruns: u64,
+    lock_acquisitions: u64,
+    lock_blocked: u64,
+    frontier_runs: u64,
+    invalidated: u64,
+    preexec_reused: u64,
+    frontier_only: u64,
+    conflict_free: u64,
+}
+
+impl Default for Counters {
+    /// A block that ran without the lock table: every declaration complete, nothing else.
+    fn default() -> Self {
+        Self {
+            coverage: 100,
+            undeclared_reruns: 0,
+            lock_acquisitions: 0,
+            lock_blocked: 0,
+            frontier_runs: 0,
+            invalidated: 0,
+            preexec_reused: 0,
+            frontier_only: 0,
+            conflict_free: 0,
+        }
+    }
+}
+
+impl Extras {
+    fn list(&self, c: &Counters) -> Vec<(&'static str, u64)> {
+        vec![
+            ("declaration_coverage_pct", c.coverage),
+            ("undeclared_reruns", c.undeclared_reruns),
+            ("lock_acquisitions", c.lock_acquisitions),
+            ("lock_blocked", c.lock_blocked),
+            ("frontier_runs", c.frontier_runs),
+            ("invalidated", c.invalidated),
+            ("preexec_reused", c.preexec_reused),
+            ("sequential_fallback", 0),
+            ("frontier_only", c.frontier_only),
+            ("conflict_free", c.conflict_free),
+            ("declared_keys", self.declared_keys),
+            ("hint_us", self.hint_us),
+            ("workers", self.workers),
+        ]
+    }
+}
+
+/// A block whose declarations conflict nowhere, from its segments (in block order; see
+/// [`Sealevel::run_unlocked`]).
+fn commit_unlocked<V, S>(
+    vm: &V,
+    storage: &S,
+    tracer: Tracer,
+    segments: Vec<Segment<V>>,
+    workers: usize,
+    mut metrics: Metrics,
+    extras: impl FnOnce(&mut Metrics),
+) -> Result<(VmOutcome<V>, Metrics), EngineError>
+where
+    V: Vm,
+    S: Storage<Key = V::Key, Value = V::Value>,
+{
+    let finalize_started = Instant::now();
+    let mut trace = tracer.recorder(0);
+    let span = trace.start();
+    let mut outputs = Vec::with_capacity(segments.iter().map(|(_, o)| o.len()).sum());
+    let mut runs = Vec::with_capacity(segments.len());
+    for (run, mut part) in segments {
+        outputs.append(&mut part);
+        runs.push(run);
+    }
+    let state_diff = crate::ranges::diff_of_runs(vm, storage, outputs.len(), runs, workers)?;
+    vm.finalize_outputs(&mut outputs)?;
+    metrics.reexecutions = metrics.executions.saturating_sub(outputs.len() as u64);
+    metrics.finalize_time = finalize_started.elapsed();
+    trace.record(SpanKind::Finalize, None, span);
+    tracer.submit(trace);
+    metrics.trace = tracer.finish();
+    extras(&mut metrics);
     Ok((
         BlockOutcome {
             tx_outcomes: outputs,
@@ -409,6 +562,18 @@ struct Finished<V: Vm> {
     /// Every access was within the declaration.
     complete: bool,
 }
+
+/// What [`Sealevel::run_unlocked`] did: per segment in block order, the keys its
+/// transactions wrote (with the thread that applied them) and their outputs (`None` if a
+/// run was void or failed); and the executions and the time it took.
+struct UnlockedBlock<V: Vm> {
+    segments: Option<Vec<Segment<V>>>,
+    executions: u64,
+    preexec_reused: u64,
+    time: Duration,
+}
+
+type Segment<V> = ((LocalMap<V>, ThreadId), Vec<<V as Vm>::Output>);
 
 /// What a worker picked: a transaction, run restricted or as the frontier.
 #[derive(Clone, Copy)]
@@ -885,6 +1050,110 @@ where
         }
         self.tracer.submit(trace);
         stats
+    }
+
+    /// Step 0: runs every transaction restricted, with no lock and no ordered commit (the
+    /// committed state stays empty), for a block whose lock requests were all granted at
+    /// once. The block is cut into segments of consecutive transactions, claimed in block
+    /// order; a worker executes a segment's transactions in order and applies their writes
+    /// to keys of the segment's own ([`crate::chunk::apply_write`]), which become the state
+    /// diff as committed ranges do ([`crate::ranges::diff_of_runs`]). Stops at the first
+    /// run that is void or fails: the block then takes the usual way, from the start
+    /// ([`UnlockedBlock::segments`] is `None`).
+    fn run_unlocked(&self, workers: usize) -> UnlockedBlock<V> {
+        let n = self.declared.len();
+        let segments = (workers * SEGMENTS_PER_WORKER).clamp(1, n.max(1));
+        let len = n.div_ceil(segments);
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let per_worker = crate::workers::run(workers, |id| {
+            let _halt = crate::workers::SetOnPanic(&stop);
+            let mut trace = self.tracer.recorder(id);
+            let mut stats = WorkerStats::default();
+            let started = Instant::now();
+            let mut done = Vec::new();
+            'segments: loop {
+                let segment = next.fetch_add(1, Relaxed);
+                let first = segment * len;
+                if first >= n {
+                    break;
+                }
+                let txs = first..(first + len).min(n);
+                let mut keys =
+                    LocalMap::<V>::with_capacity_and_hasher(2 * txs.len(), Default::default());
+                let mut outputs = Vec::with_capacity(txs.len());
+                for tx in txs {
+                    if stop.load(Relaxed) {
+                        break 'segments;
+                    }
+                    let span = trace.start();
+                    let pre = self.pre.as_ref().and_then(|p| p[tx].result.as_ref().ok());
+                    if let Some(execution) = pre {
+                        // It read the pre-block state, and only keys its declaration
+                        // names (they include what it read and wrote): in this block that
+                        // is the serial state, so it is the result, unchecked.
+                        stats.preexec_reused += 1;
+                        for (key, write) in &execution.writes {
+                            apply_write(self.vm, &mut keys, key.clone(), write.clone());
+                        }
+                        outputs.push(execution.output.clone());
+                        trace.record(SpanKind::Execute, Some(tx), span);
+                        continue;
+                    }
+                    let task = Task {
+                        tx,
+                        frontier: false,
+                        first: true,
+                    };
+                    let run = self.run(task, &mut stats);
+                    trace.record(SpanKind::Execute, Some(tx), span);
+                    let Run::Finished(Finished {
+                        writes,
+                        output: Ok(output),
+                        ..
+                    }) = run
+                    else {
+                        // Void (an undeclared access) or failed: the locked way decides.
+                        stop.store(true, Relaxed);
+                        break 'segments;
+                    };
+                    for (key, write) in writes {
+                        apply_write(self.vm, &mut keys, key, write);
+                    }
+                    outputs.push(output);
+                }
+                done.push((segment, keys, outputs));
+            }
+            self.tracer.submit(trace);
+            stats.execution = started.elapsed();
+            (done, stats, std::thread::current().id())
+        });
+        let mut block = UnlockedBlock {
+            segments: None,
+            executions: 0,
+            preexec_reused: 0,
+            time: Duration::ZERO,
+        };
+        let mut segments = Vec::with_capacity(segments);
+        for (done, stats, thread) in per_worker {
+            block.executions += stats.executions;
+            block.preexec_reused += stats.preexec_reused;
+            block.time += stats.execution;
+            segments.extend(
+                done.into_iter()
+                    .map(|(segment, keys, outputs)| (segment, (keys, thread), outputs)),
+            );
+        }
+        if !stop.into_inner() {
+            segments.sort_unstable_by_key(|(segment, _, _)| *segment);
+            block.segments = Some(
+                segments
+                    .into_iter()
+                    .map(|(_, run, outputs)| (run, outputs))
+                    .collect(),
+            );
+        }
+        block
     }
 
     /// Executes `task` and checks its writes against the declaration.

@@ -129,6 +129,7 @@ fn check(vm: &MockVm, keys: u32, repeat: usize) {
                 (Hints::Declared, false),
                 (Hints::Preexec, false),
                 (Hints::Declared, true),
+                (Hints::Preexec, true),
             ] {
                 let options = Options { hints, adaptive };
                 let got = run_with(vm, keys, threads, options).map(|(o, d, m)| {
@@ -206,6 +207,59 @@ proptest! {
     }
 }
 
+/// A block whose transactions each use keys of their own (eight each, after the shared
+/// delta key 0), declared exactly or mostly so: the declarations conflict nowhere, so
+/// adaptive runs take step 0, and fall back when a declaration misses something or a
+/// transaction fails.
+fn disjoint_block(max_txs: usize) -> impl Strategy<Value = Vec<MockTx>> {
+    let own = (
+        prop::collection::vec(0..8u32, 0..=4),
+        0..8u32,
+        prop::collection::vec(0..8u32, 0..=3),
+        0usize..=1,
+        0u32..500,
+        prop_oneof![
+            8 => Just(Declare::Exact),
+            1 => any::<u32>().prop_map(Declare::Partial),
+            1 => Just(Declare::TooWeak),
+        ],
+    );
+    // Half the blocks declare everything exactly (step 0 commits them), half mostly.
+    (prop::collection::vec(own, 0..=max_txs), any::<bool>()).prop_map(|(txs, exact)| {
+        txs.into_iter()
+            .enumerate()
+            .map(|(i, (reads, extra_read, writes, deltas, work, how))| {
+                let how = if exact { Declare::Exact } else { how };
+                let key = |k: u32| 1 + 8 * i as u32 + k;
+                let mut tx = MockTx {
+                    reads: reads.into_iter().map(key).collect(),
+                    extra_read: key(extra_read),
+                    writes: writes.into_iter().map(key).collect(),
+                    deltas: vec![0; deltas],
+                    work,
+                    declared: Vec::new(),
+                    sequence: None,
+                };
+                declare(&mut tx, how, &[]);
+                tx
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Blocks for step 0, exact or not, failing or not.
+    #[test]
+    fn conflict_free_declarations(
+        txs in disjoint_block(150),
+        fail_modulo in prop_oneof![3 => Just(0u64), 1 => 40u64..400],
+    ) {
+        check(&MockVm { txs, fail_modulo, ..MockVm::default() }, 1 + 8 * 150, 2);
+    }
+}
+
 /// Disjoint keys plus a delta on a shared key (the "beneficiary"): `how` for every
 /// transaction.
 fn independent(how: Declare) -> MockVm {
@@ -259,6 +313,55 @@ fn coverage_is_full_with_exact_declarations_and_lower_without() {
         assert!(coverage < 100, "{m:?}");
     }
     check(&independent(Declare::Partial(0b101)), 2001, 1);
+}
+
+/// A block whose declarations conflict nowhere (disjoint keys, deltas to one shared key)
+/// runs without the lock table when adaptive (`conflict_free`), from declarations or
+/// from pre-executions; one whose declarations miss an access, or in which a transaction
+/// fails, starts so and is finished the usual way, with the same outcome as serial.
+#[test]
+fn conflict_free_blocks_run_without_locks() {
+    let adaptive = |hints| Options {
+        hints,
+        adaptive: true,
+    };
+    let expected = |vm: &MockVm, keys| {
+        sequential::execute(vm, &storage_for(keys), &RunOptions::threads(1))
+            .map(|(mut o, _)| {
+                o.state_diff.sort();
+                (o.tx_outcomes, o.state_diff)
+            })
+            .map_err(|e| e.to_string())
+    };
+    let exact = independent(Declare::Exact);
+    let from_pre = independent(Declare::Empty);
+    let partial = independent(Declare::Partial(0b101));
+    let mut failing = independent(Declare::Exact);
+    failing.fail_modulo = 101;
+    for threads in [1, 2, 4] {
+        let (o, d, m) = run_with(&exact, 2001, threads, adaptive(Hints::Declared)).unwrap();
+        assert_eq!(Ok((o, d)), expected(&exact, 2001));
+        assert_eq!(m.extra("conflict_free"), Some(1), "{m:?}");
+        assert_eq!(m.extra("lock_acquisitions"), Some(0));
+        assert_eq!(m.extra("declaration_coverage_pct"), Some(100));
+        assert_eq!((m.executions, m.reexecutions), (1000, 0));
+
+        let (o, d, m) = run_with(&from_pre, 2001, threads, adaptive(Hints::Preexec)).unwrap();
+        assert_eq!(Ok((o, d)), expected(&from_pre, 2001));
+        assert_eq!(m.extra("conflict_free"), Some(1), "{m:?}");
+        assert_eq!(m.extra("preexec_reused"), Some(1000));
+        assert_eq!(m.executions, 1000, "pre-executions only");
+
+        let (o, d, m) = run_with(&partial, 2001, threads, adaptive(Hints::Declared)).unwrap();
+        assert_eq!(Ok((o, d)), expected(&partial, 2001));
+        assert_eq!(m.extra("conflict_free"), Some(0), "{m:?}");
+        assert!(m.executions > 1000, "the void runs count: {m:?}");
+
+        let got =
+            run_with(&failing, 2001, threads, adaptive(Hints::Declared)).map(|(o, d, _)| (o, d));
+        assert_eq!(got, expected(&failing, 2001));
+        assert!(got.is_err(), "a transaction fails");
+    }
 }
 
 /// Each transaction reads the key the previous one wrote; declared exactly, the locks
