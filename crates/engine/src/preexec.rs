@@ -7,8 +7,6 @@
 
 use parex_core::{ReadError, ReadView, Storage, TxIndex, Vm, VmError, VmExecution};
 
-use crate::trace::{SpanKind, Tracer};
-
 /// A key read from a prediction, with the predicted value.
 pub type Predicted<V> = (<V as Vm>::Key, Option<<V as Vm>::Value>);
 
@@ -33,20 +31,6 @@ impl<V: Vm> PreExecution<V> {
             .iter()
             .flat_map(|e| e.writes.iter().map(|(k, _)| k))
     }
-}
-
-/// Pre-executes every transaction of `vm`'s block on `storage` with `threads` workers,
-/// recording [`SpanKind::Hint`] spans into `tracer`. Results are in block order.
-pub fn run<V, S>(vm: &V, storage: &S, threads: usize, tracer: &Tracer) -> Vec<PreExecution<V>>
-where
-    V: Vm,
-    S: Storage<Key = V::Key, Value = V::Value>,
-{
-    let range = 0..vm.tx_count();
-    crate::workers::map_claimed(threads, range, 4, tracer, SpanKind::Hint, |tx| {
-        preexecute(vm, storage, tx)
-    })
-    .0
 }
 
 /// Executes `tx` alone on the pre-block state.

@@ -123,6 +123,7 @@ use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
 type Hasher = alloy_primitives::map::DefaultHashBuilder;
 type Writes<V> = Vec<(<V as Vm>::Key, Write<<V as Vm>::Value, <V as Vm>::Delta>)>;
+type Declarations<V> = Vec<Declaration<<V as Vm>::Key>>;
 
 /// Where declarations come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,6 +166,8 @@ const CLAIM: usize = 16;
 /// Most restricted results a committer applies outside the scheduler's lock at once (their
 /// locks are released when the whole run is recorded).
 const COMMIT_BATCH: usize = 32;
+/// Transactions a worker claims at once in the pass of pre-executions.
+const PREEXEC_CLAIM: usize = 4;
 /// A block whose declarations conflict nowhere runs in this many segments per worker
 /// ([`Sealevel::run_unlocked`]): enough for a worker done early to find another.
 const SEGMENTS_PER_WORKER: usize = 8;
@@ -226,11 +229,7 @@ where
     }
 
     let hint_started = Instant::now();
-    let pre = match options.hints {
-        Hints::Declared => None,
-        Hints::Preexec => Some(crate::preexec::run(vm, storage, threads, &tracer)),
-    };
-    let declared = declare(vm, storage, threads, pre.as_deref(), &tracer);
+    let (pre, declared) = declare(vm, storage, threads, options.hints, &tracer);
     let hint_time = hint_started.elapsed();
 
     let workers = run.workers(vm, storage);
@@ -468,22 +467,24 @@ where
 // ---------------------------------------------------------------------------------------
 // Step 1: declarations.
 
-/// Every transaction's declaration, in block order, computed on `threads` workers.
+/// Every transaction's declaration, in block order, computed on `threads` workers; with
+/// pre-execution hints, each transaction's pre-execution first (returned too), in the
+/// same pass: declaring then finds the accounts the pre-execution just read in the cache.
 fn declare<V, S>(
     vm: &V,
     storage: &S,
     threads: usize,
-    pre: Option<&[PreExecution<V>]>,
+    hints: Hints,
     tracer: &Tracer,
-) -> Vec<Declaration<V::Key>>
+) -> (Option<Vec<PreExecution<V>>>, Declarations<V>)
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
     let range = 0..vm.tx_count();
-    crate::workers::map_claimed(threads, range, CLAIM, tracer, SpanKind::Hint, |tx| {
+    let declare = |tx, pre: Option<&PreExecution<V>>| {
         let mut keys = vm.declared_access(tx, &mut PreBlockView(storage));
-        if let Some(pre) = pre.and_then(|p| p.get(tx)) {
+        if let Some(pre) = pre {
             keys.extend(pre.reads.iter().map(|(k, _)| (k.clone(), AccessKind::Read)));
             if let Ok(execution) = &pre.result {
                 keys.extend(execution.writes.iter().map(|(k, w)| {
@@ -496,8 +497,32 @@ where
             }
         }
         normalize(keys)
-    })
-    .0
+    };
+    match hints {
+        Hints::Declared => {
+            let (declared, _) =
+                crate::workers::map_claimed(threads, range, CLAIM, tracer, SpanKind::Hint, |tx| {
+                    declare(tx, None)
+                });
+            (None, declared)
+        }
+        Hints::Preexec => {
+            let (both, _) = crate::workers::map_claimed(
+                threads,
+                range,
+                PREEXEC_CLAIM,
+                tracer,
+                SpanKind::Hint,
+                |tx| {
+                    let pre = crate::preexec::preexecute(vm, storage, tx);
+                    let declaration = declare(tx, Some(&pre));
+                    (pre, declaration)
+                },
+            );
+            let (pre, declared) = both.into_iter().unzip();
+            (Some(pre), declared)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
