@@ -662,8 +662,8 @@ fn counters(
 /// block is its hints: their outputs, and their writes applied in block order. No
 /// multi-version memory, no scheduling: each of `workers` workers takes a contiguous
 /// share of the hints, applies their writes in order to keys of its own and keeps their
-/// outputs (freeing the rest of the hints side by side); the shares' keys then make the
-/// state diff as committed ranges do ([`crate::ranges::diff_of_runs`]). Metric
+/// outputs (freeing the rest of the hints side by side); the shares then make the block's
+/// outcome as committed ranges do ([`crate::ranges::outcome_of_runs`]). Metric
 /// `hints_committed`.
 fn commit_hints<V, S>(
     vm: &V,
@@ -710,28 +710,15 @@ where
             }
             outputs.push(execution.output);
         }
-        (outputs, (keys, std::thread::current().id()))
+        (outputs, keys, std::thread::current().id())
     });
-    let mut outputs = Vec::with_capacity(n);
-    let mut runs = Vec::with_capacity(per_share.len());
-    for (mut part, run) in per_share {
-        outputs.append(&mut part);
-        runs.push(run);
-    }
-    let state_diff = crate::ranges::diff_of_runs(vm, storage, n, runs, workers)?;
-    vm.finalize_outputs(&mut outputs)?;
+    let outcome = crate::ranges::outcome_of_runs(vm, storage, per_share, workers)?;
     trace.record(SpanKind::Finalize, None, span);
     tracer.submit(trace);
     metrics.finalize_time = finalize_started.elapsed();
     metrics.trace = tracer.finish();
     metrics.extra = counters(dag, 0, true, workers);
-    Ok((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
-        metrics,
-    ))
+    Ok((outcome, metrics))
 }
 
 struct DagEngine<'a, V: Vm, S> {

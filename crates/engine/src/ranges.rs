@@ -49,7 +49,8 @@ use std::time::{Duration, Instant};
 use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::CachePadded;
 use parex_core::{
-    PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError, VmExecution,
+    BlockOutcome, PreBlockView, ReadError, ReadView, Storage, StorageError, TxIndex, Vm, VmError,
+    VmExecution,
 };
 
 use crate::chunk::{LocalMap, Overlay};
@@ -450,26 +451,36 @@ where
     )
 }
 
-/// The state diff of a block whose transactions' writes are `runs`: each the keys that a
-/// run of consecutive transactions wrote (applied in order with
-/// [`crate::chunk::apply_write`]; runs in block order), with the thread that built it —
-/// when no transaction read a key that a transaction of an earlier run wrote, so that the
-/// writes alone give the final state (as for committed ranges; `dag` uses it when its
-/// DAG has no edge). The runs' written keys are marked in the filter in parallel, each
-/// run preferably by its own thread; then the diff is assembled as for range rounds.
-pub(crate) fn diff_of_runs<V, S>(
+/// A run of consecutive transactions executed by one thread: their outputs, the keys
+/// they wrote (applied in order with [`crate::chunk::apply_write`]) and the thread.
+pub(crate) type ExecutedRun<V> = (Vec<<V as Vm>::Output>, LocalMap<V>, ThreadId);
+
+/// The outcome of a block from `runs` of its transactions (in block order), when no
+/// transaction read a key that a transaction of an earlier run wrote, so that the writes
+/// alone give the final state (as for committed ranges; `dag` uses it when its DAG has no
+/// edge, `sealevel` when no declarations conflict). The runs' written keys are marked in
+/// the filter in parallel, each run preferably by its own thread; then the diff is
+/// assembled as for range rounds, and the outputs are finalized in block order.
+pub(crate) fn outcome_of_runs<V, S>(
     vm: &V,
     storage: &S,
-    txs: usize,
-    runs: Vec<(LocalMap<V>, ThreadId)>,
+    runs: Vec<ExecutedRun<V>>,
     workers: usize,
-) -> Result<StateDiff<V>, VmError>
+) -> Result<VmOutcome<V>, VmError>
 where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
+    let txs = runs.iter().map(|(outputs, _, _)| outputs.len()).sum();
+    let mut outputs = Vec::with_capacity(txs);
+    let mut layers = Vec::with_capacity(runs.len());
+    let mut threads = Vec::with_capacity(runs.len());
+    for (mut part, layer, thread) in runs {
+        outputs.append(&mut part);
+        layers.push(layer);
+        threads.push(thread);
+    }
     let mut committed = Committed::new(vm, storage, txs);
-    let (layers, threads): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
     by_thread(workers, &threads, |_, i| {
         for (key, local) in &layers[i] {
             if local.written.is_some() {
@@ -479,7 +490,12 @@ where
     });
     committed.layers = layers;
     committed.layer_threads = threads;
-    state_diff(committed, None, workers)
+    let state_diff = state_diff(committed, None, workers)?;
+    vm.finalize_outputs(&mut outputs)?;
+    Ok(BlockOutcome {
+        tx_outcomes: outputs,
+        state_diff,
+    })
 }
 
 /// Transactions of a round not yet taken by the worker executing them, `next..end`,

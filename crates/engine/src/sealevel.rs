@@ -104,7 +104,6 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, RwLock, TryLockError};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crossbeam::utils::Backoff;
@@ -118,6 +117,7 @@ use crate::declared::{
     Declaration, declarations_conflict, declared_chain, declared_kind, normalize,
 };
 use crate::preexec::PreExecution;
+use crate::ranges::ExecutedRun;
 use crate::trace::{SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
@@ -219,35 +219,34 @@ where
 {
     let n = vm.tx_count();
     let tracer = Tracer::new(run.trace);
-    // Hints and declarations run on as many workers as the block gets.
-    let threads = run.workers(vm, storage);
+    // Hints, declarations and execution run on as many workers as the block gets.
+    let workers = run.workers(vm, storage);
 
-    if options.adaptive && declared_chain(vm, storage, threads) {
+    if options.adaptive && declared_chain(vm, storage, workers) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
         // and the in-order commit's cost on top: run the block in order.
         return crate::sequential::in_order(vm, storage, run, &[]);
     }
 
     let hint_started = Instant::now();
-    let (pre, declared) = declare(vm, storage, threads, options.hints, &tracer);
+    let (pre, declared) = declare(vm, storage, workers, options.hints, &tracer);
     let hint_time = hint_started.elapsed();
 
-    let workers = run.workers(vm, storage);
     let checked = Instant::now();
     // Step 0 applies when no two declarations ask for a key in exclusive kinds.
     let unlocked = options.adaptive
         && declared.iter().all(|d| !d.is_empty())
         && !declarations_conflict(&declared, workers);
     let declared_keys: u64 = declared.iter().map(|d| d.len() as u64).sum();
-    let engine = Sealevel {
+    let mut engine = Sealevel {
         vm,
         storage,
         declared,
         pre,
-        // Built below, unless step 0 commits the block.
+        // The lock table and the committed state: built below, unless step 0 commits the
+        // block (it uses neither).
         sched: Mutex::new(Sched::new(&[])),
-        // Most declared keys are written (reads are mostly of written keys too).
-        state: Committed::new(declared_keys as usize),
+        state: Committed::new(0),
         halt: AtomicBool::new(false),
         tracer,
     };
@@ -292,7 +291,9 @@ where
     let mut sched = Sched::<V>::new(&engine.declared);
     sched.adaptive = options.adaptive;
     let lock_blocked = sched.lock_blocked;
-    *engine.sched.lock().unwrap_or_else(|e| e.into_inner()) = sched;
+    engine.sched = Mutex::new(sched);
+    // Most declared keys are written (reads are mostly of written keys too).
+    engine.state = Committed::new(declared_keys as usize);
     metrics.scheduling_time += build_started.elapsed();
     metrics.dependency_waits = lock_blocked;
 
@@ -424,12 +425,12 @@ impl Extras {
 }
 
 /// A block whose declarations conflict nowhere, from its segments (in block order; see
-/// [`Sealevel::run_unlocked`]).
+/// [`Sealevel::run_unlocked`]), with its metrics.
 fn commit_unlocked<V, S>(
     vm: &V,
     storage: &S,
     tracer: Tracer,
-    segments: Vec<Segment<V>>,
+    segments: Vec<ExecutedRun<V>>,
     workers: usize,
     mut metrics: Metrics,
     extras: impl FnOnce(&mut Metrics),
@@ -441,27 +442,16 @@ where
     let finalize_started = Instant::now();
     let mut trace = tracer.recorder(0);
     let span = trace.start();
-    let mut outputs = Vec::with_capacity(segments.iter().map(|(_, o)| o.len()).sum());
-    let mut runs = Vec::with_capacity(segments.len());
-    for (run, mut part) in segments {
-        outputs.append(&mut part);
-        runs.push(run);
-    }
-    let state_diff = crate::ranges::diff_of_runs(vm, storage, outputs.len(), runs, workers)?;
-    vm.finalize_outputs(&mut outputs)?;
-    metrics.reexecutions = metrics.executions.saturating_sub(outputs.len() as u64);
+    let outcome = crate::ranges::outcome_of_runs(vm, storage, segments, workers)?;
+    metrics.reexecutions = metrics
+        .executions
+        .saturating_sub(outcome.tx_outcomes.len() as u64);
     metrics.finalize_time = finalize_started.elapsed();
     trace.record(SpanKind::Finalize, None, span);
     tracer.submit(trace);
     metrics.trace = tracer.finish();
     extras(&mut metrics);
-    Ok((
-        BlockOutcome {
-            tx_outcomes: outputs,
-            state_diff,
-        },
-        metrics,
-    ))
+    Ok((outcome, metrics))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -592,13 +582,11 @@ struct Finished<V: Vm> {
 /// transactions wrote (with the thread that applied them) and their outputs (`None` if a
 /// run was void or failed); and the executions and the time it took.
 struct UnlockedBlock<V: Vm> {
-    segments: Option<Vec<Segment<V>>>,
+    segments: Option<Vec<ExecutedRun<V>>>,
     executions: u64,
     preexec_reused: u64,
     time: Duration,
 }
-
-type Segment<V> = ((LocalMap<V>, ThreadId), Vec<<V as Vm>::Output>);
 
 /// What a worker picked: a transaction, run restricted or as the frontier.
 #[derive(Clone, Copy)]
@@ -606,6 +594,9 @@ struct Task {
     tx: TxIndex,
     frontier: bool,
     first: bool,
+    /// Step 0: restricted, on the pre-block state (nothing is committed), its reads not
+    /// kept (no commit checks them).
+    unlocked: bool,
 }
 
 struct Sched<V: Vm> {
@@ -809,6 +800,7 @@ impl<V: Vm> Sched<V> {
             tx,
             frontier,
             first: self.runs[tx] == 1,
+            unlocked: false,
         })
     }
 
@@ -1082,7 +1074,7 @@ where
     /// once. The block is cut into segments of consecutive transactions, claimed in block
     /// order; a worker executes a segment's transactions in order and applies their writes
     /// to keys of the segment's own ([`crate::chunk::apply_write`]), which become the state
-    /// diff as committed ranges do ([`crate::ranges::diff_of_runs`]). Stops at the first
+    /// diff as committed ranges do ([`crate::ranges::outcome_of_runs`]). Stops at the first
     /// run that is void or fails: the block then takes the usual way, from the start
     /// ([`UnlockedBlock::segments`] is `None`).
     fn run_unlocked(&self, workers: usize) -> UnlockedBlock<V> {
@@ -1129,6 +1121,7 @@ where
                         tx,
                         frontier: false,
                         first: true,
+                        unlocked: true,
                     };
                     let run = self.run(task, &mut stats);
                     trace.record(SpanKind::Execute, Some(tx), span);
@@ -1166,24 +1159,24 @@ where
             block.time += stats.execution;
             segments.extend(
                 done.into_iter()
-                    .map(|(segment, keys, outputs)| (segment, (keys, thread), outputs)),
+                    .map(|(segment, keys, outputs)| (segment, (outputs, keys, thread))),
             );
         }
         if !stop.into_inner() {
-            segments.sort_unstable_by_key(|(segment, _, _)| *segment);
-            block.segments = Some(
-                segments
-                    .into_iter()
-                    .map(|(_, run, outputs)| (run, outputs))
-                    .collect(),
-            );
+            segments.sort_unstable_by_key(|(segment, _)| *segment);
+            block.segments = Some(segments.into_iter().map(|(_, run)| run).collect());
         }
         block
     }
 
     /// Executes `task` and checks its writes against the declaration.
     fn run(&self, task: Task, stats: &mut WorkerStats) -> Run<V> {
-        let Task { tx, frontier, .. } = task;
+        let Task {
+            tx,
+            frontier,
+            unlocked,
+            ..
+        } = task;
         let declaration = &self.declared[tx];
         if let Some(finished) = self.reuse_preexecution(tx, frontier) {
             stats.preexec_reused += 1;
@@ -1193,6 +1186,7 @@ where
             engine: self,
             declaration,
             frontier,
+            unlocked,
             reads: Vec::new(),
             violated: false,
             undeclared: false,
@@ -1403,7 +1397,9 @@ struct View<'a, 'e, V: Vm, S> {
     engine: &'a Sealevel<'e, V, S>,
     declaration: &'a [(V::Key, AccessKind)],
     frontier: bool,
-    /// Keys read (restricted runs).
+    /// A step-0 run ([`Task::unlocked`]).
+    unlocked: bool,
+    /// Keys read (restricted runs of the locked way).
     reads: Vec<V::Key>,
     /// A restricted run read an undeclared key: the execution is void.
     violated: bool,
@@ -1421,6 +1417,9 @@ where
         if self.frontier {
             self.undeclared |= !readable;
         } else if readable && !self.violated {
+            if self.unlocked {
+                return Ok(self.engine.storage.read(key)?);
+            }
             self.reads.push(key.clone());
         } else {
             self.violated = true;
