@@ -342,6 +342,8 @@ where
     } else {
         Default::default()
     };
+    // Not a chain: the helpers wake while the block's structures are set up.
+    crate::workers::wake_helpers(workers);
     let chunk = options
         .chunk_size
         .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))
