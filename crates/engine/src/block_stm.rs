@@ -87,7 +87,8 @@
 //! an error is exactly where serial execution fails, and that error is returned.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -95,6 +96,7 @@ use std::time::{Duration, Instant};
 
 use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::Backoff;
+use hashbrown::{HashTable, hash_table};
 use parex_core::{BlockOutcome, ReadError, ReadView, Storage, TxIndex, Vm, VmError, Write};
 
 use crate::chunk::ChunkVm;
@@ -635,23 +637,38 @@ where
     /// [`BlockStm::wait_for_predecessor`]). Returns the transactions so ordered.
     fn seed_sequence_estimates(&mut self) -> u64 {
         let n = self.vm.tx_count();
-        let mut last: HashMap<V::Key, TxIndex, DefaultHashBuilder> =
-            HashMap::with_capacity_and_hasher(n, DefaultHashBuilder::default());
+        // Each sequence key's latest transaction so far, found by the key's hash (an
+        // entry of 16 bytes, not a key's 64: this pass is serial setup, before any
+        // worker starts, and a block's senders are mostly distinct).
+        let hasher = DefaultHashBuilder::default();
+        let mut last: HashTable<(u64, TxIndex)> = HashTable::with_capacity(n);
         let mut predecessors = vec![None; n];
         let mut sequenced = 0;
         for (tx, predecessor) in predecessors.iter_mut().enumerate() {
             let Some(key) = self.vm.sequence_key(tx) else {
                 continue;
             };
-            if let Some(earlier) = last.insert(key.clone(), tx) {
-                let mut slot = self.slots[earlier]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                slot.written.push(key.clone());
-                let _ = self.memory.write(key, earlier, Entry::Estimate, 0);
-                *predecessor = u32::try_from(earlier).ok();
-                sequenced += 1;
+            let hash = hasher.hash_one(&key);
+            let earlier = match last.entry(hash, |&(h, _)| h == hash, |&(h, _)| h) {
+                hash_table::Entry::Occupied(mut entry) => {
+                    std::mem::replace(&mut entry.get_mut().1, tx)
+                }
+                hash_table::Entry::Vacant(entry) => {
+                    entry.insert((hash, tx));
+                    continue;
+                }
+            };
+            // Another key of the same hash (vanishingly rare) orders nothing.
+            if self.vm.sequence_key(earlier).as_ref() != Some(&key) {
+                continue;
             }
+            let mut slot = self.slots[earlier]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            slot.written.push(key.clone());
+            let _ = self.memory.write(key, earlier, Entry::Estimate, 0);
+            *predecessor = u32::try_from(earlier).ok();
+            sequenced += 1;
         }
         self.sequence_predecessors = predecessors.into_boxed_slice();
         sequenced
