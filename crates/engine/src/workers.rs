@@ -176,7 +176,7 @@ const WAKE_AHEAD: Duration = Duration::from_micros(400);
 /// instead of following it. Each woken helper waits awake, its core otherwise idle, and
 /// runs the first work its pool is handed right there (whatever it is: a block that ends
 /// up needing no helper costs nothing but that wait), or goes back to sleep after
-/// [`WAKE_AHEAD`]. Does nothing where `run` would not use the kept pools (one worker, a
+/// `WAKE_AHEAD` (400 µs). Does nothing where `run` would not use the kept pools (one worker, a
 /// caller inside a rayon pool, more workers than cores).
 pub fn wake_helpers(workers: usize) {
     if workers < 2 || workers > cores() || rayon::current_thread_index().is_some() {
