@@ -137,6 +137,8 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
         self.mark_bucket(self.bucket(key));
     }
 
+    /// Records in the filter that a key of bucket `(word, bit)` ([`Self::bucket`]) was
+    /// written once more.
     fn mark_bucket(&self, (word, bit): (usize, u64)) {
         if self.written[word].fetch_or(bit, Relaxed) & bit != 0 {
             self.rewritten[word].fetch_or(bit, Relaxed);
