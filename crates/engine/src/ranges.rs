@@ -146,15 +146,16 @@ impl<'s, V: Vm, S: Storage<Key = V::Key, Value = V::Value>> Committed<'s, V, S> 
         }
     }
 
-    /// [`Self::mark`] for each of `keys`, with the filter's words fetched for writing
-    /// `MARK_AHEAD` keys before they are marked: a mark's atomic update waits for its word's
-    /// line (the filter is megabytes, its words random), so one after another the misses
-    /// added up, and fetched ahead they overlap.
-    fn mark_all<'k>(&self, keys: impl Iterator<Item = &'k V::Key>)
-    where
-        V::Key: 'k,
-    {
-        let buckets: Vec<(usize, u64)> = keys.map(|key| self.bucket(key)).collect();
+    /// [`Self::mark`] for each key that `local` (a range's or a run's keys) wrote, with the
+    /// filter's words fetched for writing `MARK_AHEAD` keys before they are marked: a
+    /// mark's atomic update waits for its word's line (the filter is megabytes, its words
+    /// random), so one after another the misses added up, and fetched ahead they overlap.
+    fn mark_written(&self, local: &LocalMap<V>) {
+        let buckets: Vec<(usize, u64)> = local
+            .iter()
+            .filter(|(_, entry)| entry.written.is_some())
+            .map(|(key, _)| self.bucket(key))
+            .collect();
         for (i, &bucket) in buckets.iter().enumerate() {
             if let Some(&(word, _)) = buckets.get(i + MARK_AHEAD) {
                 fetch_for_writing(&self.written[word]);
@@ -504,12 +505,7 @@ where
     }
     let mut committed = Committed::new(vm, storage, txs);
     by_thread(workers, &threads, |_, i| {
-        committed.mark_all(
-            layers[i]
-                .iter()
-                .filter(|(_, local)| local.written.is_some())
-                .map(|(key, _)| key),
-        );
+        committed.mark_written(&layers[i]);
     });
     committed.layers = layers;
     committed.layer_threads = threads;
@@ -662,12 +658,7 @@ where
     V: Vm,
     S: Storage<Key = V::Key, Value = V::Value>,
 {
-    committed.mark_all(
-        local
-            .iter()
-            .filter(|(_, entry)| entry.written.is_some())
-            .map(|(key, _)| key),
-    );
+    committed.mark_written(local);
     for (key, entry) in local.iter_mut() {
         let Some(write) = &entry.written else {
             continue;
@@ -681,7 +672,7 @@ where
     }
 }
 
-/// How many keys ahead of its mark a filter word is fetched ([`Committed::mark_all`]).
+/// How many keys ahead of its mark a filter word is fetched ([`Committed::mark_written`]).
 const MARK_AHEAD: usize = 16;
 
 /// Asks the CPU to bring `word`'s cache line in, ready to be written.

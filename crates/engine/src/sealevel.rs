@@ -273,17 +273,8 @@ where
                 conflict_free: 1,
                 ..Counters::default()
             };
-            return commit_unlocked(
-                vm,
-                storage,
-                engine.tracer,
-                segments,
-                workers,
-                metrics,
-                |m| {
-                    m.extra = extras.list(&counters);
-                },
-            );
+            metrics.extra = extras.list(&counters);
+            return commit_unlocked(vm, storage, engine.tracer, segments, workers, metrics);
         }
     }
 
@@ -425,7 +416,7 @@ impl Extras {
 }
 
 /// A block whose declarations conflict nowhere, from its segments (in block order; see
-/// [`Sealevel::run_unlocked`]), with its metrics.
+/// [`Sealevel::run_unlocked`]), with its metrics (their extras already listed).
 fn commit_unlocked<V, S>(
     vm: &V,
     storage: &S,
@@ -433,7 +424,6 @@ fn commit_unlocked<V, S>(
     segments: Vec<ExecutedRun<V>>,
     workers: usize,
     mut metrics: Metrics,
-    extras: impl FnOnce(&mut Metrics),
 ) -> Result<(VmOutcome<V>, Metrics), EngineError>
 where
     V: Vm,
@@ -450,7 +440,6 @@ where
     trace.record(SpanKind::Finalize, None, span);
     tracer.submit(trace);
     metrics.trace = tracer.finish();
-    extras(&mut metrics);
     Ok((outcome, metrics))
 }
 
