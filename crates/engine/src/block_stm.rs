@@ -34,7 +34,8 @@
 //! execution that still validates is kept (handing the block to
 //! `sequential` instead threw that work away: mainnet block 12244000 then took twice as
 //! long as serial execution). A block whose first 64 transactions' declared accesses
-//! ([`Vm::declared_access`]) already conflict each with the one before (a chain) goes to
+//! ([`Vm::declared_access`]) already conflict each with the one before (a chain; the
+//! pairs inside a sequence run, below, are one unit's work and are not judged) goes to
 //! the `sequential` engine before any speculation (on slow storage the whole block's keys
 //! are discovered and read in batches first, [`crate::prefetch::chain_check`]; any other
 //! block starts with those values in its memory and needs no discovery of its own). Both
@@ -330,6 +331,13 @@ where
         ("storage_reads", 0),
         ("preloaded", 0),
     ];
+    let chunk = options
+        .chunk_size
+        .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))
+        .max(1);
+    // A sender's run of light transactions is one unit (see `ChunkVm::sequence_runs`),
+    // unless the caller fixed the unit size.
+    let sequence_runs_are_units = chunk == 1 && options.chunk_size.is_none() && !slow_storage;
     // Not a chain on slow storage: the memory starts with the pre-block values that the
     // chain check discovered for the whole block, and the metrics count their reads.
     let (cached, judging) = if options.adaptive && slow_storage {
@@ -338,7 +346,9 @@ where
             ChainCheck::Chain(result) => return result,
             ChainCheck::NotChain(cache, pass) => (cache.into_cached(), pass),
         }
-    } else if options.adaptive && crate::declared::declared_chain(vm, storage, workers) {
+    } else if options.adaptive
+        && crate::declared::declared_chain(vm, storage, workers, sequence_runs_are_units)
+    {
         let extra = [&extra[..], &crate::prefetch::Discovered::default().extras()].concat();
         return crate::sequential::in_order(vm, storage, run, &extra);
     } else {
@@ -346,10 +356,6 @@ where
     };
     // Not a chain: the helpers wake while the block's structures are set up.
     crate::workers::wake_helpers(workers);
-    let chunk = options
-        .chunk_size
-        .unwrap_or_else(|| crate::chunk::chunk_size(n, workers, slow_storage))
-        .max(1);
     let sizes = Sizes {
         keys: 3 * n,
         workers,
@@ -358,9 +364,8 @@ where
     };
     if chunk == 1 {
         // One transaction per unit, except that a sender's run of consecutive transactions
-        // (a nonce chain) is one unit (see `ChunkVm::sequence_runs`), unless the caller
-        // fixed the unit size.
-        let runs = (options.chunk_size.is_none() && !slow_storage)
+        // (a nonce chain) is one unit.
+        let runs = sequence_runs_are_units
             .then(|| ChunkVm::sequence_runs(vm))
             .flatten();
         if let Some(runs) = runs {

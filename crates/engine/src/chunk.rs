@@ -51,6 +51,21 @@ pub fn chunk_size(txs: usize, workers: usize, slow_storage: bool) -> usize {
     (txs / (workers.max(1) * CHUNKS_PER_WORKER)).clamp(1, MAX_CHUNK)
 }
 
+/// Whether transaction `tx` continues the sequence run of the one before it (see
+/// [`ChunkVm::sequence_runs`], which also ends a run at `MAX_RUN` transactions): both are
+/// light ([`Vm::light_tx_equivalents_of`] 1) and share a [`Vm::sequence_key`] (a sender's
+/// nonce sequence). Light transactions only: a run of heavy ones (contract calls that may
+/// read what earlier transactions of the block write) is re-executed whole when one of
+/// them conflicts (on 9069000, seven 400k-gas calls to one contract took 1.4x longer as
+/// one unit than one by one).
+pub(crate) fn continues_run<V: Vm>(vm: &V, tx: TxIndex) -> bool {
+    let light = |tx| vm.light_tx_equivalents_of(tx) <= 1;
+    tx > 0 && light(tx) && light(tx - 1) && {
+        let key = vm.sequence_key(tx);
+        key.is_some() && key == vm.sequence_key(tx - 1)
+    }
+}
+
 /// A block's transactions in chunks: of one size, or its sequence runs.
 pub struct ChunkVm<'a, V> {
     inner: &'a V,
@@ -90,22 +105,13 @@ impl<'a, V: Vm> ChunkVm<'a, V> {
     pub fn sequence_runs(inner: &'a V) -> Option<Self> {
         let n = inner.tx_count();
         let mut starts = Vec::with_capacity(n);
-        // The sequence key of the run the previous transaction ended, if it may go on.
-        let mut open = None;
         let mut length = 0;
         for tx in 0..n {
-            let key = inner.sequence_key(tx);
-            // Light transactions only: a run of heavy ones (contract calls that may read
-            // what earlier transactions of the block write) is re-executed whole when one
-            // of them conflicts (on 9069000, seven 400k-gas calls to one contract took
-            // 1.4x longer as one unit than one by one).
-            let light = inner.light_tx_equivalents_of(tx) <= 1;
-            if !light || key.is_none() || key != open || length == MAX_RUN {
+            if !continues_run(inner, tx) || length == MAX_RUN {
                 starts.push(tx);
                 length = 0;
             }
             length += 1;
-            open = if light { key } else { None };
         }
         (starts.len() < n).then(|| Self {
             inner,

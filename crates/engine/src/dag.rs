@@ -426,7 +426,7 @@ where
     let workers = run.workers(vm, storage);
     let tracer = Tracer::new(run.trace);
 
-    if options.adaptive && crate::declared::declared_chain(vm, storage, workers) {
+    if options.adaptive && crate::declared::declared_chain(vm, storage, workers, false) {
         // The declarations already say the block is a chain (one sender's nonce
         // sequence, say, whose hints on the pre-block state would all be invalid).
         return crate::sequential::in_order(vm, storage, run, &[("optimistic_fallback", 0)]);

@@ -177,7 +177,7 @@ where
             }
         };
     }
-    if crate::declared::declared_chain(vm, storage, workers) {
+    if crate::declared::declared_chain(vm, storage, workers, false) {
         // The declarations already say the block is a chain: merge checks would all fail.
         return crate::sequential::in_order(vm, storage, run, &[]);
     }

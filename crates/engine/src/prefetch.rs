@@ -400,7 +400,7 @@ where
     let n = vm.tx_count();
     let (cache, workers) = PreBlockCache::for_block(storage, vm, threads);
     let pass = discover_in_pass(vm, &cache, workers, &Windows::new(n, workers));
-    if !crate::declared::declared_chain(vm, &cache, workers) {
+    if !crate::declared::declared_chain(vm, &cache, workers, false) {
         return ChainCheck::NotChain(cache, pass);
     }
     ChainCheck::Chain(pass.added_to(in_order(&cache)))

@@ -222,7 +222,7 @@ where
     // Hints, declarations and execution run on as many workers as the block gets.
     let workers = run.workers(vm, storage);
 
-    if options.adaptive && declared_chain(vm, storage, workers) {
+    if options.adaptive && declared_chain(vm, storage, workers, false) {
         // Locks would hand the transactions out one by one anyway, with the lock table's
         // and the in-order commit's cost on top: run the block in order.
         return crate::sequential::in_order(vm, storage, run, &[]);

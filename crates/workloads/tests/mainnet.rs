@@ -118,3 +118,37 @@ fn a_wrong_sender_or_header_is_detected() {
     assert!(!check.passed());
     assert!(check.mismatches(block).contains("receipts root"));
 }
+
+/// `block-stm` runs a sender's run of light transactions as one unit, so its up-front
+/// chain check judges the pairs between units: 8889776, which opens with 40 payouts of
+/// one sender and goes on with independent transfers, is speculated on there (a chain by
+/// transaction pairs, for `optimistic`), while 11814555 and 5891667, one sender's run
+/// throughout their first 64 transactions, run in order in both. Every result passes.
+#[test]
+fn block_stm_judges_a_chain_by_its_units() {
+    let wanted = [5_891_667, 8_889_776, 11_814_555];
+    let blocks: Vec<MainnetBlock> = Source::open(&builtin_dir())
+        .expect("data directory opens")
+        .load_where(|n| wanted.contains(&n))
+        .into_iter()
+        .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
+        .collect();
+    assert_eq!(blocks.len(), wanted.len());
+    for block in &blocks {
+        let speculates = block.number == 8_889_776;
+        for (engine, fallback) in [
+            (EngineKind::BlockStm, !speculates),
+            (EngineKind::Optimistic, true),
+        ] {
+            let check = check_block(block, engine, 2).expect("executes");
+            assert!(check.passed(), "{engine} on {}", block.number);
+            assert_eq!(
+                check.metrics.extra("sequential_fallback"),
+                Some(u64::from(fallback)),
+                "{engine} on {}: {:?}",
+                block.number,
+                check.metrics
+            );
+        }
+    }
+}
