@@ -186,6 +186,17 @@ impl Scheduler {
         }
     }
 
+    /// Claims `tx`'s execution for `worker` out of turn (a heavy transaction started
+    /// first, see `block_stm`); when `execution_idx` reaches it, it is passed over as any
+    /// claimed transaction is. `None` if it is not ready to execute (already claimed).
+    /// Block order is only the order tasks are offered in: an execution reads the memory as
+    /// of its position whenever it runs, and its validation still waits for
+    /// `validation_idx`, which comes back below it whenever an earlier execution writes.
+    pub fn claim_out_of_turn(&self, tx: TxIndex, worker: usize) -> Option<Task> {
+        self.active[worker].fetch_add(1, SeqCst);
+        self.try_incarnate(tx, worker)
+    }
+
     /// Claims `tx` for execution if it is ready; otherwise gives up the active task.
     fn try_incarnate(&self, tx: TxIndex, worker: usize) -> Option<Task> {
         if tx < self.n {
@@ -431,6 +442,41 @@ mod tests {
         assert_eq!(s.finish_validation(0, false, 0), None);
         assert_eq!(s.next_task(0), Some(Task::Execute(2, 0)));
         assert!(!s.done());
+    }
+
+    /// A transaction claimed out of turn is passed over when the shared order reaches it,
+    /// and validated once it has executed; the block is done when every transaction
+    /// executed once and was validated.
+    #[test]
+    fn a_transaction_claimed_out_of_turn_runs_once() {
+        let s = Scheduler::new(4, 2);
+        assert_eq!(s.claim_out_of_turn(2, 1), Some(Task::Execute(2, 0)));
+        assert_eq!(s.claim_out_of_turn(2, 0), None);
+        // Runs a worker's tasks (every execution writes a new key, every validation
+        // passes) until the scheduler has none for it; counts the executions.
+        let drain = |executed: &mut [u32; 4], worker: usize, mut task: Option<Task>| loop {
+            task = match task.or_else(|| s.next_task(worker)) {
+                Some(Task::Execute(tx, incarnation)) => {
+                    executed[tx] += 1;
+                    let (validate, resumed) = s.finish_execution(tx, incarnation, true, worker);
+                    assert_eq!(resumed, None);
+                    validate
+                }
+                Some(Task::Validate(tx, _)) => s.finish_validation(tx, false, worker),
+                None => return,
+            };
+        };
+        let mut executed = [0; 4];
+        // Worker 0 runs everything else while 2 executes.
+        drain(&mut executed, 0, None);
+        assert_eq!(executed, [1, 1, 0, 1]);
+        assert!(!s.done());
+        executed[2] += 1;
+        let (validate, _) = s.finish_execution(2, 0, true, 1);
+        drain(&mut executed, 1, validate);
+        assert_eq!(executed, [1, 1, 1, 1]);
+        assert_eq!(s.next_task(0), None);
+        assert!(s.done());
     }
 
     /// Each worker counts its own tasks in flight: the block is done only when no worker

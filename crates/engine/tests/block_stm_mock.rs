@@ -437,3 +437,61 @@ fn a_conflicting_start_does_not_make_block_stm_give_up() {
     // much of the cluster each worker sees).
     assert!(gave_up <= 2, "gave up in {gave_up} of {runs} runs");
 }
+
+/// A transaction that weighs a large share of the block is executed first, out of turn,
+/// by the last worker: exact whether what it reads is final by then or not. Here the heavy
+/// transaction (6) reads what transaction 2 writes, so a first execution that ran before
+/// 2's is invalid and runs again; a block whose heaviest transaction is among the first
+/// `workers`, or no heavier than a light one, has none.
+#[test]
+fn a_heavy_transaction_is_executed_first_and_still_exactly() {
+    let tx = |reads: Vec<u32>, writes: Vec<u32>, work: u32| MockTx {
+        reads,
+        extra_read: 0,
+        writes,
+        deltas: vec![0],
+        work,
+        declared: Vec::new(),
+        sequence: None,
+    };
+    let light = LIGHT_WORK / 2;
+    let block = |heavy_at: usize, heavy_work: u32| {
+        vm((0..10u32)
+            .map(|i| {
+                if i as usize == heavy_at {
+                    tx(vec![12, 30 + i], vec![12, 30 + i], heavy_work)
+                } else if i == 2 {
+                    tx(vec![12], vec![12], light)
+                } else {
+                    tx(vec![30 + i], vec![30 + i], light)
+                }
+            })
+            .collect())
+    };
+    let storage = storage_for(64);
+    for (heavy_at, heavy_work, first) in [
+        (6, 20 * LIGHT_WORK, 1),
+        (1, 20 * LIGHT_WORK, 0),
+        (6, LIGHT_WORK, 0),
+    ] {
+        let block = block(heavy_at, heavy_work);
+        check(&block, 64, 2);
+        let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+            .unwrap()
+            .0;
+        for adaptive in [false, true] {
+            let options = block_stm::Options {
+                adaptive,
+                chunk_size: None,
+            };
+            let (outcome, m) =
+                block_stm::execute_with(&block, &storage, &RunOptions::stress(2), options).unwrap();
+            assert_eq!(outcome, expected, "heavy at {heavy_at}");
+            assert_eq!(
+                m.extra("heavy_first"),
+                Some(first),
+                "heavy at {heavy_at}: {m:?}"
+            );
+        }
+    }
+}

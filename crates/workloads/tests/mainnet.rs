@@ -15,6 +15,18 @@ fn load(dir: &std::path::Path) -> Vec<MainnetBlock> {
         .collect()
 }
 
+/// These blocks of the built-in copy.
+fn builtin_blocks(numbers: &[u64]) -> Vec<MainnetBlock> {
+    let blocks: Vec<MainnetBlock> = Source::open(&builtin_dir())
+        .expect("data directory opens")
+        .load_where(|n| numbers.contains(&n))
+        .into_iter()
+        .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
+        .collect();
+    assert_eq!(blocks.len(), numbers.len());
+    blocks
+}
+
 /// The plain data set beside the repository (present in development and CI, absent in
 /// a user's clone).
 fn shared_dir() -> Option<PathBuf> {
@@ -127,13 +139,7 @@ fn a_wrong_sender_or_header_is_detected() {
 #[test]
 fn block_stm_judges_a_chain_by_its_units() {
     let wanted = [5_891_667, 8_889_776, 11_814_555];
-    let blocks: Vec<MainnetBlock> = Source::open(&builtin_dir())
-        .expect("data directory opens")
-        .load_where(|n| wanted.contains(&n))
-        .into_iter()
-        .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
-        .collect();
-    assert_eq!(blocks.len(), wanted.len());
+    let blocks = builtin_blocks(&wanted);
     for block in &blocks {
         let speculates = block.number == 8_889_776;
         for (engine, fallback) in [
@@ -150,5 +156,25 @@ fn block_stm_judges_a_chain_by_its_units() {
                 check.metrics
             );
         }
+    }
+}
+
+/// `block-stm` starts a transaction that weighs a large share of its block first, out of
+/// turn: 19929064's transaction 91 (2.5 Mgas of limit, about 40% of the block's time), not
+/// 8889776's (none weighs enough). Both results pass their headers.
+#[test]
+fn block_stm_starts_a_heavy_transaction_first() {
+    let wanted = [8_889_776, 19_929_064];
+    let blocks = builtin_blocks(&wanted);
+    for block in &blocks {
+        let check = check_block(block, EngineKind::BlockStm, 2).expect("executes");
+        assert!(check.passed(), "block {}", block.number);
+        assert_eq!(
+            check.metrics.extra("heavy_first"),
+            Some(u64::from(block.number == 19_929_064)),
+            "block {}: {:?}",
+            block.number,
+            check.metrics
+        );
     }
 }
