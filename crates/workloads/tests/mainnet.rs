@@ -7,9 +7,14 @@ use parex_workloads::mainnet::{MainnetBlock, Source, builtin_dir};
 use parex_workloads::verify::check_block;
 
 fn load(dir: &std::path::Path) -> Vec<MainnetBlock> {
+    load_where(dir, |_| true)
+}
+
+/// The blocks of `dir` whose number `wanted` accepts.
+fn load_where(dir: &std::path::Path, wanted: impl Fn(u64) -> bool) -> Vec<MainnetBlock> {
     let source = Source::open(dir).expect("data directory opens");
     source
-        .load_all()
+        .load_where(wanted)
         .into_iter()
         .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
         .collect()
@@ -17,12 +22,7 @@ fn load(dir: &std::path::Path) -> Vec<MainnetBlock> {
 
 /// These blocks of the built-in copy.
 fn builtin_blocks(numbers: &[u64]) -> Vec<MainnetBlock> {
-    let blocks: Vec<MainnetBlock> = Source::open(&builtin_dir())
-        .expect("data directory opens")
-        .load_where(|n| numbers.contains(&n))
-        .into_iter()
-        .map(|(n, b)| b.unwrap_or_else(|e| panic!("block {n}: {e}")))
-        .collect();
+    let blocks = load_where(&builtin_dir(), |n| numbers.contains(&n));
     assert_eq!(blocks.len(), numbers.len());
     blocks
 }
