@@ -52,13 +52,14 @@
 //! In the metrics of a chunked block, `executions` and `reexecutions` count transactions;
 //! `validations`, `validation_failures` and `dependency_waits` count chunks.
 //!
-//! Heavy first: on blocks scheduled by transaction or sequence run (fast storage), a unit
-//! that weighs ([`Vm::light_tx_equivalents_of`]) at least 15% of the block and would not
-//! start at once is executed first, out of turn, by the last worker (`heavy_first`,
-//! metric `heavy_first`): in block order such a transaction starts only when the index
-//! reaches it and then runs alone at the end. Block order is only the order in which tasks
-//! are offered, so this is exact as any execution is (it reads the memory as of its
-//! position and is validated in order).
+//! Heavy first: on blocks scheduled by transaction or sequence run (fast storage), the
+//! units that weigh ([`Vm::light_tx_equivalents_of`]) at least 5% of the block, or 2% when
+//! in block order they would end it, and would not start at once are executed first, out
+//! of turn and in block order, by the last worker (`heavy_first`, metric `heavy_first`):
+//! in block order such a transaction starts only when the index reaches it and then runs
+//! alone at the end. Block order is only the order in which tasks are offered, so this is
+//! exact as any execution is (it reads the memory as of its position and is validated in
+//! order); a worker that reaches a unit in order after it was claimed passes over it.
 //!
 //! Sequence runs: on smaller blocks (fast storage) a sender's run of consecutive light
 //! transactions (up to 64; [`crate::chunk::ChunkVm::sequence_runs`]: an exchange's or a
@@ -164,34 +165,58 @@ struct BlockStm<'a, V: Vm, S> {
     /// Per transaction, the nearest earlier one with its sequence key, if any (see
     /// [`BlockStm::seed_sequence_estimates`]; empty on chunked blocks).
     sequence_predecessors: Box<[Option<u32>]>,
-    /// The unit the last worker executes first, out of turn (see [`heavy_first`]).
-    heavy_first: Option<TxIndex>,
+    /// The units the last worker executes first, out of turn (see [`heavy_first`]).
+    heavy_first: Box<[TxIndex]>,
     tracer: Tracer,
 }
 
-/// A unit that weighs at least this share of its block's work is executed first.
-const HEAVY_FIRST_SHARE: f64 = 0.15;
+/// A unit that weighs at least this share of its block's work is executed first...
+const HEAVY_FIRST_SHARE: f64 = 0.05;
+/// ...and so is one that weighs at least this share and would, in block order, finish
+/// after the rest of the block...
+const LATE_HEAVY_SHARE: f64 = 0.02;
+/// ...the heaviest this many at most.
+const MAX_HEAVY_FIRST: usize = 8;
 
-/// The unit that one worker executes first, out of turn: the block's heaviest
-/// ([`Vm::light_tx_equivalents_of`]; the first of equals) when it is heavier than a light
-/// transaction, weighs at least `HEAVY_FIRST_SHARE` of the block, and would not start
-/// at once anyway (it is not among the first `workers` units). A transaction that takes a
-/// large share of the block is its critical path's floor, and in block order it starts
-/// only when the index reaches it: mainnet 19929064's transaction 91 (2.4 of 6.1 ms) then
-/// started 2.25 ms into the block, which ran at 1.01x of `sequential` against a bound of
-/// 1.71x (now about 1.5x). Exact either way: it reads the memory as of its position, and is
-/// validated in order (an execution that read what an earlier one then wrote runs again).
-fn heavy_first<V: Vm>(vm: &V, workers: usize) -> Option<TxIndex> {
-    let (mut total, mut heaviest, mut weight) = (0, 0, 0);
-    for unit in 0..vm.tx_count() {
-        let w = vm.light_tx_equivalents_of(unit);
-        total += w;
-        if w > weight {
-            (heaviest, weight) = (unit, w);
+/// The units that the last worker executes first, out of turn, in block order (each one
+/// it finds not yet claimed): those heavier than a light transaction
+/// ([`Vm::light_tx_equivalents_of`]) and not among the first `workers` units (which start
+/// at once anyway) that weigh at least `HEAVY_FIRST_SHARE` of the block, or at least
+/// `LATE_HEAVY_SHARE` when in block order they would finish after everything else (with
+/// `workers` sharing the work before a unit, it ends last when `workers - 1` times its
+/// weight exceeds the weight after it). In block order a heavy unit starts only when the
+/// index reaches it, and then runs alone at the end: mainnet 19929064's transaction 91
+/// (2.4 of 6.1 ms) started 2.25 ms into the block, which ran at 1.01x of `sequential`
+/// against a bound of 1.71x. Gas limits are a rough weight (18426253's transaction 138 takes
+/// half the block's time with a third of the gas limit of its heaviest by limit), so more
+/// than the heaviest one is taken; a wrong pick costs little, as another worker reaching it
+/// in order finds it claimed and moves on. Exact either way: an execution reads the memory
+/// as of its position and is validated in order (one that read what an earlier one then
+/// wrote runs again).
+fn heavy_first<V: Vm>(vm: &V, workers: usize) -> Box<[TxIndex]> {
+    let weights: Vec<usize> = (0..vm.tx_count())
+        .map(|unit| vm.light_tx_equivalents_of(unit))
+        .collect();
+    let total = weights.iter().sum::<usize>() as f64;
+    let mut after = total;
+    let mut heavy: Vec<TxIndex> = Vec::new();
+    for (unit, &weight) in weights.iter().enumerate() {
+        let w = weight as f64;
+        after -= w;
+        let ends_last = (workers - 1) as f64 * w >= after;
+        if unit >= workers
+            && weight > 1
+            && (w >= HEAVY_FIRST_SHARE * total || (ends_last && w >= LATE_HEAVY_SHARE * total))
+        {
+            heavy.push(unit);
         }
     }
-    (weight > 1 && heaviest >= workers && weight as f64 >= HEAVY_FIRST_SHARE * total as f64)
-        .then_some(heaviest)
+    if heavy.len() > MAX_HEAVY_FIRST {
+        heavy.sort_by_key(|&unit| std::cmp::Reverse(weights[unit]));
+        heavy.truncate(MAX_HEAVY_FIRST);
+        heavy.sort_unstable();
+    }
+    heavy.into()
 }
 
 /// A worker judges its speculation in windows of this many executions of its own (at
@@ -477,9 +502,11 @@ where
         sequence_predecessors: Box::default(),
         // Units of one transaction or a sequence run each (not fixed chunks, whose weights
         // even out), on fast storage (slow storage runs many workers, each waiting on reads).
-        heavy_first: (workers > 1 && sequence_dependencies && !slow_storage)
-            .then(|| heavy_first(vm, workers))
-            .flatten(),
+        heavy_first: if workers > 1 && sequence_dependencies && !slow_storage {
+            heavy_first(vm, workers)
+        } else {
+            Box::default()
+        },
         tracer: Tracer::new(run.trace),
     };
     let sequenced = if sequence_dependencies {
@@ -590,7 +617,7 @@ where
         ("preloaded", preloaded),
         ("sequenced", sequenced),
         ("sequence_waits", sequence_waits),
-        ("heavy_first", u64::from(heavy_first.is_some())),
+        ("heavy_first", heavy_first.len() as u64),
     ];
     metrics.extra.extend(discovered.extras());
     Ok((
@@ -777,12 +804,13 @@ where
             w.clock.execution += w.clock.lap();
         }
         let backoff = Backoff::new();
-        // The last worker starts with the heavy unit, if there is one (worker 0 starts the
-        // block's order).
-        let mut task = match self.heavy_first {
-            Some(unit) if id + 1 == self.workers => self.scheduler.claim_out_of_turn(unit, id),
-            _ => None,
+        // The last worker starts with the heavy units, if there are any (worker 0 starts
+        // the block's order).
+        let mut heavy = match id + 1 == self.workers {
+            true => &self.heavy_first[..],
+            false => &[],
         };
+        let mut task = None;
         // This worker judged speculation wasted and finishes the block by itself.
         let mut alone = false;
         loop {
@@ -790,6 +818,12 @@ where
                 Some(Task::Execute(tx, incarnation)) => self.try_execute(tx, incarnation, &mut w),
                 Some(Task::Validate(tx, incarnation)) => self.validate(tx, incarnation, &mut w),
                 None if !w.resumed.is_empty() => w.resumed.pop(),
+                // (None once a worker has given up speculating and finishes in order.)
+                None if !heavy.is_empty() && !self.gave_up.load(Relaxed) => {
+                    let unit = heavy[0];
+                    heavy = &heavy[1..];
+                    self.scheduler.claim_out_of_turn(unit, w.id)
+                }
                 None => {
                     if self.scheduler.done() {
                         break;

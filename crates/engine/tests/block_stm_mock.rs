@@ -438,13 +438,14 @@ fn a_conflicting_start_does_not_make_block_stm_give_up() {
     assert!(gave_up <= 2, "gave up in {gave_up} of {runs} runs");
 }
 
-/// A transaction that weighs a large share of the block is executed first, out of turn,
-/// by the last worker: exact whether what it reads is final by then or not. Here the heavy
-/// transaction (6) reads what transaction 2 writes, so a first execution that ran before
-/// 2's is invalid and runs again; a block whose heaviest transaction is among the first
-/// `workers`, or no heavier than a light one, has none.
+/// Transactions that weigh a large share of the block, or a smaller one at its end, are
+/// executed first, out of turn, by the last worker: exact whether what they read is final
+/// by then or not. Here every heavy transaction reads what transaction 2 writes, so a
+/// first execution that ran before 2's is invalid and runs again. None is picked among
+/// the first `workers`, none that weighs no more than a light one, and a small one (3% of
+/// the block) only where in block order it would end last.
 #[test]
-fn a_heavy_transaction_is_executed_first_and_still_exactly() {
+fn heavy_transactions_are_executed_first_and_still_exactly() {
     let tx = |reads: Vec<u32>, writes: Vec<u32>, work: u32| MockTx {
         reads,
         extra_read: 0,
@@ -455,27 +456,31 @@ fn a_heavy_transaction_is_executed_first_and_still_exactly() {
         sequence: None,
     };
     let light = LIGHT_WORK / 2;
-    let block = |heavy_at: usize, heavy_work: u32| {
-        vm((0..10u32)
-            .map(|i| {
-                if i as usize == heavy_at {
-                    tx(vec![12, 30 + i], vec![12, 30 + i], heavy_work)
-                } else if i == 2 {
-                    tx(vec![12], vec![12], light)
-                } else {
-                    tx(vec![30 + i], vec![30 + i], light)
-                }
+    // `n` transactions, those in `heavy` with their work.
+    let block = |n: u32, heavy: &[(u32, u32)]| {
+        vm((0..n)
+            .map(|i| match heavy.iter().find(|&&(at, _)| at == i) {
+                Some(&(_, work)) => tx(vec![12, 30 + i], vec![12, 30 + i], work),
+                None if i == 2 => tx(vec![12], vec![12], light),
+                None => tx(vec![30 + i], vec![30 + i], light),
             })
             .collect())
     };
-    let storage = storage_for(64);
-    for (heavy_at, heavy_work, first) in [
-        (6, 20 * LIGHT_WORK, 1),
-        (1, 20 * LIGHT_WORK, 0),
-        (6, LIGHT_WORK, 0),
-    ] {
-        let block = block(heavy_at, heavy_work);
-        check(&block, 64, 2);
+    let storage = storage_for(128);
+    // (transactions, heavy ones (index, work), heavy ones executed first)
+    type Case = (u32, &'static [(u32, u32)], u64);
+    let cases: [Case; 6] = [
+        (10, &[(6, 20 * LIGHT_WORK)], 1),
+        (10, &[(4, 6 * LIGHT_WORK), (7, 9 * LIGHT_WORK)], 2),
+        (10, &[(1, 20 * LIGHT_WORK)], 0),
+        (10, &[(6, LIGHT_WORK)], 0),
+        // 2 of 61: late at 58, not at 10.
+        (60, &[(58, 2 * LIGHT_WORK)], 1),
+        (60, &[(10, 2 * LIGHT_WORK)], 0),
+    ];
+    for (n, heavy, first) in cases {
+        let block = block(n, heavy);
+        check(&block, 128, 2);
         let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
             .unwrap()
             .0;
@@ -486,11 +491,11 @@ fn a_heavy_transaction_is_executed_first_and_still_exactly() {
             };
             let (outcome, m) =
                 block_stm::execute_with(&block, &storage, &RunOptions::stress(2), options).unwrap();
-            assert_eq!(outcome, expected, "heavy at {heavy_at}");
+            assert_eq!(outcome, expected, "heavy {heavy:?}");
             assert_eq!(
                 m.extra("heavy_first"),
                 Some(first),
-                "heavy at {heavy_at}: {m:?}"
+                "heavy {heavy:?}: {m:?}"
             );
         }
     }

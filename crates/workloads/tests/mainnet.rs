@@ -159,19 +159,22 @@ fn block_stm_judges_a_chain_by_its_units() {
     }
 }
 
-/// `block-stm` starts a transaction that weighs a large share of its block first, out of
-/// turn: 19929064's transaction 91 (2.5 Mgas of limit, about 40% of the block's time), not
-/// 8889776's (none weighs enough). Both results pass their headers.
+/// `block-stm` starts the transactions that weigh a large share of its block, or would end
+/// it, first, out of turn: 19929064's transaction 91 (2.5 Mgas of limit, about 40% of the
+/// block's time) and its transaction 2; 18426253's four that weigh at least 5% of its gas
+/// limits (one of them, transaction 138, takes half the block's time); none of 4370000's
+/// (none weighs 2%). Every result passes its header.
 #[test]
-fn block_stm_starts_a_heavy_transaction_first() {
-    let wanted = [8_889_776, 19_929_064];
-    let blocks = builtin_blocks(&wanted);
+fn block_stm_starts_heavy_transactions_first() {
+    let wanted = [(4_370_000, 0), (18_426_253, 4), (19_929_064, 2)];
+    let blocks = builtin_blocks(&wanted.map(|(number, _)| number));
     for block in &blocks {
+        let (_, heavy) = wanted.iter().find(|(n, _)| *n == block.number).unwrap();
         let check = check_block(block, EngineKind::BlockStm, 2).expect("executes");
         assert!(check.passed(), "block {}", block.number);
         assert_eq!(
             check.metrics.extra("heavy_first"),
-            Some(u64::from(block.number == 19_929_064)),
+            Some(*heavy),
             "block {}: {:?}",
             block.number,
             check.metrics
