@@ -165,58 +165,10 @@ struct BlockStm<'a, V: Vm, S> {
     /// Per transaction, the nearest earlier one with its sequence key, if any (see
     /// [`BlockStm::seed_sequence_estimates`]; empty on chunked blocks).
     sequence_predecessors: Box<[Option<u32>]>,
-    /// The units the last worker executes first, out of turn (see [`heavy_first`]).
+    /// The units the last worker executes first, out of turn
+    /// ([`crate::heavy::heavy_first`]).
     heavy_first: Box<[TxIndex]>,
     tracer: Tracer,
-}
-
-/// A unit that weighs at least this share of its block's work is executed first...
-const HEAVY_FIRST_SHARE: f64 = 0.05;
-/// ...and so is one that weighs at least this share and would, in block order, finish
-/// after the rest of the block...
-const LATE_HEAVY_SHARE: f64 = 0.02;
-/// ...the heaviest this many at most.
-const MAX_HEAVY_FIRST: usize = 8;
-
-/// The units that the last worker executes first, out of turn, in block order (each one
-/// it finds not yet claimed): those heavier than a light transaction
-/// ([`Vm::light_tx_equivalents_of`]) and not among the first `workers` units (which start
-/// at once anyway) that weigh at least `HEAVY_FIRST_SHARE` of the block, or at least
-/// `LATE_HEAVY_SHARE` when in block order they would finish after everything else (with
-/// `workers` sharing the work before a unit, it ends last when `workers - 1` times its
-/// weight exceeds the weight after it). In block order a heavy unit starts only when the
-/// index reaches it, and then runs alone at the end: mainnet 19929064's transaction 91
-/// (2.4 of 6.1 ms) started 2.25 ms into the block, which ran at 1.01x of `sequential`
-/// against a bound of 1.71x. Gas limits are a rough weight (18426253's transaction 138 takes
-/// half the block's time with a third of the gas limit of its heaviest by limit), so more
-/// than the heaviest one is taken; a wrong pick costs little, as another worker reaching it
-/// in order finds it claimed and moves on. Exact either way: an execution reads the memory
-/// as of its position and is validated in order (one that read what an earlier one then
-/// wrote runs again).
-fn heavy_first<V: Vm>(vm: &V, workers: usize) -> Box<[TxIndex]> {
-    let weights: Vec<usize> = (0..vm.tx_count())
-        .map(|unit| vm.light_tx_equivalents_of(unit))
-        .collect();
-    let total = weights.iter().sum::<usize>() as f64;
-    let mut after = total;
-    let mut heavy: Vec<TxIndex> = Vec::new();
-    for (unit, &weight) in weights.iter().enumerate() {
-        let w = weight as f64;
-        after -= w;
-        let ends_last = (workers - 1) as f64 * w >= after;
-        if unit >= workers
-            && weight > 1
-            && (w >= HEAVY_FIRST_SHARE * total || (ends_last && w >= LATE_HEAVY_SHARE * total))
-        {
-            heavy.push(unit);
-        }
-    }
-    if heavy.len() > MAX_HEAVY_FIRST {
-        heavy.sort_by_key(|&unit| std::cmp::Reverse(weights[unit]));
-        heavy.truncate(MAX_HEAVY_FIRST);
-        heavy.sort_unstable();
-    }
-    heavy.into()
 }
 
 /// A worker judges its speculation in windows of this many executions of its own (at
@@ -503,7 +455,7 @@ where
         // Units of one transaction or a sequence run each (not fixed chunks, whose weights
         // even out), on fast storage (slow storage runs many workers, each waiting on reads).
         heavy_first: if workers > 1 && sequence_dependencies && !slow_storage {
-            heavy_first(vm, workers)
+            crate::heavy::heavy_first(vm, workers)
         } else {
             Box::default()
         },

@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod dag;
 mod declared;
 pub mod gather;
+mod heavy;
 pub mod metrics;
 pub mod mv_memory;
 pub mod optimistic;

@@ -20,6 +20,12 @@
 //! (`StaleGuard`, `stopped_stale`), instead of running to its end only to fail its
 //! merge check and be executed again, alone, by the merger.
 //!
+//! Heavy first: on fast storage the last pre-executor starts with the block's heavy
+//! transactions (`heavy::heavy_first`), out of turn: in block order one would
+//! be pre-executed (or executed by the merger) only when the claims reach it, and then
+//! run alone at the end. Merged like any pre-execution (only if its reads still hold;
+//! guarded as above), so exact either way; metric `heavy_first`.
+//!
 //! On slow storage, a pre-execution of a transaction whose sender (its
 //! [`Vm::sequence_key`]) sent an earlier one reads the sender's account as the earlier
 //! one's pre-execution left it, while that is done and not yet merged, or else as the
@@ -116,6 +122,10 @@ struct Shared<'a, V: Vm, S> {
     /// Keys the merger has written, if the block has a transaction to guard
     /// (`GUARDED_FROM`; fast storage only).
     merged_writes: Option<WrittenKeys>,
+    /// Transactions the last pre-executor claims first, out of turn
+    /// ([`crate::heavy::heavy_first`]; fast storage only).
+    heavy_first: Box<[TxIndex]>,
+    workers: usize,
     /// Per transaction: `UNCLAIMED`, `CLAIMED` (being executed) or `DONE` (in `results`).
     status: Box<[AtomicU8]>,
     /// Boxed: most slots of a dependent block stay empty, and a block's slots are
@@ -260,6 +270,12 @@ where
         merged_writes: (!predict
             && (0..n).any(|tx| vm.light_tx_equivalents_of(tx) >= GUARDED_FROM))
         .then(|| WrittenKeys::new(n)),
+        heavy_first: if !predict && workers > 1 {
+            crate::heavy::heavy_first(vm, workers)
+        } else {
+            Box::default()
+        },
+        workers,
         status: (0..n).map(|_| AtomicU8::new(UNCLAIMED)).collect(),
         results: (0..n).map(|_| Mutex::new(None)).collect(),
         next_claim: AtomicUsize::new(0),
@@ -295,6 +311,7 @@ where
         ("stopped_stale", stopped_stale),
         ("sequential_fallback", 0),
         ("serial_switch", u64::from(merge.serial_switch)),
+        ("heavy_first", shared.heavy_first.len() as u64),
         ("workers", workers as u64),
     ];
     let (cache, outputs) = merge.result?;
@@ -496,10 +513,21 @@ where
         self.status[tx].store(DONE, Ordering::Release);
     }
 
-    /// A pre-executor's loop: execute claimed transactions on the pre-block state.
+    /// A pre-executor's loop: execute claimed transactions on the pre-block state (the
+    /// last pre-executor starts with the heavy ones it can claim).
     fn pre_execute(&self, id: usize) -> WorkerReport {
         let mut trace = self.tracer.recorder(id);
         let mut report = WorkerReport::default();
+        if id + 1 == self.workers {
+            for &tx in &self.heavy_first {
+                if self.serial.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if self.claim(tx) {
+                    self.pre_execute_one(tx, &mut report, &mut trace);
+                }
+            }
+        }
         let backoff = Backoff::new();
         while !self.serial.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             if self.next_claim.load(Ordering::Relaxed)
@@ -513,30 +541,35 @@ where
             }
             backoff.reset();
             let Some(tx) = self.claim_next() else { break };
-            let started = Instant::now();
-            let span = trace.start();
-            let pre = match &self.merged_writes {
-                Some(written) if self.vm.light_tx_equivalents_of(tx) >= GUARDED_FROM => {
-                    let mut guard = StaleGuard::new(written, &self.merged);
-                    let pre = preexecute_checked(
-                        self.vm,
-                        self.storage,
-                        tx,
-                        self.prediction(tx),
-                        Some(&mut |reads, key| guard.stale(reads, key)),
-                    );
-                    report.stopped_stale += u64::from(guard.stopped);
-                    pre
-                }
-                _ => preexecute_predicted(self.vm, self.storage, tx, self.prediction(tx)),
-            };
-            trace.record(SpanKind::Execute, Some(tx), span);
-            report.execution_time += started.elapsed();
-            report.executions += 1;
-            self.publish(tx, pre);
+            self.pre_execute_one(tx, &mut report, &mut trace);
         }
         self.tracer.submit(trace);
         report
+    }
+
+    /// Pre-executes `tx` (claimed) and publishes the result.
+    fn pre_execute_one(&self, tx: TxIndex, report: &mut WorkerReport, trace: &mut Recorder) {
+        let started = Instant::now();
+        let span = trace.start();
+        let pre = match &self.merged_writes {
+            Some(written) if self.vm.light_tx_equivalents_of(tx) >= GUARDED_FROM => {
+                let mut guard = StaleGuard::new(written, &self.merged);
+                let pre = preexecute_checked(
+                    self.vm,
+                    self.storage,
+                    tx,
+                    self.prediction(tx),
+                    Some(&mut |reads, key| guard.stale(reads, key)),
+                );
+                report.stopped_stale += u64::from(guard.stopped);
+                pre
+            }
+            _ => preexecute_predicted(self.vm, self.storage, tx, self.prediction(tx)),
+        };
+        trace.record(SpanKind::Execute, Some(tx), span);
+        report.execution_time += started.elapsed();
+        report.executions += 1;
+        self.publish(tx, pre);
     }
 
     /// The merger's loop: merge every transaction in block order.

@@ -615,6 +615,51 @@ fn optimistic_stops_stale_heavy_pre_executions_exactly() {
     }
 }
 
+/// Optimistic's last pre-executor starts with the heavy transactions (a large share of the
+/// block, here 6 and 30), out of turn: results stay exactly the serial ones whether such
+/// a pre-execution read what an earlier transaction writes (30 reads 2's key: stale, so
+/// the merger executes it again) or not (6).
+#[test]
+fn optimistic_executes_heavy_transactions_first_exactly() {
+    let block = vm((0..40u32)
+        .map(|i| MockTx {
+            reads: if i == 30 {
+                vec![2, 30 + i]
+            } else {
+                vec![30 + i]
+            },
+            extra_read: 0,
+            writes: if i == 2 {
+                vec![2, 30 + i]
+            } else {
+                vec![30 + i]
+            },
+            deltas: vec![0],
+            // (Heavy enough to earn this small block its second worker.)
+            work: if i == 6 || i == 30 {
+                50 * LIGHT_WORK
+            } else {
+                LIGHT_WORK / 2
+            },
+            declared: Vec::new(),
+            sequence: None,
+        })
+        .collect());
+    check_engines(&block, 128, 3, [EngineKind::Optimistic].into_iter());
+    let storage = storage_for(128);
+    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+        .unwrap()
+        .0;
+    for _ in 0..5 {
+        // (Not `stress`, which would start this small block in range rounds.)
+        let (outcome, m) =
+            two_threads(|| optimistic::execute(&block, &storage, &RunOptions::threads(2)).unwrap());
+        assert_eq!(outcome, expected);
+        assert_eq!(extra(&m, "workers"), 2, "{m:?}");
+        assert_eq!(extra(&m, "heavy_first"), 2, "{m:?}");
+    }
+}
+
 /// Optimistic on a large block starts in range rounds: without conflicts every range
 /// commits (no hand-off, no re-execution), also when the work is lopsided and idle
 /// workers split busy ones' ranges; a chain wastes the rounds and is handed to the
