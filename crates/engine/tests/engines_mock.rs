@@ -598,20 +598,29 @@ fn optimistic_stops_stale_heavy_pre_executions_exactly() {
             }
         })
         .collect());
-    check_engines(&block, 1001, 3, [EngineKind::Optimistic].into_iter());
-    let storage = storage_for(1001);
-    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
+    optimistic_runs_exactly(&block, 1001, |m| {
+        // Stopped or not (that depends on timing), each is re-executed by the merger.
+        assert!(
+            extra(m, "stopped_stale") <= extra(m, "merge_reexecutions"),
+            "{m:?}"
+        );
+    });
+}
+
+/// `optimistic` on `block` (over `keys` keys) equals `sequential`, checked as every engine
+/// is and then five times more on two threads (not `stress`, which would start a small
+/// block in range rounds), each run's metrics passed to `check`.
+fn optimistic_runs_exactly(block: &MockVm, keys: u32, check: impl Fn(&Metrics)) {
+    check_engines(block, keys, 3, [EngineKind::Optimistic].into_iter());
+    let storage = storage_for(keys);
+    let expected = sequential::execute(block, &storage, &RunOptions::threads(1))
         .unwrap()
         .0;
     for _ in 0..5 {
         let (outcome, m) =
-            two_threads(|| optimistic::execute(&block, &storage, &RunOptions::threads(2)).unwrap());
+            two_threads(|| optimistic::execute(block, &storage, &RunOptions::threads(2)).unwrap());
         assert_eq!(outcome, expected);
-        // Stopped or not (that depends on timing), each is re-executed by the merger.
-        assert!(
-            extra(&m, "stopped_stale") <= extra(&m, "merge_reexecutions"),
-            "{m:?}"
-        );
+        check(&m);
     }
 }
 
@@ -645,19 +654,10 @@ fn optimistic_executes_heavy_transactions_first_exactly() {
             sequence: None,
         })
         .collect());
-    check_engines(&block, 128, 3, [EngineKind::Optimistic].into_iter());
-    let storage = storage_for(128);
-    let expected = sequential::execute(&block, &storage, &RunOptions::threads(1))
-        .unwrap()
-        .0;
-    for _ in 0..5 {
-        // (Not `stress`, which would start this small block in range rounds.)
-        let (outcome, m) =
-            two_threads(|| optimistic::execute(&block, &storage, &RunOptions::threads(2)).unwrap());
-        assert_eq!(outcome, expected);
-        assert_eq!(extra(&m, "workers"), 2, "{m:?}");
-        assert_eq!(extra(&m, "heavy_first"), 2, "{m:?}");
-    }
+    optimistic_runs_exactly(&block, 128, |m| {
+        assert_eq!(extra(m, "workers"), 2, "{m:?}");
+        assert_eq!(extra(m, "heavy_first"), 2, "{m:?}");
+    });
 }
 
 /// Optimistic on a large block starts in range rounds: without conflicts every range
