@@ -758,9 +758,10 @@ where
         let backoff = Backoff::new();
         // The last worker starts with the heavy units, if there are any (worker 0 starts
         // the block's order).
-        let mut heavy = match id + 1 == self.workers {
-            true => &self.heavy_first[..],
-            false => &[],
+        let mut heavy: &[TxIndex] = if id + 1 == self.workers {
+            &self.heavy_first
+        } else {
+            &[]
         };
         let mut task = None;
         // This worker judged speculation wasted and finishes the block by itself.
