@@ -13,7 +13,9 @@ use revm::primitives::hardfork::SpecId;
 /// One transaction of a block.
 #[derive(Clone, Debug)]
 pub struct EvmTx {
-    pub env: TxEnv,
+    /// Shared: every execution hands revm the transaction by reference count, not a deep
+    /// copy (a `TxEnv` clone, access list included, was 6% of `sequential` on mainnet).
+    pub env: Arc<TxEnv>,
     /// The transaction hash, when the source provides one.
     pub hash: Option<B256>,
 }

@@ -5,6 +5,7 @@
 //! engine's read view is attached to the EVM's database for the duration of one call.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, U256};
@@ -25,7 +26,7 @@ use crate::credit::Credits;
 use crate::db::{DbError, ViewDb};
 use crate::handler::FeeCapturingHandler;
 
-type ReusableEvm = MainnetEvm<Context<BlockEnv, TxEnv, CfgEnv, ViewDb, Journal<ViewDb>, ()>>;
+type ReusableEvm = MainnetEvm<Context<BlockEnv, Arc<TxEnv>, CfgEnv, ViewDb, Journal<ViewDb>, ()>>;
 type Write_ = Write<StateValue, BalanceDelta>;
 pub type EvmExecution = Execution<StateKey, StateValue, BalanceDelta, TxOutcome>;
 
@@ -99,7 +100,7 @@ impl<'b> EvmVm<'b> {
 
     fn new_evm(&self) -> ReusableEvm {
         let db = ViewDb::new(self.block.block_hashes.clone());
-        let mut ctx: Context<BlockEnv, TxEnv, CfgEnv, ViewDb, Journal<ViewDb>, ()> =
+        let mut ctx: Context<BlockEnv, Arc<TxEnv>, CfgEnv, ViewDb, Journal<ViewDb>, ()> =
             Context::new(db, self.block.spec);
         ctx.cfg = self.cfg.clone();
         ctx.block = self.block.env.clone();
@@ -202,7 +203,7 @@ impl Vm for EvmVm<'_> {
             .filter(|slot| slot.0 == self.id)
             .unwrap_or_else(|| Box::new((self.id, self.new_evm())));
         let evm = &mut slot.1;
-        evm.ctx.tx = self.block.txs[tx].env.clone();
+        evm.ctx.tx = Arc::clone(&self.block.txs[tx].env);
         // SAFETY: detached below, before the borrow of `view` ends; a panic in between
         // drops `slot` (see above).
         unsafe { evm.ctx.journaled_state.database.attach(view) };
@@ -442,10 +443,10 @@ mod tests {
     #[test]
     fn heavy_transactions_weigh_their_gas_limit() {
         let tx = |gas_limit| EvmTx {
-            env: TxEnv {
+            env: Arc::new(TxEnv {
                 gas_limit,
                 ..TxEnv::default()
-            },
+            }),
             hash: None,
         };
         let block = EvmBlock {
@@ -475,10 +476,10 @@ mod tests {
             chain_id: 1,
             env: BlockEnv::default(),
             txs: vec![EvmTx {
-                env: TxEnv {
+                env: Arc::new(TxEnv {
                     nonce: 7,
                     ..TxEnv::default()
-                },
+                }),
                 hash: None,
             }],
             block_hashes: Arc::new(HashMap::new()),

@@ -15,6 +15,7 @@ use parex_engine::EngineKind;
 use parex_evm::EvmVm;
 use parex_workloads::{Size, Workload, WorkloadKind, WorkloadSpec, synthetic};
 use revm::bytecode::Bytecode;
+use revm::context::TxEnv;
 use revm::database::{CacheDB, DatabaseRef, EmptyDB};
 use revm::state::AccountInfo;
 use revm::{Context, ExecuteCommitEvm, MainBuilder, MainContext};
@@ -112,7 +113,7 @@ where
     let mut gas = 0;
     for tx in &block.txs {
         let result = evm
-            .transact_commit(tx.env.clone())
+            .transact_commit(TxEnv::clone(&tx.env))
             .expect("valid transaction");
         gas += result.tx_gas_used();
     }

@@ -390,7 +390,7 @@ fn build_block(
         let from = tx.inner.signer();
         let envelope = tx.inner.into_inner();
         evm_txs.push(EvmTx {
-            env: tx_env_from_envelope(&envelope, from),
+            env: Arc::new(tx_env_from_envelope(&envelope, from)),
             hash: Some(*envelope.tx_hash()),
         });
         signed.push((envelope, from));

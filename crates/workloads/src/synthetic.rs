@@ -380,7 +380,10 @@ fn evm_block(txs: Vec<TxEnv>) -> EvmBlock {
         env: block_env(gas_limit),
         txs: txs
             .into_iter()
-            .map(|env| EvmTx { env, hash: None })
+            .map(|env| EvmTx {
+                env: Arc::new(env),
+                hash: None,
+            })
             .collect(),
         block_hashes: Arc::new(HashMap::new()),
     }

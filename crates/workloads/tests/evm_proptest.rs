@@ -372,7 +372,10 @@ impl Txs {
             txs: self
                 .txs
                 .into_iter()
-                .map(|env| EvmTx { env, hash: None })
+                .map(|env| EvmTx {
+                    env: Arc::new(env),
+                    hash: None,
+                })
                 .collect(),
             block_hashes: Arc::new(HashMap::new()),
         }

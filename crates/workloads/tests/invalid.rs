@@ -1,6 +1,8 @@
 //! Invalid transactions are reported as invalid, use no gas, change nothing, and do not
 //! stop the block.
 
+use std::sync::Arc;
+
 use alloy_primitives::{Address, TxKind, U256};
 use parex_core::{AccountInfo, AccountValue, InMemoryStorage, StateKey, StateValue, TxStatus};
 use parex_engine::EngineKind;
@@ -10,7 +12,7 @@ use revm::context::TxEnv;
 
 fn transfer(from: Address, nonce: u64, gas_limit: u64, value: U256) -> EvmTx {
     EvmTx {
-        env: TxEnv {
+        env: Arc::new(TxEnv {
             caller: from,
             kind: TxKind::Call(Address::repeat_byte(0x55)),
             nonce,
@@ -19,7 +21,7 @@ fn transfer(from: Address, nonce: u64, gas_limit: u64, value: U256) -> EvmTx {
             value,
             chain_id: Some(1),
             ..TxEnv::default()
-        },
+        }),
         hash: None,
     }
 }
