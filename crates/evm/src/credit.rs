@@ -12,7 +12,7 @@
 //! code at `to`, and all it does to `to` is add the value to its balance, whatever that
 //! balance is; nothing else in the transaction sees it (the sender is another account,
 //! gas does not depend on the recipient's balance). Serving revm the pre-block account
-//! and writing the difference as a [`BalanceDelta`] is therefore exact. (revm would
+//! and writing the difference as a [`BalanceDelta`](parex_core::BalanceDelta) is therefore exact. (revm would
 //! reject a credit that overflows 256 bits; no balance can come near that, since all the
 //! ether in existence is below 2^90 wei.)
 //!
