@@ -6,15 +6,16 @@
 //! (a plain transfer), in the state *before the block* `to` is an account with a nonce
 //! above zero and no code, `to` is neither the sender nor the block's beneficiary, and no
 //! transaction of the block carries EIP-7702 authorizations. Then, throughout the block,
-//! `to` stays an existing account without code: a contract can only be created at an address whose nonce is zero (EIP-684), an
-//! account with a nonce is never empty (EIP-161 removal) and cannot self-destruct, and
-//! without authorizations no delegation can be set on it. So the transaction executes no
-//! code at `to`, and all it does to `to` is add the value to its balance, whatever that
-//! balance is; nothing else in the transaction sees it (the sender is another account,
-//! gas does not depend on the recipient's balance). Serving revm the pre-block account
-//! and writing the difference as a [`BalanceDelta`](parex_core::BalanceDelta) is therefore exact. (revm would
-//! reject a credit that overflows 256 bits; no balance can come near that, since all the
-//! ether in existence is below 2^90 wei.)
+//! `to` stays an existing account without code: a contract can only be created at an
+//! address whose nonce is zero (EIP-684), an account with a nonce is never empty (EIP-161
+//! removal) and cannot self-destruct, and without authorizations no delegation can be set
+//! on it. So the transaction executes no code at `to`, and all it does to `to` is add the
+//! value to its balance, whatever that balance is; nothing else in the transaction sees it
+//! (the sender is another account, gas does not depend on the recipient's balance).
+//! Serving revm the pre-block account and writing the difference as a
+//! [`BalanceDelta`](parex_core::BalanceDelta) is therefore exact. (revm would reject a
+//! credit that overflows 256 bits; no balance can come near that, since all the ether in
+//! existence is below 2^90 wei.)
 //!
 //! Only recipients of two plain transfers or more in the block are looked up: credits
 //! commute with each other, not with a read, so a single credit gains nothing, and each

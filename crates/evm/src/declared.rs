@@ -8,9 +8,9 @@
 //!   delegated senders);
 //! * a call's recipient: `Delta` when it is credit-only (with the pre-block state known
 //!   to the VM, [`crate::credit`]); otherwise `Write` when value moves, when it has no
-//!   code (a plain transfer touches it) or when it sends to itself; `Read` for a zero-value call of a contract
-//!   (loading it for its code does not change it). Its code (`Read`), and for an EIP-7702
-//!   delegation the delegate's account and code (`Read`);
+//!   code (a plain transfer touches it) or when it sends to itself; `Read` for a
+//!   zero-value call of a contract (loading it for its code does not change it). Its code
+//!   (`Read`), and for an EIP-7702 delegation the delegate's account and code (`Read`);
 //! * a creation's new address (from the sender and nonce): `Write`;
 //! * every access-list address: `Read`, with its code; every access-list storage key:
 //!   `Write` (the list does not say which slots are written; reading them is allowed
