@@ -26,10 +26,10 @@ const MAX_HEAVY_FIRST: usize = 8;
 /// (2.4 of 6.1 ms) started 2.25 ms into the block, which ran at 1.01x of `sequential`
 /// against a bound of 1.71x. Gas limits are a rough weight (18426253's transaction 138 takes
 /// half the block's time and ranks third by gas limit, behind two that take at most 0.5 ms
-/// each), so more than the heaviest one is taken; a wrong pick costs little, as another worker reaching it
-/// in order finds it claimed and moves on. Exact either way: `block-stm` validates the
-/// execution in order (one that read what an earlier one then wrote runs again),
-/// `optimistic` merges it only if what it read still holds.
+/// each), so more than the heaviest one is taken; a wrong pick costs little, as another
+/// worker reaching it in order finds it claimed and moves on. Exact either way:
+/// `block-stm` validates the execution in order (one that read what an earlier one then
+/// wrote runs again), `optimistic` merges it only if what it read still holds.
 pub(crate) fn heavy_first<V: Vm>(vm: &V, workers: usize) -> Box<[TxIndex]> {
     let weights: Vec<usize> = (0..vm.tx_count())
         .map(|unit| vm.light_tx_equivalents_of(unit))

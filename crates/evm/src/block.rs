@@ -20,6 +20,16 @@ pub struct EvmTx {
     pub hash: Option<B256>,
 }
 
+/// A transaction without a known hash (generated workloads, tests).
+impl From<TxEnv> for EvmTx {
+    fn from(env: TxEnv) -> Self {
+        Self {
+            env: Arc::new(env),
+            hash: None,
+        }
+    }
+}
+
 /// A block ready for execution.
 #[derive(Clone, Debug)]
 pub struct EvmBlock {

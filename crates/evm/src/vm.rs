@@ -442,12 +442,11 @@ mod tests {
 
     #[test]
     fn heavy_transactions_weigh_their_gas_limit() {
-        let tx = |gas_limit| EvmTx {
-            env: Arc::new(TxEnv {
+        let tx = |gas_limit| {
+            EvmTx::from(TxEnv {
                 gas_limit,
                 ..TxEnv::default()
-            }),
-            hash: None,
+            })
         };
         let block = EvmBlock {
             number: 1,
@@ -475,13 +474,10 @@ mod tests {
             spec: SpecId::CANCUN,
             chain_id: 1,
             env: BlockEnv::default(),
-            txs: vec![EvmTx {
-                env: Arc::new(TxEnv {
-                    nonce: 7,
-                    ..TxEnv::default()
-                }),
-                hash: None,
-            }],
+            txs: vec![EvmTx::from(TxEnv {
+                nonce: 7,
+                ..TxEnv::default()
+            })],
             block_hashes: Arc::new(HashMap::new()),
         };
         let vm = EvmVm::new(&block);

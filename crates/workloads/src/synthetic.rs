@@ -378,13 +378,7 @@ fn evm_block(txs: Vec<TxEnv>) -> EvmBlock {
         spec: SpecId::CANCUN,
         chain_id: MAINNET_CHAIN_ID,
         env: block_env(gas_limit),
-        txs: txs
-            .into_iter()
-            .map(|env| EvmTx {
-                env: Arc::new(env),
-                hash: None,
-            })
-            .collect(),
+        txs: txs.into_iter().map(EvmTx::from).collect(),
         block_hashes: Arc::new(HashMap::new()),
     }
 }

@@ -369,14 +369,7 @@ impl Txs {
             spec: self.spec,
             chain_id: MAINNET_CHAIN_ID,
             env: block_env(gas_limit),
-            txs: self
-                .txs
-                .into_iter()
-                .map(|env| EvmTx {
-                    env: Arc::new(env),
-                    hash: None,
-                })
-                .collect(),
+            txs: self.txs.into_iter().map(EvmTx::from).collect(),
             block_hashes: Arc::new(HashMap::new()),
         }
     }

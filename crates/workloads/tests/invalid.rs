@@ -1,8 +1,6 @@
 //! Invalid transactions are reported as invalid, use no gas, change nothing, and do not
 //! stop the block.
 
-use std::sync::Arc;
-
 use alloy_primitives::{Address, TxKind, U256};
 use parex_core::{AccountInfo, AccountValue, InMemoryStorage, StateKey, StateValue, TxStatus};
 use parex_engine::EngineKind;
@@ -11,19 +9,16 @@ use parex_workloads::{Size, WorkloadKind, WorkloadSpec, synthetic};
 use revm::context::TxEnv;
 
 fn transfer(from: Address, nonce: u64, gas_limit: u64, value: U256) -> EvmTx {
-    EvmTx {
-        env: Arc::new(TxEnv {
-            caller: from,
-            kind: TxKind::Call(Address::repeat_byte(0x55)),
-            nonce,
-            gas_limit,
-            gas_price: 2_000_000_000,
-            value,
-            chain_id: Some(1),
-            ..TxEnv::default()
-        }),
-        hash: None,
-    }
+    EvmTx::from(TxEnv {
+        caller: from,
+        kind: TxKind::Call(Address::repeat_byte(0x55)),
+        nonce,
+        gas_limit,
+        gas_price: 2_000_000_000,
+        value,
+        chain_id: Some(1),
+        ..TxEnv::default()
+    })
 }
 
 #[test]
