@@ -72,13 +72,15 @@ pub fn analyze_block(
     Ok(Report { source, analysis })
 }
 
-/// A state key for people: `account 0x…`, `slot 0x…[generation] 0x…`, `code 0x…`.
+/// A state key for people: `account 0x…`, `slot 0x…[generation] 0x…`, `code 0x…`,
+/// `balance 0x…` (a contract's balance, kept apart from its account).
 pub fn key_name(key: &StateKey) -> String {
     match key {
         StateKey::Account(a) => format!("account {a}"),
         StateKey::Slot(a, 0, s) => format!("slot {a} {s:#x}"),
         StateKey::Slot(a, g, s) => format!("slot {a} (storage generation {g}) {s:#x}"),
         StateKey::Code(h) => format!("code {h}"),
+        StateKey::Balance(a) => format!("balance {a}"),
     }
 }
 

@@ -1070,7 +1070,7 @@ mod tests {
                         alloy_primitives::U256::from(balance),
                         1,
                     )),
-                    storage_generation: 0,
+                    ..AccountValue::default()
                 }),
             )],
         }

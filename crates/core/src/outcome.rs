@@ -109,10 +109,15 @@ pub fn state_diff_hash<'a>(diff: impl IntoIterator<Item = &'a (StateKey, StateVa
                 buf.push(2);
                 buf.extend_from_slice(h.as_slice());
             }
+            StateKey::Balance(a) => {
+                buf.push(3);
+                buf.extend_from_slice(a.as_slice());
+            }
         }
         match value {
             StateValue::Account(v) => {
                 buf.extend_from_slice(&v.storage_generation.to_be_bytes());
+                buf.push(u8::from(v.balance_apart));
                 match &v.info {
                     None => buf.push(0),
                     Some(info) => {
@@ -123,7 +128,9 @@ pub fn state_diff_hash<'a>(diff: impl IntoIterator<Item = &'a (StateKey, StateVa
                     }
                 }
             }
-            StateValue::Slot(v) => buf.extend_from_slice(&v.to_be_bytes::<32>()),
+            StateValue::Slot(v) | StateValue::Balance(v) => {
+                buf.extend_from_slice(&v.to_be_bytes::<32>())
+            }
             StateValue::Code(code) => {
                 let bytes = code.original_byte_slice();
                 buf.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
@@ -146,7 +153,7 @@ mod tests {
         let acct = |bal: u64| {
             StateValue::Account(AccountValue {
                 info: Some(AccountInfo::with_balance(U256::from(bal), 0)),
-                storage_generation: 0,
+                ..AccountValue::default()
             })
         };
         let d1 = vec![(StateKey::Account(a), acct(1))];

@@ -5,6 +5,13 @@
 //! created or destroyed in the block; slots of a generation above 0 start out zero.
 //! Wiping an account's storage is therefore one write to its account key, and a read
 //! of any slot after the wipe is exact without enumerating the old slots.
+//!
+//! A contract's balance may be kept *apart* from its account, under its own key
+//! [`StateKey::Balance`] ([`AccountValue::balance_apart`]; the account then holds a zero
+//! balance): the many transactions that only call a contract, or only send it value,
+//! then do not depend on each other through its balance. Whether an account's balance is
+//! apart is fixed in the pre-block state (`parex_evm::split_contract_balances`) and
+//! only ever ends with the account's destruction.
 
 use alloy_primitives::{Address, B256, U256};
 use revm::bytecode::Bytecode;
@@ -18,6 +25,9 @@ pub enum StateKey {
     Slot(Address, u32, U256),
     /// Contract code by its keccak hash (immutable once written).
     Code(B256),
+    /// The balance of an account whose balance is kept apart
+    /// ([`AccountValue::balance_apart`]); absent means zero.
+    Balance(Address),
 }
 
 /// Keys are hashed on every state access of every engine: feed the hasher whole words
@@ -46,6 +56,8 @@ impl std::hash::Hash for StateKey {
                 address(a, generation.wrapping_add(1), state);
                 word(slot.as_limbs(), state);
             }
+            // Tag `u32::MAX`: no generation reaches it, so no `Slot` feeds the same words.
+            StateKey::Balance(a) => address(a, u32::MAX, state),
             StateKey::Code(h) => {
                 let limbs = std::array::from_fn(|i| {
                     u64::from_le_bytes(h.0[8 * i..8 * i + 8].try_into().expect("8 bytes"))
@@ -87,6 +99,8 @@ impl AccountInfo {
 pub struct AccountValue {
     pub info: Option<AccountInfo>,
     pub storage_generation: u32,
+    /// The balance is kept under [`StateKey::Balance`]; `info`'s balance is zero.
+    pub balance_apart: bool,
 }
 
 /// A value of the Ethereum state.
@@ -96,12 +110,20 @@ pub enum StateValue {
     Slot(U256),
     /// Analyzed bytecode (cheap to clone: reference counted).
     Code(Bytecode),
+    /// A balance kept apart from its account.
+    Balance(U256),
 }
 
 impl StateValue {
     pub fn as_account(&self) -> Option<&AccountValue> {
         match self {
             StateValue::Account(a) => Some(a),
+            _ => None,
+        }
+    }
+    pub fn as_balance(&self) -> Option<U256> {
+        match self {
+            StateValue::Balance(v) => Some(*v),
             _ => None,
         }
     }
@@ -136,6 +158,10 @@ impl BalanceDelta {
         }
         value
     }
+    /// Applies the credit to a balance kept apart (an absent one is zero).
+    pub fn apply_to_balance(&self, value: Option<U256>) -> U256 {
+        value.unwrap_or_default().saturating_add(self.credit)
+    }
     /// Folds a later credit into this one.
     pub fn merge(&mut self, later: &BalanceDelta) {
         self.credit = self.credit.saturating_add(later.credit);
@@ -156,6 +182,7 @@ mod tests {
         let existing = AccountValue {
             info: Some(AccountInfo::with_balance(U256::from(1), 3)),
             storage_generation: 2,
+            ..AccountValue::default()
         };
         let after = d.apply(Some(existing));
         assert_eq!(after.info.unwrap().balance, U256::from(6));

@@ -73,6 +73,12 @@ pub struct ViewDb {
     codes: alloy_primitives::map::B256Map<Bytecode>,
     /// The code of every account without code ([`private_copy`] of revm's default).
     empty_code: Bytecode,
+    /// The accounts served in this execution whose balance is kept apart
+    /// ([`crate::apart`]), each with its real balance before the transaction once observed.
+    apart: Vec<(Address, Option<U256>)>,
+    /// Serve accounts loaded from now on with their real balance (BALANCE of one not yet
+    /// loaded).
+    observe_on_load: bool,
 }
 
 /// The accounts one execution has read: a short list (most transactions touch a handful),
@@ -121,6 +127,8 @@ impl ViewDb {
             accounts: AccountMemo::default(),
             codes: Default::default(),
             empty_code: private_copy(&Bytecode::default()),
+            apart: Vec::new(),
+            observe_on_load: false,
         }
     }
 
@@ -139,6 +147,8 @@ impl ViewDb {
         let erased: ErasedView = unsafe { std::mem::transmute(ptr) };
         self.view = Some(erased);
         self.accounts.clear();
+        self.apart.clear();
+        self.observe_on_load = false;
     }
 
     /// Serves `value` as the account of `address` in this execution, without a read
@@ -175,6 +185,44 @@ impl ViewDb {
         Ok(value)
     }
 
+    /// If `address` was served with its balance apart and that balance has not been
+    /// observed in this execution: reads it (a tracked read) and returns it.
+    pub fn observe(&mut self, address: Address) -> Result<Option<U256>, DbError> {
+        let Some(i) = self.apart.iter().position(|(a, _)| *a == address) else {
+            return Ok(None);
+        };
+        if self.apart[i].1.is_some() {
+            return Ok(None);
+        }
+        let balance = self.balance_apart(address)?;
+        self.apart[i].1 = Some(balance);
+        Ok(Some(balance))
+    }
+
+    /// Whether accounts loaded from now on are served with their real balance.
+    pub fn observe_on_load(&mut self, on: bool) {
+        self.observe_on_load = on;
+    }
+
+    /// For an account served with its balance apart in this execution: `Some(None)` if
+    /// the balance was not observed, `Some(Some(balance))` with the balance before the
+    /// transaction if it was.
+    pub fn apart(&self, address: Address) -> Option<Option<U256>> {
+        self.apart
+            .iter()
+            .find(|(a, _)| *a == address)
+            .map(|(_, observed)| *observed)
+    }
+
+    fn balance_apart(&mut self, address: Address) -> Result<U256, DbError> {
+        let key = StateKey::Balance(address);
+        match self.view()?.read(&key)? {
+            None => Ok(U256::ZERO),
+            Some(StateValue::Balance(v)) => Ok(v),
+            Some(_) => Err(DbError::WrongKind(key)),
+        }
+    }
+
     fn code(&mut self, code_hash: B256) -> Result<Bytecode, DbError> {
         if code_hash == KECCAK_EMPTY || code_hash.is_zero() {
             return Ok(self.empty_code.clone());
@@ -200,9 +248,20 @@ impl Database for ViewDb {
     type Error = DbError;
 
     fn basic(&mut self, address: Address) -> Result<Option<RevmAccountInfo>, DbError> {
-        let Some(info) = self.account(address)?.info else {
+        let account = self.account(address)?;
+        let Some(mut info) = account.info else {
             return Ok(None);
         };
+        if account.balance_apart {
+            let observed = if self.observe_on_load {
+                let balance = self.balance_apart(address)?;
+                info.balance = balance;
+                Some(balance)
+            } else {
+                None
+            };
+            self.apart.push((address, observed));
+        }
         let code = self.code(info.code_hash)?;
         Ok(Some(RevmAccountInfo::new(
             info.balance,

@@ -9,7 +9,9 @@
 //! * a call's recipient: `Delta` when it is credit-only (with the pre-block state known
 //!   to the VM, [`crate::credit`]); otherwise `Write` when value moves, when it has no
 //!   code (a plain transfer touches it) or when it sends to itself; `Read` for a
-//!   zero-value call of a contract (loading it for its code does not change it). Its code
+//!   zero-value call of a contract (loading it for its code does not change it); for a
+//!   contract whose balance is kept apart ([`crate::apart`]), `Read`, and its balance
+//!   `Write` when value moves. Its code
 //!   (`Read`), and for an EIP-7702 delegation the delegate's account and code (`Read`);
 //! * a creation's new address (from the sender and nonce): `Write`;
 //! * every access-list address: `Read`, with its code; every access-list storage key:
@@ -54,6 +56,16 @@ pub fn declared_access<R: ReadView<StateKey, StateValue>>(
     match env.kind {
         TxKind::Call(to) if credit_only == Some(to) => {
             out.add(StateKey::Account(to), AccessKind::Delta)
+        }
+        TxKind::Call(to) if out.pre_account(to).balance_apart && to != env.caller => {
+            // A contract whose balance is kept apart ([`crate::apart`]): calling it reads
+            // its account; value sent to it changes only its balance (a credit, or a
+            // write if the contract looks at it).
+            out.code_of(to);
+            out.add(StateKey::Account(to), AccessKind::Read);
+            if env.value != U256::ZERO {
+                out.add(StateKey::Balance(to), AccessKind::Write);
+            }
         }
         TxKind::Call(to) => {
             let has_code = out.code_of(to);

@@ -6,8 +6,11 @@
 //! inside revm: a custom handler captures it, and it leaves as a balance *delta*, so
 //! transactions do not depend on each other through the coinbase. Given the pre-block
 //! state ([`EvmVm::with_pre_block`]), a plain transfer to a used externally owned
-//! account credits it as a delta too ([`credit`]).
+//! account credits it as a delta too ([`credit`]). A contract's balance can be kept apart
+//! from its account ([`apart`]), so that calling a contract does not depend on every
+//! earlier change of its balance.
 
+pub mod apart;
 pub mod block;
 pub mod credit;
 mod db;
@@ -17,6 +20,7 @@ pub mod receipts;
 pub mod spec;
 pub mod vm;
 
+pub use apart::{merge_balances, split_contract_balances};
 pub use block::{EvmBlock, EvmTx};
 pub use receipts::{logs_bloom, receipts_root};
 pub use spec::spec_for_block;

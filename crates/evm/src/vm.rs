@@ -13,7 +13,7 @@ use parex_core::{
     AccessKind, AccountInfo, AccountValue, BalanceDelta, Execution, PreBlockView, ReadView,
     StateKey, StateValue, Storage, TxIndex, TxOutcome, TxStatus, Vm, VmError, Write,
 };
-use revm::context::{BlockEnv, CfgEnv, Context, Journal, TxEnv};
+use revm::context::{CfgEnv, Context};
 use revm::context_interface::JournalTr;
 use revm::context_interface::result::{EVMError, ExecutionResult};
 use revm::handler::{EthFrame, Handler, MainBuilder, MainnetEvm};
@@ -21,12 +21,13 @@ use revm::interpreter::interpreter::EthInterpreter;
 use revm::primitives::hardfork::SpecId;
 use revm::state::{Account, EvmState};
 
+use crate::apart::EvmContext;
 use crate::block::EvmBlock;
 use crate::credit::Credits;
 use crate::db::{DbError, ViewDb};
 use crate::handler::FeeCapturingHandler;
 
-type ReusableEvm = MainnetEvm<Context<BlockEnv, Arc<TxEnv>, CfgEnv, ViewDb, Journal<ViewDb>, ()>>;
+type ReusableEvm = MainnetEvm<EvmContext>;
 type Write_ = Write<StateValue, BalanceDelta>;
 pub type EvmExecution = Execution<StateKey, StateValue, BalanceDelta, TxOutcome>;
 
@@ -100,11 +101,12 @@ impl<'b> EvmVm<'b> {
 
     fn new_evm(&self) -> ReusableEvm {
         let db = ViewDb::new(self.block.block_hashes.clone());
-        let mut ctx: Context<BlockEnv, Arc<TxEnv>, CfgEnv, ViewDb, Journal<ViewDb>, ()> =
-            Context::new(db, self.block.spec);
+        let mut ctx: EvmContext = Context::new(db, self.block.spec);
         ctx.cfg = self.cfg.clone();
         ctx.block = self.block.env.clone();
-        ctx.build_mainnet()
+        let mut evm = ctx.build_mainnet();
+        crate::apart::install(&mut evm);
+        evm
     }
 
     /// Executes the transaction set in `evm`, whose database has the view attached
@@ -219,10 +221,14 @@ impl Vm for EvmVm<'_> {
 
     fn apply_delta(
         &self,
-        _key: &StateKey,
+        key: &StateKey,
         value: Option<StateValue>,
         delta: &BalanceDelta,
     ) -> Option<StateValue> {
+        if let StateKey::Balance(_) = key {
+            let current = value.and_then(|v| v.as_balance());
+            return Some(StateValue::Balance(delta.apply_to_balance(current)));
+        }
         let current = value.and_then(|v| v.as_account().copied());
         Some(StateValue::Account(delta.apply(current)))
     }
@@ -327,6 +333,10 @@ impl EvmVm<'_> {
                 beneficiary_written = true;
                 after = fee_delta.apply(Some(after));
             }
+            if let Some(observed) = db.apart(address).or(before.balance_apart.then_some(None)) {
+                apart_writes(tx, address, before, after, observed, &mut writes)?;
+                continue;
+            }
             if after == before {
                 continue;
             }
@@ -342,6 +352,59 @@ impl EvmVm<'_> {
         }
         Ok(writes)
     }
+}
+
+/// The writes of an account whose balance is kept apart ([`crate::apart`]): served as
+/// `before` (zero balance), left as `after` (revm's balance: the credits, plus the real
+/// balance if it was `observed`, which then holds the balance before the transaction).
+fn apart_writes(
+    tx: TxIndex,
+    address: Address,
+    before: AccountValue,
+    after: AccountValue,
+    observed: Option<U256>,
+    writes: &mut Vec<(StateKey, Write_)>,
+) -> Result<(), VmError> {
+    let balance = after.info.map_or(U256::ZERO, |info| info.balance);
+    let key = StateKey::Balance(address);
+    match observed {
+        Some(earlier) if balance != earlier => {
+            writes.push((key, Write::Put(StateValue::Balance(balance))));
+        }
+        Some(_) => {}
+        // Destruction observes the balance (SELFDESTRUCT is wrapped): never here.
+        None if after.info.is_none() => {
+            return Err(VmError::Internal {
+                tx,
+                message: format!("{address} was destroyed without its balance observed"),
+            });
+        }
+        None if balance.is_zero() => {}
+        // Only credits happen to a balance no instruction observed.
+        None => writes.push((
+            key,
+            Write::Delta(BalanceDelta {
+                credit: balance,
+                create_if_absent: false,
+            }),
+        )),
+    }
+    let mut account = after;
+    match &mut account.info {
+        Some(info) => {
+            info.balance = U256::ZERO;
+            account.balance_apart = true;
+        }
+        // Destroyed: the split ends (the `Balance` key is zero, written above).
+        None => account.balance_apart = false,
+    }
+    if account != before {
+        writes.push((
+            StateKey::Account(address),
+            Write::Put(StateValue::Account(account)),
+        ));
+    }
+    Ok(())
 }
 
 /// What a transaction did to a credit-only recipient (served its pre-block account,
@@ -384,6 +447,7 @@ fn account_after(
         return AccountValue {
             info: None,
             storage_generation: before.storage_generation + 1,
+            balance_apart: false,
         };
     }
     let created = account.is_created();
@@ -425,6 +489,7 @@ fn account_after(
     AccountValue {
         info: exists.then_some(info),
         storage_generation: generation,
+        balance_apart: false,
     }
 }
 
@@ -485,6 +550,7 @@ mod tests {
             StateValue::Account(AccountValue {
                 info: Some(AccountInfo::with_balance(U256::from(5), nonce)),
                 storage_generation: 2,
+                ..AccountValue::default()
             })
         };
         assert_eq!(vm.in_sequence(0, Some(account(3))), Some(account(7)));
@@ -492,6 +558,7 @@ mod tests {
         let destroyed = StateValue::Account(AccountValue {
             info: None,
             storage_generation: 1,
+            ..AccountValue::default()
         });
         assert_eq!(vm.in_sequence(0, Some(destroyed.clone())), Some(destroyed));
     }

@@ -427,13 +427,14 @@ fn build_block(
             StateKey::Account(address),
             StateValue::Account(AccountValue {
                 info: Some(info),
-                storage_generation: 0,
+                ..AccountValue::default()
             }),
         );
         for (slot, value) in account.storage {
             pre_state.insert(StateKey::Slot(address, 0, slot), StateValue::Slot(value));
         }
     }
+    parex_evm::split_contract_balances(&mut pre_state, env.beneficiary);
 
     Ok(MainnetBlock {
         number,

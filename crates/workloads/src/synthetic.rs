@@ -573,7 +573,7 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
             StateKey::Account(a),
             StateValue::Account(AccountValue {
                 info: Some(info),
-                storage_generation: 0,
+                ..AccountValue::default()
             }),
         );
     };
@@ -588,14 +588,16 @@ fn build(spec: &WorkloadSpec, txs: usize) -> Result<Workload, WorkloadError> {
     }
 
     let setup_txs = setup.txs.len();
-    let pre_state = run_setup(genesis, setup.txs)?;
+    let mut pre_state = run_setup(genesis, setup.txs)?;
+    let block = evm_block(block.txs);
+    parex_evm::split_contract_balances(&mut pre_state, block.env.beneficiary);
     Ok(Workload {
         spec: WorkloadSpec {
             size: Size::Txs(txs),
             accounts: Some(accounts),
             ..spec.clone()
         },
-        block: evm_block(block.txs),
+        block,
         pre_state,
         setup_txs,
         tokens,

@@ -65,6 +65,56 @@ const FACTORY: Address = Address::new([0xc3; 20]);
 /// `COINBASE BALANCE PUSH1 0 SSTORE` (two of them, so one block can read twice).
 const READERS: [Address; 2] = [Address::new([0xc4; 20]), Address::new([0xc5; 20])];
 
+/// Contracts that look at their own or another contract's balance (whose balances are
+/// kept apart in the split pre-block state, [`parex_evm::apart`]); see [`vault_runtime`].
+const VAULTS: [Address; 5] = [
+    Address::new([0xd0; 20]),
+    Address::new([0xd1; 20]),
+    Address::new([0xd2; 20]),
+    Address::new([0xd3; 20]),
+    Address::new([0xd4; 20]),
+];
+/// What each vault holds before the block: vaults 1 and 4 can pay 1 gwei a few times.
+const VAULT_BALANCES: [u128; 5] = [ETH, 3 * GWEI, 0, ETH, 2 * GWEI];
+
+/// Vault `i`'s runtime:
+/// 0. `SELFBALANCE` into slot 0;
+/// 1. CALL its caller with 1 gwei, the success flag into slot 0 (fails once it is empty);
+/// 2. `BALANCE` of vault 0 (a cold account) into slot 0, then its own into slot 1;
+/// 3. `SELFBALANCE` into slot 0, then REVERT (what it was sent goes back);
+/// 4. CALLCODE of the deployer (no code) with 1 gwei (a payment to itself that checks its
+///    balance), the success flag into slot 0.
+fn vault_runtime(i: usize) -> Vec<u8> {
+    // PUSH1 0 (retSize, retOffset, argsSize, argsOffset), PUSH4 1 gwei.
+    let pay_prefix = [
+        0x60, 0x00, 0x60, 0x00, 0x60, 0x00, 0x60, 0x00, 0x63, 0x3b, 0x9a, 0xca, 0x00,
+    ];
+    let mut code = Vec::new();
+    match i {
+        0 => code.extend_from_slice(&[0x47, 0x60, 0x00, 0x55, 0x00]),
+        1 => {
+            code.extend_from_slice(&pay_prefix);
+            // CALLER GAS CALL PUSH1 0 SSTORE STOP
+            code.extend_from_slice(&[0x33, 0x5a, 0xf1, 0x60, 0x00, 0x55, 0x00]);
+        }
+        2 => {
+            code.push(0x73); // PUSH20
+            code.extend_from_slice(VAULTS[0].as_slice());
+            // BALANCE PUSH1 0 SSTORE ADDRESS BALANCE PUSH1 1 SSTORE STOP
+            code.extend_from_slice(&[0x31, 0x60, 0x00, 0x55, 0x30, 0x31, 0x60, 0x01, 0x55, 0x00]);
+        }
+        3 => code.extend_from_slice(&[0x47, 0x60, 0x00, 0x55, 0x60, 0x00, 0x60, 0x00, 0xfd]),
+        _ => {
+            code.extend_from_slice(&pay_prefix);
+            code.push(0x73); // PUSH20
+            code.extend_from_slice(DEPLOYER.as_slice());
+            // GAS CALLCODE PUSH1 0 SSTORE STOP
+            code.extend_from_slice(&[0x5a, 0xf2, 0x60, 0x00, 0x55, 0x00]);
+        }
+    }
+    code
+}
+
 fn user(i: usize) -> Address {
     assert!(i < USERS);
     Address::new([0x10 + i as u8; 20])
@@ -162,6 +212,8 @@ const REVERT_INIT: [u8; 5] = [0x60, 0x00, 0x60, 0x00, 0xfd];
 
 struct World {
     state: State,
+    /// `state` with every contract's balance kept apart (but the beneficiary's).
+    split: State,
     token: Address,
 }
 
@@ -172,7 +224,7 @@ fn account(balance: u128, nonce: u64, code_hash: Option<B256>) -> StateValue {
     }
     StateValue::Account(AccountValue {
         info: Some(info),
-        storage_generation: 0,
+        ..AccountValue::default()
     })
 }
 
@@ -247,7 +299,18 @@ fn world() -> &'static World {
         for (i, reader) in READERS.into_iter().enumerate() {
             put_contract(&mut state, reader, &READER_RUNTIME, 0, &[(0, 5 + i as u64)]);
         }
-        World { state, token }
+        for (i, vault) in VAULTS.into_iter().enumerate() {
+            put_contract(&mut state, vault, &vault_runtime(i), VAULT_BALANCES[i], &[]);
+        }
+        let mut split = state.clone();
+        let contracts = parex_evm::split_contract_balances(&mut split, BENEFICIARY);
+        // The token, the two self-destructing contracts, the factory, the readers, the vaults.
+        assert_eq!(contracts, 1 + 2 + 1 + READERS.len() + VAULTS.len());
+        World {
+            state,
+            split,
+            token,
+        }
     })
 }
 
@@ -496,6 +559,12 @@ enum Op {
         from: usize,
         reader: usize,
     },
+    /// Call vault `vault`, sending it `value`.
+    Vault {
+        from: usize,
+        vault: usize,
+        value: Amount,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -550,6 +619,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (s(), 0u8..2, prop::option::of(any::<u8>()))
             .prop_map(|(from, salt, store)| Op::Child { from, salt, store }),
         2 => (s(), 0..2usize).prop_map(|(from, reader)| Op::ReadCoinbase { from, reader }),
+        4 => (s(), 0..VAULTS.len(), amount_strategy())
+            .prop_map(|(from, vault, value)| Op::Vault { from, vault, value }),
     ]
 }
 
@@ -700,6 +771,13 @@ fn build_block(spec: SpecId, gen_txs: &[GenTx]) -> EvmBlock {
                 Vec::new(),
                 100_000,
             ),
+            Op::Vault { from, vault, value } => (
+                from,
+                TxKind::Call(VAULTS[vault]),
+                wei(value, from),
+                Vec::new(),
+                100_000,
+            ),
         };
         txs.push_with(
             sender(from),
@@ -724,25 +802,46 @@ fn sequential(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
         .0
 }
 
+/// `outcome`, executed on `split` (contract balances kept apart), in the plain account
+/// model ([`parex_evm::merge_balances`]).
+fn in_plain_model(outcome: EvmBlockOutcome, split: &State) -> EvmBlockOutcome {
+    EvmBlockOutcome {
+        state_diff: parex_evm::merge_balances(&outcome.state_diff, split).expect("in-memory reads"),
+        tx_outcomes: outcome.tx_outcomes,
+    }
+}
+
 /// Runs `block` with every engine (sequential included) at several thread counts,
-/// repeatedly, with a VM that knows the pre-block state (credit-only recipients), and
-/// asserts each equals sequential with a VM that reads everything through the engine;
+/// repeatedly, with a VM that knows the pre-block state (credit-only recipients), on
+/// `state` and on `state` with contract balances kept apart (`split`), and asserts each
+/// equals sequential on `state` with a VM that reads everything through the engine;
 /// returns that outcome.
-fn assert_engines_agree(block: &EvmBlock, state: &State) -> EvmBlockOutcome {
+fn assert_engines_agree(block: &EvmBlock, state: &State, split: &State) -> EvmBlockOutcome {
     let expected = sequential(block, state);
-    let vm = EvmVm::with_pre_block(block, state);
-    for engine in EngineKind::ALL.iter().copied() {
-        for threads in [1, 2, 4, 8] {
-            for run in 0..5 {
-                let (actual, _) = engine
-                    .run(&vm, state, &RunOptions::stress(threads))
-                    .unwrap_or_else(|e| panic!("{engine} on {threads} threads: {e}"));
-                assert!(
-                    actual == expected,
-                    "{engine} on {threads} threads (run {run}) differs from sequential:\n{}",
-                    describe_difference(&expected, &actual)
-                );
-                assert_eq!(actual.state_diff_hash(), expected.state_diff_hash());
+    for (pre_block, apart) in [(state, false), (split, true)] {
+        let vm = EvmVm::with_pre_block(block, pre_block);
+        let mut split_hash = None;
+        for engine in EngineKind::ALL.iter().copied() {
+            for threads in [1, 2, 4, 8] {
+                for run in 0..5 {
+                    let (actual, _) = engine
+                        .run(&vm, pre_block, &RunOptions::stress(threads))
+                        .unwrap_or_else(|e| panic!("{engine} on {threads} threads: {e}"));
+                    let hash = actual.state_diff_hash();
+                    let actual = if apart {
+                        assert_eq!(*split_hash.get_or_insert(hash), hash, "{engine}");
+                        in_plain_model(actual, split)
+                    } else {
+                        assert_eq!(hash, expected.state_diff_hash());
+                        actual
+                    };
+                    assert!(
+                        actual == expected,
+                        "{engine} on {threads} threads (run {run}, balances apart: {apart}) \
+                         differs from sequential:\n{}",
+                        describe_difference(&expected, &actual)
+                    );
+                }
             }
         }
     }
@@ -775,33 +874,44 @@ proptest! {
     fn random_blocks_execute_identically_on_every_engine(
         spec in spec_strategy(),
         gen_txs in prop::collection::vec(tx_strategy(), 1..64),
+        apart in any::<bool>(),
     ) {
         let block = build_block(spec, &gen_txs);
         let state = &world().state;
-        // The reference reads everything through the engine's view; the engines run a VM
-        // that credits used wallets as deltas (sequential too: that must change nothing).
+        // The reference reads everything through the engine's view, in the plain account
+        // model; the engines run a VM that credits used wallets as deltas (sequential too:
+        // that must change nothing), on the plain pre-block state or on the one with
+        // contract balances kept apart (compared in the plain model).
         let (expected, _) = EngineKind::Sequential
             .execute(&EvmVm::new(&block), state, 1)
             .map_err(|e| TestCaseError::fail(format!("sequential failed: {e}")))?;
-        let vm = EvmVm::with_pre_block(&block, state);
+        let pre_block = if apart { &world().split } else { state };
+        let plain = |actual: EvmBlockOutcome| {
+            if apart { in_plain_model(actual, pre_block) } else { actual }
+        };
+        let vm = EvmVm::with_pre_block(&block, pre_block);
+        let mut first_hash = None;
         for engine in EngineKind::ALL.iter().copied() {
             for threads in [2, 4] {
                 let (actual, _) = engine
-                    .run(&vm, state, &RunOptions::stress(threads))
+                    .run(&vm, pre_block, &RunOptions::stress(threads))
                     .map_err(|e| TestCaseError::fail(format!("{engine} on {threads} threads failed: {e}")))?;
+                let hash = actual.state_diff_hash();
+                prop_assert_eq!(*first_hash.get_or_insert(hash), hash);
+                let actual = plain(actual);
                 prop_assert!(
                     actual == expected,
-                    "{} on {} threads differs from sequential ({:?}, {} txs):\n{}",
-                    engine, threads, spec, block.txs.len(),
+                    "{} on {} threads (balances apart: {}) differs from sequential ({:?}, {} txs):\n{}",
+                    engine, threads, apart, spec, block.txs.len(),
                     describe_difference(&expected, &actual)
                 );
-                prop_assert_eq!(actual.state_diff_hash(), expected.state_diff_hash());
             }
         }
         // Block-STM over chunks of three transactions.
         let options = block_stm::Options { chunk_size: Some(3), ..block_stm::Options::default() };
-        let (actual, _) = block_stm::execute_with(&vm, state, &RunOptions::stress(2), options)
+        let (actual, _) = block_stm::execute_with(&vm, pre_block, &RunOptions::stress(2), options)
             .map_err(|e| TestCaseError::fail(format!("chunked block-stm failed: {e}")))?;
+        let actual = plain(actual);
         prop_assert!(
             actual == expected,
             "chunked block-stm differs from sequential ({:?}, {} txs):\n{}",
@@ -872,7 +982,7 @@ fn selfdestruct_and_redeploy_in_one_block_under_shanghai() {
     let factory_slot0 = StateKey::Slot(FACTORY, 0, U256::ZERO);
     let child_word = U256::from_be_slice(child.as_slice());
 
-    let outcome = assert_engines_agree(&redeploy_block(SpecId::SHANGHAI), &w.state);
+    let outcome = assert_engines_agree(&redeploy_block(SpecId::SHANGHAI), &w.state, &w.split);
     for (i, status) in statuses(&outcome).into_iter().enumerate() {
         assert_eq!(*status, TxStatus::Success, "Shanghai, tx {i}");
     }
@@ -901,7 +1011,7 @@ fn selfdestruct_and_redeploy_in_one_block_under_shanghai() {
 
     // Under Cancun SELFDESTRUCT of an older contract only moves its balance: the child
     // survives with its storage, and the second CREATE2 collides (slot 0 = 0).
-    let outcome = assert_engines_agree(&redeploy_block(SpecId::CANCUN), &w.state);
+    let outcome = assert_engines_agree(&redeploy_block(SpecId::CANCUN), &w.state, &w.split);
     for (i, status) in statuses(&outcome).into_iter().enumerate() {
         assert_eq!(*status, TxStatus::Success, "Cancun, tx {i}");
     }
@@ -939,7 +1049,7 @@ fn selfdestruct_of_old_contracts_deletes_before_cancun_only() {
             200_000,
         );
         txs.call(user(3), SD_CALLER, Vec::new(), 100_000); // destroyed or not: succeeds
-        let outcome = assert_engines_agree(&txs.block(), &w.state);
+        let outcome = assert_engines_agree(&txs.block(), &w.state, &w.split);
         for (i, status) in statuses(&outcome).into_iter().enumerate() {
             assert_eq!(*status, TxStatus::Success, "{spec:?}, tx {i}");
         }
@@ -987,7 +1097,7 @@ fn transfers_to_a_used_wallet_are_credits() {
     txs.transfer(BENEFICIARY, wallet, 5); // 5
     txs.transfer(user(7), BENEFICIARY, 5); // 6: the beneficiary is never credit-only
     let block = txs.block();
-    let outcome = assert_engines_agree(&block, &w.state);
+    let outcome = assert_engines_agree(&block, &w.state, &w.split);
     for (i, status) in statuses(&outcome).into_iter().enumerate() {
         assert_eq!(*status, TxStatus::Success, "tx {i}");
     }
@@ -1056,6 +1166,96 @@ fn transfers_to_a_used_wallet_are_credits() {
 }
 
 #[test]
+fn contract_balances_apart_are_read_only_when_observed() {
+    use parex_core::{Vm, Write};
+    let w = world();
+    let mut txs = Txs::new(SpecId::CANCUN);
+    let send = |txs: &mut Txs, from: usize, to: Address, value: u128| {
+        txs.push(
+            user(from),
+            TxKind::Call(to),
+            U256::from(value),
+            Bytes::new(),
+            100_000,
+        )
+    };
+    send(&mut txs, 0, READERS[0], 1_000); // 0: a credit (the reader reads the beneficiary)
+    send(&mut txs, 1, VAULTS[0], 5); // 1: SELFBALANCE after a credit
+    send(&mut txs, 2, VAULTS[1], 0); // 2: pays 1 gwei out
+    send(&mut txs, 3, VAULTS[3], 7); // 3: SELFBALANCE, then REVERT
+    send(&mut txs, 4, VAULTS[2], 0); // 4: BALANCE of a cold vault, then of itself
+    send(&mut txs, 5, VAULTS[4], 0); // 5: CALLCODE with 1 gwei
+    send(&mut txs, 0, READERS[0], 2_000); // 6: another credit, independent of 0
+    let block = txs.block();
+    let outcome = assert_engines_agree(&block, &w.state, &w.split);
+    let statuses = statuses(&outcome);
+    assert_eq!(statuses[3], &TxStatus::Revert);
+    for i in [0, 1, 2, 4, 5, 6] {
+        assert_eq!(statuses[i], &TxStatus::Success, "tx {i}");
+    }
+    let slot0 = |address: Address| slot_after(&outcome, &w.state, address, 0, 0);
+    assert_eq!(slot0(VAULTS[0]), U256::from(ETH + 5));
+    assert_eq!(slot0(VAULTS[1]), U256::from(1), "the payment succeeded");
+    assert_eq!(
+        slot0(VAULTS[2]),
+        U256::from(ETH + 5),
+        "vault 0 as tx 1 left it"
+    );
+    assert_eq!(slot0(VAULTS[4]), U256::from(1), "the CALLCODE succeeded");
+    let balance = |address: Address| final_account(&outcome, address).info.unwrap().balance;
+    assert_eq!(balance(READERS[0]), U256::from(3_000));
+    assert_eq!(balance(VAULTS[1]), U256::from(2 * GWEI));
+
+    // What the VM says on the split state: a credit is a delta on the balance key and
+    // reads neither it nor writes the account; an observation reads the balance key.
+    let vm = EvmVm::with_pre_block(&block, &w.split);
+    let run = |tx: usize| {
+        let mut view = PreBlockView(&w.split, Vec::new());
+        let execution = vm.execute(tx, &mut view).expect("executes");
+        (execution.writes, view.1)
+    };
+    let (writes, reads) = run(0);
+    let balance_key = StateKey::Balance(READERS[0]);
+    assert!(!reads.contains(&balance_key));
+    assert!(reads.contains(&StateKey::Account(READERS[0])));
+    assert!(
+        !writes
+            .iter()
+            .any(|(k, _)| *k == StateKey::Account(READERS[0]))
+    );
+    match writes.iter().find(|(k, _)| *k == balance_key) {
+        Some((_, Write::Delta(d))) => assert_eq!(d.credit, U256::from(1_000)),
+        other => panic!("expected a credit of the reader's balance, got {other:?}"),
+    }
+    for (tx, observed) in [
+        (1, VAULTS[0]),
+        (2, VAULTS[1]),
+        (3, VAULTS[3]),
+        (5, VAULTS[4]),
+    ] {
+        let (writes, reads) = run(tx);
+        assert!(reads.contains(&StateKey::Balance(observed)), "tx {tx}");
+        let written = writes
+            .iter()
+            .find(|(k, _)| *k == StateKey::Balance(observed));
+        if tx == 3 {
+            assert!(
+                written.is_none(),
+                "a reverted transaction leaves the balance"
+            );
+        } else if tx != 5 {
+            assert!(
+                matches!(written, Some((_, Write::Put(_)))),
+                "tx {tx}: {written:?}"
+            );
+        }
+    }
+    let (_, reads) = run(4);
+    assert!(reads.contains(&StateKey::Balance(VAULTS[0])));
+    assert!(reads.contains(&StateKey::Balance(VAULTS[2])));
+}
+
+#[test]
 fn beneficiary_reads_see_every_earlier_fee() {
     let w = world();
     let mut txs = Txs::new(SpecId::CANCUN);
@@ -1072,7 +1272,7 @@ fn beneficiary_reads_see_every_earlier_fee() {
     txs.call(user(0), READERS[1], Vec::new(), 100_000); // 5: reads after 0..=4
     txs.transfer(user(1), BENEFICIARY, 5); // 6: pays the beneficiary
     let block = txs.block();
-    let outcome = assert_engines_agree(&block, &w.state);
+    let outcome = assert_engines_agree(&block, &w.state, &w.split);
     for (i, status) in statuses(&outcome).into_iter().enumerate() {
         assert_eq!(*status, TxStatus::Success, "tx {i}");
     }
@@ -1131,7 +1331,7 @@ fn transactions_made_invalid_or_valid_by_earlier_ones() {
     txs.transfer(user(1), user(2), 1); // 6: nonce 2, but 5 did not use nonce 1
     txs.transfer(funded, user(3), 1); // 7: paid for by tx 0
     txs.transfer(fresh(2), user(3), 0); // 8: never funded
-    let outcome = assert_engines_agree(&txs.block(), &w.state);
+    let outcome = assert_engines_agree(&txs.block(), &w.state, &w.split);
     let s = statuses(&outcome);
     for i in [0, 2, 4, 7] {
         assert_eq!(*s[i], TxStatus::Success, "tx {i}");
@@ -1172,6 +1372,7 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
     );
     let (mut success, mut revert, mut halt, mut invalid) = (0, 0, 0, 0);
     let (mut destroyed, mut redeployed, mut reads) = (0, 0, 0);
+    let (mut vault_reads, mut balance_writes) = (0, 0);
     let children = [child_address(0), child_address(1)];
     for _ in 0..60 {
         let spec = spec_strategy().new_tree(&mut runner).unwrap().current();
@@ -1179,7 +1380,13 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
             .new_tree(&mut runner)
             .unwrap()
             .current();
-        let outcome = sequential(&build_block(spec, &gen_txs), &world().state);
+        let block = build_block(spec, &gen_txs);
+        let outcome = sequential(&block, &world().state);
+        balance_writes += sequential(&block, &world().split)
+            .state_diff
+            .iter()
+            .filter(|(k, _)| matches!(k, StateKey::Balance(_)))
+            .count();
         for o in &outcome.tx_outcomes {
             match o.status {
                 TxStatus::Success => success += 1,
@@ -1199,6 +1406,7 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
                     }
                 }
                 (StateKey::Slot(a, _, _), _) if READERS.contains(a) => reads += 1,
+                (StateKey::Slot(a, _, _), _) if VAULTS.contains(a) => vault_reads += 1,
                 _ => {}
             }
         }
@@ -1206,7 +1414,8 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
     let total = success + revert + halt + invalid;
     eprintln!(
         "generated: {success} success, {revert} revert, {halt} halt, {invalid} invalid; \
-         {destroyed} destroyed, {redeployed} redeployed, {reads} beneficiary reads"
+         {destroyed} destroyed, {redeployed} redeployed, {reads} beneficiary reads, \
+         {vault_reads} vaults' balance reads, {balance_writes} balances apart written"
     );
     assert!(
         success * 2 > total,
@@ -1214,6 +1423,7 @@ fn generated_blocks_exercise_every_kind_of_outcome() {
     );
     assert!(revert > 0 && halt > 0 && invalid > 0);
     assert!(destroyed > 0 && redeployed > 0 && reads > 0);
+    assert!(vault_reads > 0 && balance_writes > 0);
 }
 
 /// A nonce sequence is invisible to pre-execution (all but its first transaction are

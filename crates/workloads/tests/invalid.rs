@@ -34,7 +34,7 @@ fn bad_nonce_insufficient_funds_and_oversized_gas_are_invalid() {
                 U256::from(balance) * U256::from(10u64.pow(18)),
                 0,
             )),
-            storage_generation: 0,
+            ..AccountValue::default()
         })
     };
     state.insert(StateKey::Account(rich), account(10));
