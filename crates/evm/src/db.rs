@@ -247,6 +247,7 @@ impl ViewDb {
 impl Database for ViewDb {
     type Error = DbError;
 
+    #[inline]
     fn basic(&mut self, address: Address) -> Result<Option<RevmAccountInfo>, DbError> {
         let account = self.account(address)?;
         let Some(mut info) = account.info else {
