@@ -67,15 +67,17 @@ const READERS: [Address; 2] = [Address::new([0xc4; 20]), Address::new([0xc5; 20]
 
 /// Contracts that look at their own or another contract's balance (whose balances are
 /// kept apart in the split pre-block state, [`parex_evm::apart`]); see [`vault_runtime`].
-const VAULTS: [Address; 5] = [
+const VAULTS: [Address; 7] = [
     Address::new([0xd0; 20]),
     Address::new([0xd1; 20]),
     Address::new([0xd2; 20]),
     Address::new([0xd3; 20]),
     Address::new([0xd4; 20]),
+    Address::new([0xd5; 20]),
+    Address::new([0xd6; 20]),
 ];
-/// What each vault holds before the block: vaults 1 and 4 can pay 1 gwei a few times.
-const VAULT_BALANCES: [u128; 5] = [ETH, 3 * GWEI, 0, ETH, 2 * GWEI];
+/// What each vault holds before the block: vaults 1, 4, 5 and 6 can pay 1 gwei a few times.
+const VAULT_BALANCES: [u128; 7] = [ETH, 3 * GWEI, 0, ETH, 2 * GWEI, 2 * GWEI, 2 * GWEI];
 
 /// Vault `i`'s runtime:
 /// 0. `SELFBALANCE` into slot 0;
@@ -83,7 +85,10 @@ const VAULT_BALANCES: [u128; 5] = [ETH, 3 * GWEI, 0, ETH, 2 * GWEI];
 /// 2. `BALANCE` of vault 0 (a cold account) into slot 0, then its own into slot 1;
 /// 3. `SELFBALANCE` into slot 0, then REVERT (what it was sent goes back);
 /// 4. CALLCODE of the deployer (no code) with 1 gwei (a payment to itself that checks its
-///    balance), the success flag into slot 0.
+///    balance), the success flag into slot 0;
+/// 5. CREATE of an empty account endowed with 1 gwei, its address (0 if it failed) into
+///    slot 0;
+/// 6. the same with CREATE2 and salt 0 (a second one collides with the first).
 fn vault_runtime(i: usize) -> Vec<u8> {
     // PUSH1 0 (retSize, retOffset, argsSize, argsOffset), PUSH4 1 gwei.
     let pay_prefix = [
@@ -104,6 +109,16 @@ fn vault_runtime(i: usize) -> Vec<u8> {
             code.extend_from_slice(&[0x31, 0x60, 0x00, 0x55, 0x30, 0x31, 0x60, 0x01, 0x55, 0x00]);
         }
         3 => code.extend_from_slice(&[0x47, 0x60, 0x00, 0x55, 0x60, 0x00, 0x60, 0x00, 0xfd]),
+        // (PUSH1 0: salt) PUSH1 0 PUSH1 0 (size, offset) PUSH4 1 gwei, CREATE or CREATE2,
+        // PUSH1 0 SSTORE STOP
+        5 | 6 => {
+            if i == 6 {
+                code.extend_from_slice(&[0x60, 0x00]);
+            }
+            code.extend_from_slice(&[0x60, 0x00, 0x60, 0x00, 0x63, 0x3b, 0x9a, 0xca, 0x00]);
+            code.push(if i == 5 { 0xf0 } else { 0xf5 });
+            code.extend_from_slice(&[0x60, 0x00, 0x55, 0x00]);
+        }
         _ => {
             code.extend_from_slice(&pay_prefix);
             code.push(0x73); // PUSH20
@@ -1186,11 +1201,14 @@ fn contract_balances_apart_are_read_only_when_observed() {
     send(&mut txs, 4, VAULTS[2], 0); // 4: BALANCE of a cold vault, then of itself
     send(&mut txs, 5, VAULTS[4], 0); // 5: CALLCODE with 1 gwei
     send(&mut txs, 0, READERS[0], 2_000); // 6: another credit, independent of 0
+    // (Senders of no earlier transaction: each is also executed alone below.)
+    send(&mut txs, 6, VAULTS[5], 0); // 7: CREATE with 1 gwei of its own
+    send(&mut txs, 7, VAULTS[6], 0); // 8: CREATE2 with 1 gwei of its own
     let block = txs.block();
     let outcome = assert_engines_agree(&block, &w.state, &w.split);
     let statuses = statuses(&outcome);
     assert_eq!(statuses[3], &TxStatus::Revert);
-    for i in [0, 1, 2, 4, 5, 6] {
+    for i in [0, 1, 2, 4, 5, 6, 7, 8] {
         assert_eq!(statuses[i], &TxStatus::Success, "tx {i}");
     }
     let slot0 = |address: Address| slot_after(&outcome, &w.state, address, 0, 0);
@@ -1205,6 +1223,14 @@ fn contract_balances_apart_are_read_only_when_observed() {
     let balance = |address: Address| final_account(&outcome, address).info.unwrap().balance;
     assert_eq!(balance(READERS[0]), U256::from(3_000));
     assert_eq!(balance(VAULTS[1]), U256::from(2 * GWEI));
+    let created = VAULTS[5].create(1);
+    assert_eq!(slot0(VAULTS[5]), U256::from_be_slice(created.as_slice()));
+    assert_eq!(balance(created), U256::from(GWEI));
+    assert_eq!(
+        balance(VAULTS[6].create2([0; 32], keccak256([]))),
+        U256::from(GWEI)
+    );
+    assert_eq!(balance(VAULTS[6]), U256::from(GWEI));
 
     // What the VM says on the split state: a credit is a delta on the balance key and
     // reads neither it nor writes the account; an observation reads the balance key.
@@ -1232,6 +1258,8 @@ fn contract_balances_apart_are_read_only_when_observed() {
         (2, VAULTS[1]),
         (3, VAULTS[3]),
         (5, VAULTS[4]),
+        (7, VAULTS[5]),
+        (8, VAULTS[6]),
     ] {
         let (writes, reads) = run(tx);
         assert!(reads.contains(&StateKey::Balance(observed)), "tx {tx}");
