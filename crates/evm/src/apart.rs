@@ -197,13 +197,16 @@ fn observe_self(ctx: &mut Ictx<'_>) -> InstructionExecResult {
     observe(ctx, address)
 }
 
-/// Whether the stack item `depth` below the top (the value operand) is non-zero; a
-/// stack too short is left to the original instruction to reject.
-fn carries_value(ctx: &Ictx<'_>, depth: usize) -> bool {
-    ctx.interpreter
+/// `observe_self` if the stack item `depth` below the top (the value operand of CALL,
+/// CALLCODE, CREATE or CREATE2) is non-zero; a stack too short is left to the original
+/// instruction to reject.
+fn observe_self_if_paying(ctx: &mut Ictx<'_>, depth: usize) -> InstructionExecResult {
+    let paying = ctx
+        .interpreter
         .stack
         .peek(depth)
-        .is_ok_and(|value| !value.is_zero())
+        .is_ok_and(|value| !value.is_zero());
+    if paying { observe_self(ctx) } else { Ok(()) }
 }
 
 fn reborrow<'b>(ctx: &'b mut Ictx<'_>) -> Ictx<'b> {
@@ -231,30 +234,22 @@ fn selfbalance(mut ctx: Ictx<'_>) -> InstructionExecResult {
 }
 
 fn call(mut ctx: Ictx<'_>) -> InstructionExecResult {
-    if carries_value(&ctx, 2) {
-        observe_self(&mut ctx)?;
-    }
+    observe_self_if_paying(&mut ctx, 2)?;
     contract::call::<{ opcode::CALL }, _, _>(ctx)
 }
 
 fn callcode(mut ctx: Ictx<'_>) -> InstructionExecResult {
-    if carries_value(&ctx, 2) {
-        observe_self(&mut ctx)?;
-    }
+    observe_self_if_paying(&mut ctx, 2)?;
     contract::call::<{ opcode::CALLCODE }, _, _>(ctx)
 }
 
 fn create(mut ctx: Ictx<'_>) -> InstructionExecResult {
-    if carries_value(&ctx, 0) {
-        observe_self(&mut ctx)?;
-    }
+    observe_self_if_paying(&mut ctx, 0)?;
     contract::create::<false, _, _>(ctx)
 }
 
 fn create2(mut ctx: Ictx<'_>) -> InstructionExecResult {
-    if carries_value(&ctx, 0) {
-        observe_self(&mut ctx)?;
-    }
+    observe_self_if_paying(&mut ctx, 0)?;
     contract::create::<true, _, _>(ctx)
 }
 

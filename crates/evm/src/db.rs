@@ -204,14 +204,13 @@ impl ViewDb {
         self.observe_on_load = on;
     }
 
-    /// For an account served with its balance apart in this execution: `Some(None)` if
-    /// the balance was not observed, `Some(Some(balance))` with the balance before the
-    /// transaction if it was.
-    pub fn apart(&self, address: Address) -> Option<Option<U256>> {
+    /// The balance before the transaction of an account served with its balance apart,
+    /// if this execution observed it.
+    pub fn observed_balance(&self, address: Address) -> Option<U256> {
         self.apart
             .iter()
             .find(|(a, _)| *a == address)
-            .map(|(_, observed)| *observed)
+            .and_then(|(_, observed)| *observed)
     }
 
     fn balance_apart(&mut self, address: Address) -> Result<U256, DbError> {

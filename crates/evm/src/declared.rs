@@ -57,19 +57,19 @@ pub fn declared_access<R: ReadView<StateKey, StateValue>>(
         TxKind::Call(to) if credit_only == Some(to) => {
             out.add(StateKey::Account(to), AccessKind::Delta)
         }
-        TxKind::Call(to) if out.pre_account(to).balance_apart && to != env.caller => {
-            // A contract whose balance is kept apart ([`crate::apart`]): calling it reads
-            // its account; value sent to it changes only its balance (a credit, or a
-            // write if the contract looks at it).
-            out.code_of(to);
-            out.add(StateKey::Account(to), AccessKind::Read);
-            if env.value != U256::ZERO {
-                out.add(StateKey::Balance(to), AccessKind::Write);
-            }
-        }
         TxKind::Call(to) => {
-            let has_code = out.code_of(to);
-            let kind = if env.value != U256::ZERO || !has_code || to == env.caller {
+            let recipient = out.pre_account(to);
+            let has_code = out.code_in(to, recipient);
+            let moves_value = env.value != U256::ZERO;
+            let kind = if recipient.balance_apart && to != env.caller {
+                // A contract whose balance is kept apart ([`crate::apart`]): calling it
+                // reads its account; value sent to it changes only its balance (a credit,
+                // or a write if the contract looks at it).
+                if moves_value {
+                    out.add(StateKey::Balance(to), AccessKind::Write);
+                }
+                AccessKind::Read
+            } else if moves_value || !has_code || to == env.caller {
                 AccessKind::Write
             } else {
                 AccessKind::Read
@@ -136,7 +136,13 @@ impl<R: ReadView<StateKey, StateValue>> Declarations<'_, R> {
     /// Declares the pre-block code of `address` (and, for an EIP-7702 delegation, the
     /// delegate's account and code) for reading. Returns whether it has code.
     fn code_of(&mut self, address: Address) -> bool {
-        let Some(info) = self.pre_account(address).info else {
+        let account = self.pre_account(address);
+        self.code_in(address, account)
+    }
+
+    /// [`Declarations::code_of`] with the pre-block `account` of `address` already read.
+    fn code_in(&mut self, address: Address, account: AccountValue) -> bool {
+        let Some(info) = account.info else {
             return false;
         };
         if info.code_hash == KECCAK_EMPTY || info.code_hash.is_zero() {

@@ -333,7 +333,8 @@ impl EvmVm<'_> {
                 beneficiary_written = true;
                 after = fee_delta.apply(Some(after));
             }
-            if let Some(observed) = db.apart(address).or(before.balance_apart.then_some(None)) {
+            if before.balance_apart {
+                let observed = db.observed_balance(address);
                 apart_writes(tx, address, before, after, observed, &mut writes)?;
                 continue;
             }
