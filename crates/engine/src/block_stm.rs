@@ -427,7 +427,7 @@ where
 {
     let n = vm.tx_count();
     let slow_storage = storage.read_latency() >= crate::workers::SLOW_READ;
-    let memory = MvMemory::new(keys, slow_storage).with_sinks(vm.delta_sinks(), workers);
+    let memory = MvMemory::new(keys, slow_storage).with_sinks(vm.delta_sinks(), workers, n);
     memory.seed_bases(cached);
     let mut engine = BlockStm {
         vm,

@@ -507,7 +507,7 @@ where
             n + hints.iter().map(|h| h.writes.len()).sum::<usize>(),
             storage.read_latency() >= crate::workers::SLOW_READ,
         )
-        .with_sinks(vm.delta_sinks(), workers),
+        .with_sinks(vm.delta_sinks(), workers, n),
         records: hints
             .into_iter()
             .enumerate()

@@ -502,15 +502,16 @@ where
 
     /// Keeps the entries of each of `sinks` ([`parex_core::Vm::delta_sinks`], keys many
     /// transactions send a delta to; the first `MAX_SINKS`) in one lane per writer,
-    /// `writers` of them, instead of a shard (module `sink`). Only on fast storage (slow
-    /// storage caches pre-block values in the shards' key states); otherwise, and with no
-    /// sinks, the memory is unchanged.
-    pub fn with_sinks(mut self, sinks: Vec<K>, writers: usize) -> Self {
+    /// `writers` of them, instead of a shard (module `sink`); a lane, once written, has
+    /// room for its share of the block's `units` (transactions, or the chunks that
+    /// execute them). Only on fast storage (slow storage caches pre-block values in the
+    /// shards' key states); otherwise, and with no sinks, the memory is unchanged.
+    pub fn with_sinks(mut self, sinks: Vec<K>, writers: usize, units: usize) -> Self {
         if !self.cache_base {
             for key in sinks.into_iter().take(MAX_SINKS) {
                 let hash = self.hasher.hash_one(&key);
                 if self.sink_of(hash, &key).is_none() {
-                    self.sinks.push(Sink::new(key, hash, writers));
+                    self.sinks.push(Sink::new(key, hash, writers, units));
                 }
             }
         }
@@ -1324,7 +1325,7 @@ mod tests {
         // keys only (block-stm reserves room from an estimate): the shards that find no
         // room come back apart, and together they are every final value once.
         for room in [0, 1, 40, 150, 301, 1000] {
-            let m = MvMemory::<u32, i64, i64>::new(300, false).with_sinks(vec![7], 2);
+            let m = MvMemory::<u32, i64, i64>::new(300, false).with_sinks(vec![7], 2, 300);
             for k in (0..300u32).filter(|&k| k != 7) {
                 m.write(k, k as TxIndex, Entry::Write(0, i64::from(k)), 0);
             }
@@ -1499,7 +1500,7 @@ mod tests {
                 })
                 .collect();
             let plain = MvMemory::new(16, false);
-            let sink = MvMemory::new(16, false).with_sinks(vec![sink_key, 2], 3);
+            let sink = MvMemory::new(16, false).with_sinks(vec![sink_key, 2], 3, 16);
             let mut txs = vec![TxState::default(); 12];
             for op in &ops {
                 apply_op(&plain, &sink, &mut txs, op);

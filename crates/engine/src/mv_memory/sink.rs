@@ -34,6 +34,10 @@ pub(super) struct Sink<K, V, D> {
     pub(super) key: K,
     pub(super) hash: u64,
     lanes: Box<[Lane<V, D>]>,
+    /// Entries a lane gets room for at its first write: its share of the units that
+    /// may write the sink, so that a lane written by every unit is allocated once
+    /// instead of doubling from nothing, each doubling copying it.
+    lane_capacity: usize,
 }
 
 /// What lies below a position of the sink: an estimate in the way, or the bottom (the
@@ -72,13 +76,16 @@ fn incarnation<V, D>(entry: &Entry<V, D>) -> Incarnation {
 }
 
 impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
-    pub(super) fn new(key: K, hash: u64, lanes: usize) -> Self {
+    /// A sink of `lanes` lanes, for `units` units that may write it.
+    pub(super) fn new(key: K, hash: u64, lanes: usize, units: usize) -> Self {
+        let lanes = lanes.max(1);
         Self {
             key,
             hash,
-            lanes: (0..lanes.max(1))
+            lanes: (0..lanes)
                 .map(|_| CachePadded::new(Mutex::new(Vec::new())))
                 .collect(),
+            lane_capacity: units.div_ceil(lanes),
         }
     }
 
@@ -89,6 +96,9 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
     /// Records `tx`'s entry in the lane of worker `writer`.
     pub(super) fn write(&self, writer: usize, tx: TxIndex, entry: Entry<V, D>) {
         let mut lane = Self::lock(&self.lanes[writer % self.lanes.len()]);
+        if lane.capacity() == 0 {
+            lane.reserve(self.lane_capacity);
+        }
         let versioned = (incarnation(&entry), entry);
         match position(&lane, tx) {
             Ok(i) => lane[i].1 = versioned,
@@ -234,5 +244,31 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
                 resolve(write, delta.as_ref(), load, apply).map(Some)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Entry, Sink};
+
+    #[test]
+    fn a_lane_gets_room_for_its_share_at_its_first_write() {
+        let sink = Sink::<u32, i64, i64>::new(7, 0, 3, 100);
+        let capacity = |lane: usize| Sink::<u32, i64, i64>::lock(&sink.lanes[lane]).capacity();
+        assert_eq!((0..3).map(capacity).sum::<usize>(), 0);
+        sink.write(1, 5, Entry::Delta(0, 1));
+        assert!(capacity(1) >= 34, "{}", capacity(1));
+        assert_eq!(
+            capacity(0) + capacity(2),
+            0,
+            "lanes never written allocate nothing"
+        );
+        // Past its share a lane grows as any vector does, its entries still in order.
+        for tx in (0..50).rev() {
+            sink.write(1, tx, Entry::Delta(0, 1));
+        }
+        let lane = Sink::<u32, i64, i64>::lock(&sink.lanes[1]);
+        assert_eq!(lane.len(), 50);
+        assert!(lane.windows(2).all(|w| w[0].0 < w[1].0));
     }
 }
