@@ -27,7 +27,8 @@ use super::{Entry, Incarnation, Origin, Read, position};
 
 /// One worker's entries of the sink, sorted by transaction: per transaction at most one,
 /// with the incarnation that wrote it (kept when an abort turns it into an estimate).
-type Entries<V, D> = Vec<(TxIndex, (Incarnation, Entry<V, D>))>;
+type Versioned<V, D> = (TxIndex, (Incarnation, Entry<V, D>));
+type Entries<V, D> = Vec<Versioned<V, D>>;
 type Lane<V, D> = CachePadded<Mutex<Entries<V, D>>>;
 
 pub(super) struct Sink<K, V, D> {
@@ -131,28 +132,33 @@ impl<K, V: Clone + PartialEq, D> Sink<K, V, D> {
     /// every lane locked.
     fn below<R>(&self, tx: TxIndex, f: impl FnOnce(Below<'_, V, D>) -> R) -> R {
         let lanes: SmallVec<[_; 16]> = self.lanes.iter().map(|l| Self::lock(l)).collect();
-        // Per lane, the entries not yet merged are those below `ends[l]`.
-        let mut ends: SmallVec<[usize; 16]> = lanes
+        // Per lane, the entries not yet merged (those below `tx` at first), taken from
+        // the top. Slices of the locked lanes: each step reads a lane's last entry and
+        // shortens it, with no lookup through the lock guard or index checks (the final
+        // value walks every entry: a sink credited by every transaction has one each).
+        let mut unmerged: SmallVec<[&[Versioned<V, D>]; 16]> = lanes
             .iter()
-            .map(|lane| lane.partition_point(|(t, _)| *t < tx))
+            .map(|lane| &lane[..lane.partition_point(|(t, _)| *t < tx)])
             .collect();
         let mut deltas = Vec::new();
         let write = loop {
-            let Some(top) = (0..lanes.len())
-                .filter(|&l| ends[l] > 0)
-                .map(|l| lanes[l][ends[l] - 1].0)
+            let Some(top) = unmerged
+                .iter()
+                .filter_map(|lane| lane.last().map(|(t, _)| *t))
                 .max()
             else {
                 break None;
             };
             // The latest of `top`'s entries (one per lane at most).
             let mut latest: Option<&(Incarnation, Entry<V, D>)> = None;
-            for l in 0..lanes.len() {
-                if ends[l] == 0 || lanes[l][ends[l] - 1].0 != top {
+            for lane in unmerged.iter_mut() {
+                let Some(((t, candidate), below)) = lane.split_last() else {
+                    continue;
+                };
+                if *t != top {
                     continue;
                 }
-                ends[l] -= 1;
-                let candidate = &lanes[l][ends[l]].1;
+                *lane = below;
                 let newer = latest.is_none_or(|(inc, entry)| {
                     candidate.0 > *inc
                         || (candidate.0 == *inc
