@@ -25,9 +25,10 @@ use smallvec::SmallVec;
 
 use super::{Entry, Incarnation, Origin, Read, position};
 
-/// One worker's entries of the sink, sorted by transaction: per transaction at most one,
-/// with the incarnation that wrote it (kept when an abort turns it into an estimate).
+/// A transaction's entry in a lane, with the incarnation that wrote it (kept when an
+/// abort turns it into an estimate).
 type Versioned<V, D> = (TxIndex, (Incarnation, Entry<V, D>));
+/// One worker's entries of the sink, sorted by transaction: per transaction at most one.
 type Entries<V, D> = Vec<Versioned<V, D>>;
 type Lane<V, D> = CachePadded<Mutex<Entries<V, D>>>;
 
