@@ -439,11 +439,16 @@ impl Bench {
         let gas = reference.gas_used();
         // Round by round, as the engines' speedups: `threads` times `sequential`'s time over
         // the time of the copies side by side in the same round, the median over the rounds.
+        let ceiling_at: Vec<Option<f64>> = ceilings
+            .iter()
+            .zip(&ceiling_stats)
+            .map(|(&threads, s)| {
+                let per_copy = (!s.failed).then(|| per_round(&stats[0].times, &s.times).median);
+                Some(threads as f64 * per_copy.flatten()?)
+            })
+            .collect();
         let ceiling = |threads: usize| -> Option<f64> {
-            let i = ceilings.iter().position(|&t| t == threads)?;
-            let s = &ceiling_stats[i];
-            let per_copy = round_speedup_median(&stats[0].times, &s.times)?;
-            (!s.failed).then(|| threads as f64 * per_copy)
+            ceiling_at[ceilings.iter().position(|&t| t == threads)?]
         };
         for (i, &(engine, threads)) in runs.iter().enumerate() {
             let s = &stats[i];
@@ -451,6 +456,9 @@ impl Bench {
                 continue;
             }
             let median = median(&s.times);
+            // None for `sequential`, the base of every speedup.
+            let rounds =
+                (engine != EngineKind::Sequential).then(|| per_round(&stats[0].times, &s.times));
             let min = s.times.iter().min().copied().unwrap_or_default();
             let thread_counts = if engine == EngineKind::Sequential {
                 self.plan.threads.clone()
@@ -471,14 +479,8 @@ impl Bench {
                     runs: s.times.len(),
                     gas_per_s: per_second(gas as f64, median),
                     txs_per_s: per_second(txs as f64, median),
-                    speedup_vs_sequential: if engine == EngineKind::Sequential {
-                        1.0
-                    } else {
-                        round_speedup_median(&stats[0].times, &s.times).unwrap_or(1.0)
-                    },
-                    speedup_quartiles: (engine != EngineKind::Sequential)
-                        .then(|| round_speedup_quartiles(&stats[0].times, &s.times))
-                        .flatten(),
+                    speedup_vs_sequential: rounds.and_then(|r| r.median).unwrap_or(1.0),
+                    speedup_quartiles: rounds.and_then(|r| r.quartiles),
                     machine_ceiling: ceiling(t),
                     reexecutions_per_tx: if txs == 0 {
                         0.0
@@ -634,9 +636,20 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[below] + (sorted[above] - sorted[below]) * (position - below as f64)
 }
 
-/// `sequential`'s time over the engine's, round by round (`times[r]` of both are from
-/// round `r`), sorted.
-fn round_speedups(sequential: &[Duration], engine: &[Duration]) -> Vec<f64> {
+/// What the rounds of a cell say of an engine against `sequential`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PerRound {
+    /// The median of the per-round speedups (`sequential`'s time over the engine's in the
+    /// same round, `times[r]` of both being from round `r`): the cell's speedup. A round
+    /// runs every engine once, back to back, so its ratio compares runs made under the
+    /// same machine conditions, where the two medians taken apart can pair a slow minute of
+    /// one with a fast minute of the other. None without a round to compare.
+    median: Option<f64>,
+    /// Their 25th and 75th percentiles; none without two rounds to compare.
+    quartiles: Option<[f64; 2]>,
+}
+
+fn per_round(sequential: &[Duration], engine: &[Duration]) -> PerRound {
     let mut ratios: Vec<f64> = sequential
         .iter()
         .zip(engine)
@@ -644,25 +657,10 @@ fn round_speedups(sequential: &[Duration], engine: &[Duration]) -> Vec<f64> {
         .map(|(s, e)| s.as_secs_f64() / e.as_secs_f64())
         .collect();
     ratios.sort_by(f64::total_cmp);
-    ratios
-}
-
-/// The median of the per-round speedups ([`round_speedups`]): the cell's speedup. Each
-/// round runs every engine once, back to back, so a round's ratio compares runs made
-/// under the same machine conditions; the median of the two engines' times, taken apart,
-/// can pair a slow minute of one with a fast minute of the other (a fully dependent chain,
-/// which every engine runs as `sequential` does, read 1.23–1.39x that way in one bench
-/// while its per-round ratios lay at 1.01–1.05x). None without a round to compare.
-fn round_speedup_median(sequential: &[Duration], engine: &[Duration]) -> Option<f64> {
-    let ratios = round_speedups(sequential, engine);
-    (!ratios.is_empty()).then(|| quantile(&ratios, 0.5))
-}
-
-/// The 25th and 75th percentiles of the per-round speedups ([`round_speedups`]); none
-/// without two rounds to compare.
-fn round_speedup_quartiles(sequential: &[Duration], engine: &[Duration]) -> Option<[f64; 2]> {
-    let ratios = round_speedups(sequential, engine);
-    (ratios.len() >= 2).then(|| [quantile(&ratios, 0.25), quantile(&ratios, 0.75)])
+    PerRound {
+        median: (!ratios.is_empty()).then(|| quantile(&ratios, 0.5)),
+        quartiles: (ratios.len() >= 2).then(|| [quantile(&ratios, 0.25), quantile(&ratios, 0.75)]),
+    }
 }
 
 fn per_second(amount: f64, seconds: f64) -> f64 {
@@ -1153,16 +1151,17 @@ mod tests {
         // The machine slows down by 2x halfway: each round's ratio is still 2.
         let sequential = ms(&[100, 100, 200, 200]);
         let engine = ms(&[50, 50, 100, 100]);
-        assert_eq!(
-            round_speedup_quartiles(&sequential, &engine),
-            Some([2.0, 2.0])
-        );
+        assert_eq!(per_round(&sequential, &engine).quartiles, Some([2.0, 2.0]));
         // Ratios 1, 2, 3, 4, 5: quartiles interpolated between ranks.
-        let q = round_speedup_quartiles(&ms(&[10, 20, 30, 40, 50]), &ms(&[10; 5])).unwrap();
+        let q = per_round(&ms(&[10, 20, 30, 40, 50]), &ms(&[10; 5]))
+            .quartiles
+            .unwrap();
         assert_eq!(q, [2.0, 4.0]);
-        let q = round_speedup_quartiles(&ms(&[10, 20, 30, 40]), &ms(&[10; 4])).unwrap();
+        let q = per_round(&ms(&[10, 20, 30, 40]), &ms(&[10; 4]))
+            .quartiles
+            .unwrap();
         assert_eq!(q, [1.75, 3.25]);
-        assert_eq!(round_speedup_quartiles(&ms(&[10]), &ms(&[5])), None);
+        assert_eq!(per_round(&ms(&[10]), &ms(&[5])).quartiles, None);
     }
 
     /// A cell's speedup is the median of the per-round speedups, not the ratio of the
@@ -1173,12 +1172,9 @@ mod tests {
         let sequential = ms(&[10, 10, 30, 30, 30]);
         let engine = ms(&[10, 10, 10, 30, 30]);
         assert_eq!(median(&sequential) / median(&engine), 3.0);
-        assert_eq!(round_speedup_median(&sequential, &engine), Some(1.0));
-        assert_eq!(
-            round_speedup_median(&ms(&[10, 20]), &ms(&[10, 10])),
-            Some(1.5)
-        );
-        assert_eq!(round_speedup_median(&ms(&[10]), &ms(&[5])), Some(2.0));
-        assert_eq!(round_speedup_median(&[], &[]), None);
+        assert_eq!(per_round(&sequential, &engine).median, Some(1.0));
+        assert_eq!(per_round(&ms(&[10, 20]), &ms(&[10, 10])).median, Some(1.5));
+        assert_eq!(per_round(&ms(&[10]), &ms(&[5])).median, Some(2.0));
+        assert_eq!(per_round(&[], &[]).median, None);
     }
 }
