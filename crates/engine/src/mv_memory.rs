@@ -25,6 +25,13 @@
 //!   read of a known key. A new key's state is pushed complete, into lines the CPU was
 //!   asked to fetch for writing when the shard's previous new key arrived (fresh memory
 //!   was a third of block-stm's extra time over `sequential` on light transactions).
+//! * Who wrote each key, roughly (fast storage): a cell per bucket of keys holds the one
+//!   transaction that wrote keys of the bucket, or "many" once another did
+//!   ([`Writers`]). A read or a validation of a pre-block value by a transaction that is
+//!   the bucket's only writer, or finds it unwritten, needs no shard: no other
+//!   transaction has an entry under the key (its own are never below it). Exact as any
+//!   read racing a write: a writer marks the cell before its entry goes in, and the
+//!   engine validates every transaction above a new write again after it.
 //! * The delta sinks ([`parex_core::Vm::delta_sinks`]: the EVM's beneficiary, which every
 //!   transaction credits, and wallets credited by many transfers) are not in a shard: each
 //!   worker writes a lane of its own per sink, and a read merges the lanes (module
@@ -34,7 +41,10 @@ mod sink;
 
 use std::hash::{BuildHasher, Hash};
 use std::ops::ControlFlow::{self, Break, Continue};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed,
+    Ordering::Release,
+};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -356,6 +366,72 @@ impl<K: Eq + Hash + Clone, V, D> Table<K, V, D> {
 
 type Shard<K, V, D> = CachePadded<Mutex<Table<K, V, D>>>;
 
+/// The writers of a memory's keys by bucket (fast storage): a cell per bucket, `NONE`
+/// until a transaction writes a key of the bucket, then that transaction (`tx + 1`),
+/// then `MANY` once another one does. Cells only move forward (none, one, many), so a
+/// cell that names `tx` or none after `tx` wrote proves that no other transaction has
+/// an entry under any key of the bucket. Keys share a bucket by their hash's low bits:
+/// a shared bucket only sends its keys down the shard path.
+struct Writers {
+    cells: Box<[AtomicU32]>,
+}
+
+impl Writers {
+    const NONE: u32 = 0;
+    const MANY: u32 = u32::MAX;
+
+    /// Cells for about `keys` keys: four per key (a written key shares its cell with
+    /// another written one about one time in ten on the gigagas blocks), at least 1024,
+    /// at most 2^20 (4 MiB); none for `keys` 0.
+    fn new(keys: usize) -> Self {
+        let cells = if keys == 0 {
+            0
+        } else {
+            (keys * 4).next_power_of_two().clamp(1 << 10, 1 << 20)
+        };
+        Self {
+            cells: (0..cells).map(|_| AtomicU32::new(Self::NONE)).collect(),
+        }
+    }
+
+    /// The cell's value that stands for `tx` alone (`MANY` for the last two indices a
+    /// `u32` can hold, which then never take the fast path).
+    fn id(tx: TxIndex) -> u32 {
+        u32::try_from(tx + 1).unwrap_or(Self::MANY)
+    }
+
+    fn cell(&self, hash: u64) -> &AtomicU32 {
+        &self.cells[hash as usize & (self.cells.len() - 1)]
+    }
+
+    /// Records that `tx` writes a key of `hash`'s bucket (before its entry goes in).
+    #[inline]
+    fn mark(&self, hash: u64, tx: TxIndex) {
+        let cell = self.cell(hash);
+        let id = Self::id(tx);
+        let seen = match cell.load(Acquire) {
+            Self::NONE => match cell.compare_exchange(Self::NONE, id, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(seen) => seen,
+            },
+            seen => seen,
+        };
+        if seen != id && seen != Self::MANY {
+            cell.store(Self::MANY, Release);
+        }
+    }
+
+    /// Whether no transaction but `tx` has written a key of `hash`'s bucket.
+    #[inline]
+    fn none_but(&self, hash: u64, tx: TxIndex) -> bool {
+        let id = Self::id(tx);
+        match self.cell(hash).load(Acquire) {
+            Self::NONE => true,
+            seen => seen == id && id != Self::MANY,
+        }
+    }
+}
+
 pub struct MvMemory<K, V, D> {
     shards: Box<[Shard<K, V, D>]>,
     hasher: DefaultHashBuilder,
@@ -364,6 +440,9 @@ pub struct MvMemory<K, V, D> {
     cache_base: bool,
     /// The delta sinks, in lanes of their own (fast storage only; module `sink`).
     sinks: Vec<Sink<K, V, D>>,
+    /// Who wrote the keys, by bucket (fast storage only; none on slow storage, where
+    /// every read goes through the key's state to record its reader).
+    writers: Writers,
 }
 
 /// Most delta sinks a memory keeps in lanes (each is looked for at every operation).
@@ -497,6 +576,7 @@ where
             hasher,
             cache_base: slow_storage,
             sinks: Vec::new(),
+            writers: Writers::new(if slow_storage { 0 } else { keys }),
         }
     }
 
@@ -735,6 +815,9 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
+        if self.writers.none_but(hash, tx) {
+            return Read::Value(load(key), Origin::Storage);
+        }
         let table = self.shard(hash);
         let Some(state) = table.find(hash, key) else {
             drop(table);
@@ -785,6 +868,10 @@ where
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.validate(tx, origin, || load(key), |v, d| apply(key, v, d));
         }
+        if !self.cache_base && self.writers.none_but(hash, tx) {
+            // No other transaction's entry under the key: the pre-block value, as read.
+            return matches!(origin, Origin::Storage);
+        }
         let table = self.shard(hash);
         let Some(state) = table.find(hash, key) else {
             // Nothing was ever written: the pre-block value.
@@ -833,6 +920,9 @@ where
         if let Some(sink) = self.sink_of(hash, &key) {
             sink.write(writer, tx, entry);
             return true;
+        }
+        if !self.cache_base {
+            self.writers.mark(hash, tx);
         }
         let max_reader = self.shard(hash).write(hash, key, tx, entry);
         !self.cache_base || (max_reader == u32::MAX || max_reader as TxIndex > tx)
@@ -1146,6 +1236,49 @@ mod tests {
             assert!(m.validate(&9, 2, &origin, load, add));
             assert!(m.into_final_values(1, load, add, merge).is_err());
         }
+    }
+
+    /// A bucket is a transaction's own (reads and validations of its keys skip the
+    /// shard) until another transaction writes there; then it is nobody's, for good.
+    #[test]
+    fn a_bucket_is_a_transactions_own_until_another_writes_it() {
+        let writers = Writers::new(64);
+        assert_eq!(writers.cells.len(), 1024);
+        let hash = 5;
+        assert!(writers.none_but(hash, 3) && writers.none_but(hash, 0));
+        writers.mark(hash, 3);
+        writers.mark(hash, 3);
+        assert!(writers.none_but(hash, 3));
+        assert!(!writers.none_but(hash, 2) && !writers.none_but(hash, 4));
+        writers.mark(hash + 1024, 7);
+        assert!(!writers.none_but(hash, 3) && !writers.none_but(hash, 7));
+        writers.mark(hash, 3);
+        assert!(!writers.none_but(hash, 3), "many stays many");
+        assert!(writers.none_but(hash + 1, 9), "other buckets untouched");
+        // An index whose cell value would be `MANY` never owns a bucket.
+        let top = u32::MAX as TxIndex - 1;
+        writers.mark(9, top);
+        assert!(!writers.none_but(9, top));
+        // Through the memory: the reader's own write leaves its read of storage valid,
+        // another transaction's write below it does not.
+        let m = MvMemory::<u32, i64, i64>::new(64, false);
+        assert_eq!(
+            value(m.read(&1, 4, load, add)),
+            (Ok(Some(10)), Origin::Storage)
+        );
+        m.write(1, 4, Entry::Write(0, 11), 0);
+        assert!(m.validate(&1, 4, &Origin::Storage, load, add));
+        m.write(1, 6, Entry::Write(0, 12), 0);
+        assert!(
+            m.validate(&1, 4, &Origin::Storage, load, add),
+            "a write above"
+        );
+        m.write(1, 2, Entry::Write(0, 13), 0);
+        assert!(!m.validate(&1, 4, &Origin::Storage, load, add));
+        assert_eq!(
+            value(m.read(&1, 4, load, add)),
+            (Ok(Some(13)), Origin::Version(2, 0))
+        );
     }
 
     #[test]
