@@ -117,9 +117,12 @@ use crate::scheduler::{Scheduler, Task};
 use crate::trace::{Recorder, SpanKind, Tracer};
 use crate::{EngineError, Metrics, RunOptions, VmOutcome};
 
-/// One read of an execution: the key and where its value came from.
+/// One read of an execution: the key, its hash in the memory ([`MvMemory::hash`]: its
+/// validation, at least once per execution, does not hash it again) and where its value
+/// came from.
 struct ReadRecord<K, V> {
     key: K,
+    hash: u64,
     origin: Origin<V>,
 }
 
@@ -994,8 +997,9 @@ where
         w.metrics.validations += 1;
         let slot = self.slots[tx].lock().unwrap_or_else(|e| e.into_inner());
         let valid = slot.reads.iter().all(|r| {
-            self.memory.validate(
+            self.memory.validate_hashed(
                 &r.key,
+                r.hash,
                 tx,
                 &r.origin,
                 |k| self.storage.read(k),
@@ -1043,8 +1047,10 @@ where
         }
         let engine = self.engine;
         let loads = Cell::new(0);
-        let read = engine.memory.read(
+        let hash = engine.memory.hash(key);
+        let read = engine.memory.read_hashed(
             key,
+            hash,
             self.tx,
             |k| {
                 loads.set(loads.get() + 1);
@@ -1057,6 +1063,7 @@ where
             Read::Value(value, origin) => {
                 self.reads.push(ReadRecord {
                     key: key.clone(),
+                    hash,
                     origin,
                 });
                 value.map_err(ReadError::Storage)

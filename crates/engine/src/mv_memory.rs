@@ -614,6 +614,14 @@ where
         shard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The hash this memory files `key` under (for [`Self::read_hashed`] and
+    /// [`Self::validate_hashed`], so that a read set kept with its hashes is validated
+    /// without hashing its keys again).
+    #[inline]
+    pub fn hash(&self, key: &K) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// The value of `key` as transaction `tx` sees it. `load` reads the pre-block value
     /// (on slow storage at most once per key, without holding a lock), `apply` applies a
     /// delta.
@@ -624,7 +632,18 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
-        let hash = self.hasher.hash_one(key);
+        self.read_hashed(key, self.hash(key), tx, load, apply)
+    }
+
+    /// [`Self::read`] of `key` whose [`Self::hash`] is `hash`.
+    pub fn read_hashed(
+        &self,
+        key: &K,
+        hash: u64,
+        tx: TxIndex,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> Read<V> {
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.read(tx, || load(key), |v, d| apply(key, v, d));
         }
@@ -864,7 +883,19 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> bool {
-        let hash = self.hasher.hash_one(key);
+        self.validate_hashed(key, self.hash(key), tx, origin, load, apply)
+    }
+
+    /// [`Self::validate`] of `key` whose [`Self::hash`] is `hash`.
+    pub fn validate_hashed(
+        &self,
+        key: &K,
+        hash: u64,
+        tx: TxIndex,
+        origin: &Origin<V>,
+        load: impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> bool {
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.validate(tx, origin, || load(key), |v, d| apply(key, v, d));
         }
