@@ -355,27 +355,23 @@ impl<V: Vm> Vm for ChunkVm<'_, V> {
         // One update of the shared counter per chunk.
         let expected = txs.len();
         let first = txs.start;
-        let run = overlay.run(txs, expected);
-        let executed = match &run {
-            Ok(outputs) => outputs.len() as u64,
-            Err((_, executed)) => *executed,
-        };
-        self.extra_executions.fetch_add(executed - 1, Relaxed);
-        let writes = match run {
-            Ok(_) => overlay.take_writes(first),
-            Err(_) => {
+        let result = match overlay.run(txs, expected) {
+            Ok(outputs) => {
+                self.extra_executions
+                    .fetch_add(outputs.len() as u64 - 1, Relaxed);
+                overlay.take_writes(first).map(|writes| Execution {
+                    writes,
+                    output: outputs,
+                })
+            }
+            Err((e, executed)) => {
+                self.extra_executions.fetch_add(executed - 1, Relaxed);
                 overlay.local.clear();
-                Ok(Vec::new())
+                Err(e)
             }
         };
         self.spare_overlays().push(overlay.local);
-        match run {
-            Ok(outputs) => Ok(Execution {
-                writes: writes?,
-                output: outputs,
-            }),
-            Err((e, _)) => Err(e),
-        }
+        result
     }
 
     fn apply_delta(
