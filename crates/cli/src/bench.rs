@@ -443,8 +443,10 @@ impl Bench {
             .iter()
             .zip(&ceiling_stats)
             .map(|(&threads, s)| {
-                let per_copy = (!s.failed).then(|| per_round(&stats[0].times, &s.times).median);
-                Some(threads as f64 * per_copy.flatten()?)
+                if s.failed {
+                    return None;
+                }
+                Some(threads as f64 * per_round(&stats[0].times, &s.times).median?)
             })
             .collect();
         let ceiling = |threads: usize| -> Option<f64> {

@@ -382,13 +382,9 @@ impl Writers {
 
     /// Cells for about `keys` keys: four per key (a written key shares its cell with
     /// another written one about one time in ten on the gigagas blocks), at least 1024,
-    /// at most 2^20 (4 MiB); none for `keys` 0.
+    /// at most 2^20 (4 MiB).
     fn new(keys: usize) -> Self {
-        let cells = if keys == 0 {
-            0
-        } else {
-            (keys * 4).next_power_of_two().clamp(1 << 10, 1 << 20)
-        };
+        let cells = (keys * 4).next_power_of_two().clamp(1 << 10, 1 << 20);
         Self {
             cells: (0..cells).map(|_| AtomicU32::new(Self::NONE)).collect(),
         }
@@ -442,7 +438,7 @@ pub struct MvMemory<K, V, D> {
     sinks: Vec<Sink<K, V, D>>,
     /// Who wrote the keys, by bucket (fast storage only; none on slow storage, where
     /// every read goes through the key's state to record its reader).
-    writers: Writers,
+    writers: Option<Writers>,
 }
 
 /// Most delta sinks a memory keeps in lanes (each is looked for at every operation).
@@ -576,7 +572,7 @@ where
             hasher,
             cache_base: slow_storage,
             sinks: Vec::new(),
-            writers: Writers::new(if slow_storage { 0 } else { keys }),
+            writers: (!slow_storage).then(|| Writers::new(keys)),
         }
     }
 
@@ -612,6 +608,15 @@ where
         // the top 7: pick the shard with bits in between, so as to skew neither.
         let shard = &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)];
         shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether no transaction but `tx` has written a key of `hash`'s bucket, as the writer
+    /// cells tell ([`Writers`]; never on slow storage, which keeps none).
+    #[inline]
+    fn only_writer(&self, hash: u64, tx: TxIndex) -> bool {
+        self.writers
+            .as_ref()
+            .is_some_and(|writers| writers.none_but(hash, tx))
     }
 
     /// The hash this memory files `key` under (for [`Self::read_hashed`] and
@@ -834,7 +839,7 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
-        if self.writers.none_but(hash, tx) {
+        if self.only_writer(hash, tx) {
             return Read::Value(load(key), Origin::Storage);
         }
         let table = self.shard(hash);
@@ -899,7 +904,7 @@ where
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.validate(tx, origin, || load(key), |v, d| apply(key, v, d));
         }
-        if !self.cache_base && self.writers.none_but(hash, tx) {
+        if self.only_writer(hash, tx) {
             // No other transaction's entry under the key: the pre-block value, as read.
             return matches!(origin, Origin::Storage);
         }
@@ -952,8 +957,8 @@ where
             sink.write(writer, tx, entry);
             return true;
         }
-        if !self.cache_base {
-            self.writers.mark(hash, tx);
+        if let Some(writers) = &self.writers {
+            writers.mark(hash, tx);
         }
         let max_reader = self.shard(hash).write(hash, key, tx, entry);
         !self.cache_base || (max_reader == u32::MAX || max_reader as TxIndex > tx)
