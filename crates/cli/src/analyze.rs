@@ -40,7 +40,7 @@ pub struct AnalyzeArgs {
     #[arg(long, requires = "workload", value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
     accounts: Option<u64>,
     /// Probability that an account (or pool) a transaction picks is a hot one.
-    #[arg(long, requires = "workload", default_value_t = 0.0, value_parser = crate::parse_ratio)]
+    #[arg(long, requires = "workload", default_value_t = 0.0, value_parser = crate::parse_ratio, allow_negative_numbers = true)]
     hot_ratio: f64,
     /// Seed of the workload generator.
     #[arg(long, requires = "workload", default_value_t = 1)]

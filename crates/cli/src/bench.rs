@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// 1000 txs at 100 us (--quick: 2000 txs at 0 us, 200 txs at 100 us). With any of them,
     /// every size runs at every latency (sizes default to that plan's sizes, latencies to 0).
     /// Mainnet blocks always run at 0 us.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(0..=crate::MAX_LATENCY_US))]
     latency_us: Vec<u64>,
     /// Timed runs per engine and cell, after one warm-up run, at least [default: 5; --quick:
     /// 3]; see --min-time-ms.

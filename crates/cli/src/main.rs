@@ -149,10 +149,10 @@ struct RunArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
     accounts: Option<u64>,
     /// Probability that an account (or pool) a transaction picks is a hot one; 0 = conflict-free.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio, allow_negative_numbers = true)]
     hot_ratio: f64,
-    /// Delay added to every read of pre-block state, in microseconds (models a disk; keys read together wait once per 64)
-    #[arg(long, default_value_t = 0)]
+    /// Delay added to every read of pre-block state, in microseconds (models a disk; keys read together wait once per 64); at most 1000000
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_LATENCY_US))]
     latency_us: u64,
     /// Seed of the workload generator.
     #[arg(long, default_value_t = 1)]
@@ -196,6 +196,10 @@ fn workload_names() -> impl clap::builder::TypedValueParser<Value = WorkloadKind
     clap::builder::PossibleValuesParser::new(names)
         .map(|name| WorkloadKind::parse(&name).expect("a listed name"))
 }
+
+/// The longest read latency `run` and `bench` accept (one second per read: a disk read
+/// takes about 100 us; a typo such as an extra zero should not stall a run for hours).
+pub(crate) const MAX_LATENCY_US: u64 = 1_000_000;
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
     let r: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;

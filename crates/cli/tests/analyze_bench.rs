@@ -325,6 +325,10 @@ fn bench_rejects_bad_input() {
     );
     assert_clean_failure(&parex(&["bench", "--engines", "warp"]), "possible values");
     assert_clean_failure(&parex(&["bench", "--threads", "0"]), "--threads");
+    assert_clean_failure(
+        &parex(&["bench", "--latency-us", "100,5000000"]),
+        "--latency-us",
+    );
     assert_clean_failure(&parex(&["bench", "--processes", "0"]), "--processes");
     assert_clean_failure(
         &parex(&["bench", "--json", "/nonexistent/dir/b.json"]),

@@ -89,6 +89,15 @@ fn unknown_names_and_nonsensical_parameters_are_rejected() {
         &parex(&["run", "--workload", "raw", "--hot-ratio", "1.5"]),
         "between 0 and 1",
     );
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--hot-ratio", "-0.5"]),
+        "between 0 and 1",
+    );
+    // A latency of hours per read would stall the run instead of failing it.
+    assert_clean_failure(
+        &parex(&["run", "--workload", "raw", "--latency-us", "99999999999"]),
+        "--latency-us",
+    );
     assert_clean_failure(&parex(&["run", "--workload", "raw", "--txs", "0"]), "--txs");
     assert_clean_failure(
         &parex(&["run", "--workload", "raw", "--threads", "0"]),
