@@ -32,11 +32,18 @@
 //!   transaction has an entry under the key (its own are never below it). Exact as any
 //!   read racing a write: a writer marks the cell before its entry goes in, and the
 //!   engine validates every transaction above a new write again after it.
+//! * Owner lists (fast storage, when the engine publishes whole incarnations:
+//!   [`MvMemory::with_owners`], [`MvMemory::publish`]): a transaction's writes under keys
+//!   of buckets that no other transaction wrote stay in the list its execution returned,
+//!   not in the shards; the bucket's writer cell names the list, and a second writer of
+//!   the bucket first moves the owner's entries of the bucket to the shards (module
+//!   `owned`). `block-stm` keeps them for chunks of transactions.
 //! * The delta sinks ([`parex_core::Vm::delta_sinks`]: the EVM's beneficiary, which every
 //!   transaction credits, and wallets credited by many transfers) are not in a shard: each
 //!   worker writes a lane of its own per sink, and a read merges the lanes (module
 //!   `sink`; on fast storage).
 
+mod owned;
 mod sink;
 
 use std::hash::{BuildHasher, Hash};
@@ -51,9 +58,10 @@ use std::time::Duration;
 use alloy_primitives::map::DefaultHashBuilder;
 use crossbeam::utils::{Backoff, CachePadded};
 use hashbrown::HashTable;
-use parex_core::{StorageError, TxIndex};
+use parex_core::{StorageError, TxIndex, Write};
 use smallvec::SmallVec;
 
+use self::owned::{Found, Owned};
 use self::sink::Sink;
 use crate::gather::{Block, Gather, gather_into};
 
@@ -366,6 +374,9 @@ impl<K: Eq + Hash + Clone, V, D> Table<K, V, D> {
 
 type Shard<K, V, D> = CachePadded<Mutex<Table<K, V, D>>>;
 
+/// A transaction's owner list (module `owned`), behind its lock.
+type OwnerList<K, V, D> = Mutex<Owned<K, V, D>>;
+
 /// The writers of a memory's keys by bucket (fast storage): a cell per bucket, `NONE`
 /// until a transaction writes a key of the bucket, then that transaction (`tx + 1`),
 /// then `MANY` once another one does. Cells only move forward (none, one, many), so a
@@ -379,6 +390,9 @@ struct Writers {
 impl Writers {
     const NONE: u32 = 0;
     const MANY: u32 = u32::MAX;
+    /// With owner lists: another writer is moving the owner's entries of the bucket to
+    /// the shards (module `owned`); the cell then says `MANY`.
+    const MIGRATING: u32 = u32::MAX - 1;
 
     /// Cells for about `keys` keys: four per key (a written key shares its cell with
     /// another written one about one time in ten on the gigagas blocks), at least 1024,
@@ -393,11 +407,31 @@ impl Writers {
     /// The cell's value that stands for `tx` alone (`MANY` for the last two indices a
     /// `u32` can hold, which then never take the fast path).
     fn id(tx: TxIndex) -> u32 {
-        u32::try_from(tx + 1).unwrap_or(Self::MANY)
+        u32::try_from(tx + 1)
+            .ok()
+            .filter(|&id| id < Self::MIGRATING)
+            .unwrap_or(Self::MANY)
     }
 
     fn cell(&self, hash: u64) -> &AtomicU32 {
-        &self.cells[hash as usize & (self.cells.len() - 1)]
+        &self.cells[self.bucket(hash)]
+    }
+
+    /// The bucket of keys of hash `hash`.
+    fn bucket(&self, hash: u64) -> usize {
+        hash as usize & (self.cells.len() - 1)
+    }
+
+    /// The cell of `hash`'s bucket once no writer is moving its entries (module `owned`).
+    fn settled(&self, hash: u64) -> u32 {
+        let cell = self.cell(hash);
+        let backoff = Backoff::new();
+        loop {
+            match cell.load(Acquire) {
+                Self::MIGRATING => backoff.snooze(),
+                seen => return seen,
+            }
+        }
     }
 
     /// Records that `tx` writes a key of `hash`'s bucket (before its entry goes in).
@@ -439,6 +473,9 @@ pub struct MvMemory<K, V, D> {
     /// Who wrote the keys, by bucket (fast storage only; none on slow storage, where
     /// every read goes through the key's state to record its reader).
     writers: Option<Writers>,
+    /// Per transaction, its writes under keys of buckets it alone wrote (module `owned`;
+    /// fast storage, when the engine publishes whole incarnations: [`Self::with_owners`]).
+    owners: Option<Box<[OwnerList<K, V, D>]>>,
 }
 
 /// Most delta sinks a memory keeps in lanes (each is looked for at every operation).
@@ -573,7 +610,178 @@ where
             cache_base: slow_storage,
             sinks: Vec::new(),
             writers: (!slow_storage).then(|| Writers::new(keys)),
+            owners: None,
         }
+    }
+
+    /// Keeps the writes of each of `txs` transactions under keys of buckets it alone
+    /// wrote in a list of its own instead of the shards (module `owned`), on fast storage;
+    /// the engine then publishes each incarnation's writes with [`Self::publish`]
+    /// (per-key [`Self::write`] still files its entry in the shards). Otherwise the
+    /// memory is unchanged.
+    pub fn with_owners(mut self, txs: usize) -> Self {
+        if self.writers.is_some() {
+            self.owners = Some((0..txs).map(|_| Mutex::default()).collect());
+        }
+        self
+    }
+
+    /// The memory with `cells` writer cells (a power of two) instead of its sizing's, so
+    /// that tests can make keys share buckets.
+    #[cfg(test)]
+    fn with_writer_cells(mut self, cells: usize) -> Self {
+        if self.writers.is_some() {
+            self.writers = Some(Writers {
+                cells: (0..cells).map(|_| AtomicU32::new(Writers::NONE)).collect(),
+            });
+        }
+        self
+    }
+
+    /// Whether writes are published whole ([`Self::with_owners`] on fast storage).
+    pub fn owns_writes(&self) -> bool {
+        self.owners.is_some()
+    }
+
+    /// Makes `hash`'s bucket `tx`'s own if nobody else wrote it (module `owned`); returns
+    /// whether it is `tx`'s alone. A bucket another transaction owns is shared: its
+    /// entries move to the shards ([`Self::share_bucket`]).
+    fn claim_bucket(
+        &self,
+        writers: &Writers,
+        owners: &[OwnerList<K, V, D>],
+        hash: u64,
+        tx: TxIndex,
+    ) -> bool {
+        let id = Writers::id(tx);
+        let cell = writers.cell(hash);
+        let backoff = Backoff::new();
+        loop {
+            match cell.load(Acquire) {
+                seen if seen == id && id != Writers::MANY => return true,
+                Writers::NONE if id != Writers::MANY => {
+                    if cell
+                        .compare_exchange(Writers::NONE, id, AcqRel, Acquire)
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                }
+                Writers::MANY => return false,
+                Writers::MIGRATING => backoff.snooze(),
+                _ => {
+                    self.share_bucket(writers, owners, hash);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Makes `hash`'s bucket one of many writers: the entries its owner, if any, keeps in
+    /// its list are moved to the shards first (the cell says `MIGRATING` meanwhile).
+    fn share_bucket(&self, writers: &Writers, owners: &[OwnerList<K, V, D>], hash: u64) {
+        let cell = writers.cell(hash);
+        let backoff = Backoff::new();
+        loop {
+            match cell.load(Acquire) {
+                Writers::MANY => return,
+                Writers::MIGRATING => backoff.snooze(),
+                Writers::NONE => {
+                    if cell
+                        .compare_exchange(Writers::NONE, Writers::MANY, AcqRel, Acquire)
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+                owner => {
+                    if cell
+                        .compare_exchange(owner, Writers::MIGRATING, AcqRel, Acquire)
+                        .is_ok()
+                    {
+                        self.migrate(writers, owners, hash, owner as TxIndex - 1);
+                        cell.store(Writers::MANY, Release);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Files in the shards the entries that `owner` keeps in its list under keys of
+    /// `hash`'s bucket (whose cell the caller marked migrating).
+    fn migrate(&self, writers: &Writers, owners: &[OwnerList<K, V, D>], hash: u64, owner: TxIndex) {
+        let bucket = writers.bucket(hash);
+        let mut list = lock_list(owners, owner);
+        for i in 0..list.writes.len() {
+            let hash = list.hashes[i];
+            if list.elsewhere[i] || writers.bucket(hash) != bucket {
+                continue;
+            }
+            list.elsewhere[i] = true;
+            let entry = list.entry(i);
+            let key = list.writes[i].0.clone();
+            self.shard(hash).write(hash, key, owner, entry);
+        }
+    }
+
+    /// Publishes the writes of `tx`'s `incarnation` whole (with [`Self::with_owners`]):
+    /// a delta sink's goes to its lanes (`writer`: the writing worker), the others stay in
+    /// `tx`'s list, which replaces the previous incarnation's; those under keys of buckets
+    /// that are not `tx`'s alone are also filed in the shards. The caller removes the
+    /// entries of keys the previous incarnation wrote and this one does not
+    /// ([`Self::remove`]).
+    pub fn publish(
+        &self,
+        tx: TxIndex,
+        incarnation: Incarnation,
+        writes: Vec<(K, Write<V, D>)>,
+        writer: usize,
+    ) {
+        let (Some(writers), Some(owners)) = (&self.writers, &self.owners) else {
+            unreachable!("publishing needs owner lists");
+        };
+        let mut hashes = Vec::with_capacity(writes.len());
+        let mut elsewhere = Vec::with_capacity(writes.len());
+        for (key, write) in &writes {
+            let hash = self.hasher.hash_one(key);
+            hashes.push(hash);
+            if let Some(sink) = self.sink_of(hash, key) {
+                sink.write(writer, tx, owned::entry_of(incarnation, false, write));
+                elsewhere.push(true);
+            } else {
+                self.claim_bucket(writers, owners, hash, tx);
+                elsewhere.push(false);
+            }
+        }
+        let id = Writers::id(tx);
+        let mut list = lock_list(owners, tx);
+        let previous = std::mem::replace(
+            &mut *list,
+            Owned {
+                incarnation,
+                aborted: false,
+                writes,
+                hashes,
+                elsewhere,
+            },
+        );
+        // A bucket shared since it was claimed (or never this transaction's): its owner's
+        // entries are in the shards, so must this one be. (A migration that waits for
+        // this list finds these flagged and moves the rest.)
+        for i in 0..list.writes.len() {
+            let hash = list.hashes[i];
+            if list.elsewhere[i] || (id != Writers::MANY && writers.cell(hash).load(Acquire) == id)
+            {
+                continue;
+            }
+            list.elsewhere[i] = true;
+            let entry = list.entry(i);
+            let key = list.writes[i].0.clone();
+            self.shard(hash).write(hash, key, tx, entry);
+        }
+        drop(list);
+        drop(previous);
     }
 
     /// Keeps the entries of each of `sinks` ([`parex_core::Vm::delta_sinks`], keys many
@@ -839,7 +1047,42 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
-        if self.only_writer(hash, tx) {
+        if let (Some(writers), Some(owners)) = (&self.writers, &self.owners) {
+            loop {
+                let owner = match writers.settled(hash) {
+                    Writers::NONE => return Read::Value(load(key), Origin::Storage),
+                    Writers::MANY => break,
+                    owner => owner as TxIndex - 1,
+                };
+                if owner >= tx {
+                    return Read::Value(load(key), Origin::Storage);
+                }
+                let list = lock_list(owners, owner);
+                match list.find(key, hash) {
+                    Found::Nothing => {
+                        drop(list);
+                        return Read::Value(load(key), Origin::Storage);
+                    }
+                    Found::Moved => continue,
+                    Found::Entry(_, true, _) => return Read::Blocked(owner),
+                    Found::Entry(incarnation, false, Write::Put(value)) => {
+                        let origin = Origin::Version(owner, incarnation);
+                        return Read::Value(Ok(Some(value.clone())), origin);
+                    }
+                    Found::Entry(_, false, Write::Delta(delta)) => {
+                        let delta = delta.clone();
+                        drop(list);
+                        return match load(key) {
+                            Err(e) => Read::Value(Err(e), Origin::Failed),
+                            Ok(base) => {
+                                let v = apply(key, base, &delta);
+                                Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
+                            }
+                        };
+                    }
+                }
+            }
+        } else if self.only_writer(hash, tx) {
             return Read::Value(load(key), Origin::Storage);
         }
         let table = self.shard(hash);
@@ -904,7 +1147,38 @@ where
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.validate(tx, origin, || load(key), |v, d| apply(key, v, d));
         }
-        if self.only_writer(hash, tx) {
+        if let (Some(writers), Some(owners)) = (&self.writers, &self.owners) {
+            loop {
+                let owner = match writers.settled(hash) {
+                    Writers::NONE => return matches!(origin, Origin::Storage),
+                    Writers::MANY => break,
+                    owner => owner as TxIndex - 1,
+                };
+                if owner >= tx {
+                    return matches!(origin, Origin::Storage);
+                }
+                let list = lock_list(owners, owner);
+                match list.find(key, hash) {
+                    Found::Nothing => return matches!(origin, Origin::Storage),
+                    Found::Moved => continue,
+                    Found::Entry(_, true, _) => return false,
+                    Found::Entry(incarnation, false, Write::Put(_)) => {
+                        return *origin == Origin::Version(owner, incarnation);
+                    }
+                    Found::Entry(_, false, Write::Delta(delta)) => {
+                        let delta = delta.clone();
+                        drop(list);
+                        return match (origin, load(key)) {
+                            (Origin::Resolved(seen), Ok(base)) => {
+                                apply(key, base, &delta) == **seen
+                            }
+                            (Origin::Failed, Err(_)) => true,
+                            _ => false,
+                        };
+                    }
+                }
+            }
+        } else if self.only_writer(hash, tx) {
             // No other transaction's entry under the key: the pre-block value, as read.
             return matches!(origin, Origin::Storage);
         }
@@ -957,8 +1231,10 @@ where
             sink.write(writer, tx, entry);
             return true;
         }
-        if let Some(writers) = &self.writers {
-            writers.mark(hash, tx);
+        match (&self.writers, &self.owners) {
+            (Some(writers), Some(owners)) => self.share_bucket(writers, owners, hash),
+            (Some(writers), None) => writers.mark(hash, tx),
+            _ => {}
         }
         let max_reader = self.shard(hash).write(hash, key, tx, entry);
         !self.cache_base || (max_reader == u32::MAX || max_reader as TxIndex > tx)
@@ -983,6 +1259,9 @@ where
         let hash = self.hasher.hash_one(key);
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.mark_estimate(tx);
+        }
+        if let Some(owners) = &self.owners {
+            lock_list(owners, tx).aborted = true;
         }
         let mut table = self.shard(hash);
         if let Some(state) = table.find_mut(hash, key)
@@ -1024,14 +1303,63 @@ where
     }
 
     /// How many keys the memory holds (an upper bound of its final values), counted under
-    /// each shard's lock in turn.
+    /// each shard's lock in turn (and each owner list's).
     pub fn keys(&self) -> usize {
         let in_shards: usize = self
             .shards
             .iter()
             .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum();
-        in_shards + self.sinks.len()
+        let in_lists: usize = self.owners.as_deref().map_or(0, |owners| {
+            (0..owners.len())
+                .map(|tx| {
+                    lock_list(owners, tx)
+                        .elsewhere
+                        .iter()
+                        .filter(|e| !**e)
+                        .count()
+                })
+                .sum()
+        });
+        in_shards + self.sinks.len() + in_lists
+    }
+
+    /// The final values of the keys that the owner lists of drain claim `claim` keep (a
+    /// transaction's list holds the only writes under them: the last write, or a delta
+    /// over the pre-block value), moved into a block of `out` (or `apart`).
+    fn drain_lists(
+        &self,
+        owners: &[OwnerList<K, V, D>],
+        claim: usize,
+        out: &Gather<'_, (K, V)>,
+        apart: &mut Vec<(K, V)>,
+        load: &impl Fn(&K) -> Result<Option<V>, StorageError>,
+        apply: &impl Fn(&K, Option<V>, &D) -> Option<V>,
+    ) -> Result<(), StorageError> {
+        let lists: Vec<Owned<K, V, D>> = owned::claimed(claim, owners.len())
+            .map(|tx| std::mem::take(&mut *lock_list(owners, tx)))
+            .collect();
+        let room = lists
+            .iter()
+            .map(|list| list.elsewhere.iter().filter(|e| !**e).count())
+            .sum();
+        let mut block = out.block(room);
+        for list in lists {
+            debug_assert!(!list.aborted, "an aborted incarnation left at the end");
+            for ((key, write), elsewhere) in list.writes.into_iter().zip(list.elsewhere) {
+                if elsewhere {
+                    continue;
+                }
+                let value = match write {
+                    Write::Put(value) => Some(value),
+                    Write::Delta(delta) => apply(&key, load(&key)?, &delta),
+                };
+                if let Some(value) = value {
+                    push_or_keep_apart(&mut block, apart, (key, value));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`Self::into_final_values`] shared by any number of callers, once no transaction
@@ -1053,10 +1381,19 @@ where
         let batches = self.shards.len().div_ceil(SHARDS_PER_CLAIM);
         loop {
             let claim = next.fetch_add(1, Relaxed);
-            if claim >= batches {
-                let Some(sink) = self.sinks.get(claim - batches) else {
+            if claim >= batches + self.sinks.len() {
+                let Some(owners) = &self.owners else {
                     return Ok(apart);
                 };
+                let lists = claim - batches - self.sinks.len();
+                if lists >= owned::claims(owners.len()) {
+                    return Ok(apart);
+                }
+                self.drain_lists(owners, lists, out, &mut apart, &load, &apply)?;
+                continue;
+            }
+            if claim >= batches {
+                let sink = &self.sinks[claim - batches];
                 let key = &sink.key;
                 if let Some(Some(value)) =
                     sink.final_value(|| load(key), |v, d| apply(key, v, d), &merge)?
@@ -1129,6 +1466,14 @@ where
 /// transactions (256 shards), spent a quarter of the drains' time on the two workers'
 /// turns at the gather's locks.
 const SHARDS_PER_CLAIM: usize = 8;
+
+/// The owner list of `tx` (module `owned`), locked.
+fn lock_list<K, V, D>(
+    owners: &[OwnerList<K, V, D>],
+    tx: TxIndex,
+) -> MutexGuard<'_, Owned<K, V, D>> {
+    owners[tx].lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Moves `value` into `block`, or into `apart` if there is no block (no room was left).
 #[inline]
@@ -1583,67 +1928,110 @@ mod tests {
         written: Vec<u32>,
     }
 
-    /// Applies `op` to both memories as an engine would; for a read, checks that both
-    /// answer alike and accept each other's answer on validation.
-    fn apply_op(
-        plain: &MvMemory<u32, i64, i64>,
-        sink: &MvMemory<u32, i64, i64>,
-        txs: &mut [TxState],
-        op: &Op,
-    ) {
+    /// Applies `op` to every memory as an engine would (one that keeps owner lists gets
+    /// each incarnation's writes whole, [`MvMemory::publish`]); for a read, checks that
+    /// all answer alike and accept each other's answer on validation.
+    fn apply_op(memories: &[&MvMemory<u32, i64, i64>], txs: &mut [TxState], op: &Op) {
         match op {
             Op::Execute { tx, lane, writes } => {
                 let state = &mut txs[*tx];
                 let incarnation = state.runs;
                 state.runs += 1;
                 let mut keys = Vec::new();
+                let mut whole = Vec::new();
                 for &(key, full, v) in writes {
                     if keys.contains(&key) {
                         continue;
                     }
                     keys.push(key);
-                    let entry = if full {
-                        Entry::Write(incarnation, v)
-                    } else {
-                        Entry::Delta(incarnation, v)
-                    };
-                    plain.write(key, *tx, entry.clone(), *lane);
-                    sink.write(key, *tx, entry, *lane);
+                    whole.push((key, if full { Write::Put(v) } else { Write::Delta(v) }));
+                }
+                for memory in memories {
+                    if memory.owns_writes() {
+                        memory.publish(*tx, incarnation, whole.clone(), *lane);
+                        continue;
+                    }
+                    for (key, write) in &whole {
+                        let entry = owned::entry_of(incarnation, false, write);
+                        memory.write(*key, *tx, entry, *lane);
+                    }
                 }
                 for key in std::mem::replace(&mut state.written, keys.clone()) {
                     if !keys.contains(&key) {
-                        plain.remove(&key, *tx);
-                        sink.remove(&key, *tx);
+                        for memory in memories {
+                            memory.remove(&key, *tx);
+                        }
                     }
                 }
             }
             Op::Abort { tx } => {
                 for key in &txs[*tx].written {
-                    plain.mark_estimate(key, *tx);
-                    sink.mark_estimate(key, *tx);
+                    for memory in memories {
+                        memory.mark_estimate(key, *tx);
+                    }
                 }
             }
             Op::Seed { tx, key } => {
                 let state = &mut txs[*tx];
                 if state.runs == 0 && !state.written.contains(key) {
                     state.written.push(*key);
-                    plain.write(*key, *tx, Entry::Estimate, 0);
-                    sink.write(*key, *tx, Entry::Estimate, 0);
+                    for memory in memories {
+                        memory.write(*key, *tx, Entry::Estimate, 0);
+                    }
                 }
             }
             Op::Read { tx, key } => {
-                let (p, s) = (
-                    plain.read(key, *tx, load, add),
-                    sink.read(key, *tx, load, add),
-                );
-                let (p, s) = (answer(p), answer(s));
-                assert_eq!(p, s, "read of {key} by {tx}");
-                if let Ok((_, origin)) = p {
-                    assert!(plain.validate(key, *tx, &origin, load, add));
-                    assert!(sink.validate(key, *tx, &origin, load, add));
+                let answers: Vec<Answer> = memories
+                    .iter()
+                    .map(|memory| answer(memory.read(key, *tx, load, add)))
+                    .collect();
+                for other in &answers[1..] {
+                    assert_eq!(&answers[0], other, "read of {key} by {tx}");
+                }
+                if let Ok((_, origin)) = &answers[0] {
+                    for memory in memories {
+                        assert!(memory.validate(key, *tx, origin, load, add));
+                    }
                 }
             }
         }
+    }
+
+    /// Runs `ops` on every memory, then runs every transaction once more (the block ends
+    /// with no estimate) and checks that all end with the same final values.
+    fn run_ops(memories: Vec<MvMemory<u32, i64, i64>>, ops: &[Op]) -> Result<(), TestCaseError> {
+        let refs: Vec<&MvMemory<u32, i64, i64>> = memories.iter().collect();
+        let mut txs = vec![TxState::default(); 12];
+        for op in ops {
+            apply_op(&refs, &mut txs, op);
+        }
+        for tx in 0..txs.len() {
+            let writes = txs[tx].written.iter().map(|&k| (k, false, 1)).collect();
+            apply_op(
+                &refs,
+                &mut txs,
+                &Op::Execute {
+                    tx,
+                    lane: tx % 3,
+                    writes,
+                },
+            );
+        }
+        let finals: Vec<_> = memories
+            .into_iter()
+            .map(|m| {
+                m.into_final_values(2, load, add, merge)
+                    .map(|mut f| {
+                        f.sort();
+                        f
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        for other in &finals[1..] {
+            prop_assert_eq!(&finals[0], other);
+        }
+        Ok(())
     }
 
     proptest! {
@@ -1670,19 +2058,73 @@ mod tests {
                 .collect();
             let plain = MvMemory::new(16, false);
             let sink = MvMemory::new(16, false).with_sinks(vec![sink_key, 2], 3, 16);
-            let mut txs = vec![TxState::default(); 12];
-            for op in &ops {
-                apply_op(&plain, &sink, &mut txs, op);
-            }
-            // Every aborted transaction runs again (the block ends with no estimate).
-            for tx in 0..txs.len() {
-                let writes = txs[tx].written.iter().map(|&k| (k, false, 1)).collect();
-                apply_op(&plain, &sink, &mut txs, &Op::Execute { tx, lane: tx % 3, writes });
-            }
-            let finals = |m: MvMemory<u32, i64, i64>| {
-                m.into_final_values(2, load, add, merge).map(|mut f| { f.sort(); f }).map_err(|e| e.to_string())
-            };
-            prop_assert_eq!(finals(plain), finals(sink));
+            run_ops(vec![plain, sink], &ops)?;
         }
+
+        /// Owner lists answer every read, validation and final value exactly as the
+        /// shards do: with a cell per key, and with two cells for all keys, so that
+        /// buckets are shared and their owners' entries move to the shards at every turn
+        /// (and with a delta sink beside them).
+        #[test]
+        fn owner_lists_answer_as_the_shards(
+            cells in prop_oneof![Just(2usize), Just(1024)],
+            ops in prop::collection::vec(op_strategy(), 0..60),
+        ) {
+            let plain = MvMemory::new(16, false);
+            let owned = MvMemory::new(16, false).with_owners(12).with_writer_cells(cells);
+            let both = MvMemory::new(16, false)
+                .with_sinks(vec![2], 3, 16)
+                .with_owners(12)
+                .with_writer_cells(cells);
+            run_ops(vec![plain, owned, both], &ops)?;
+        }
+    }
+
+    /// Keys `a` and `b` share a bucket in a memory with two writer cells, `c` is alone in
+    /// the other. Transaction 1 owns the bucket, then 4 writes there too: 1's entries move
+    /// to the shards, and every read, validation and abort sees them there; 2's key stays
+    /// in its list throughout.
+    #[test]
+    fn a_second_writer_moves_the_owners_entries_to_the_shards() {
+        let memory = MvMemory::<u32, i64, i64>::new(16, false)
+            .with_owners(6)
+            .with_writer_cells(2);
+        let bucket = |k: &u32| memory.hash(k) & 1;
+        let a = 0u32;
+        // (Key 9's pre-block value cannot be read.)
+        let b = (1..).find(|k| *k != 9 && bucket(k) == bucket(&a)).unwrap();
+        let c = (1..).find(|k| *k != 9 && bucket(k) != bucket(&a)).unwrap();
+        let read = |k: &u32, tx| answer(memory.read(k, tx, load, add));
+        memory.publish(1, 0, vec![(a, Write::Put(10))], 0);
+        memory.publish(2, 0, vec![(c, Write::Delta(5))], 0);
+        assert_eq!(read(&a, 3), Ok((Ok(Some(10)), Origin::Version(1, 0))));
+        assert_eq!(read(&a, 1), Ok((Ok(Some(0)), Origin::Storage)));
+        // Key c's pre-block value is ten times its number; the delta resolves over it.
+        let resolved = Some(i64::from(c) * 10 + 5);
+        assert_eq!(
+            read(&c, 3),
+            Ok((Ok(resolved), Origin::Resolved(Box::new(resolved))))
+        );
+        memory.publish(4, 0, vec![(b, Write::Put(7))], 1);
+        let writers = memory.writers.as_ref().unwrap();
+        assert_eq!(writers.cell(memory.hash(&a)).load(Relaxed), Writers::MANY);
+        assert_eq!(writers.cell(memory.hash(&c)).load(Relaxed), Writers::id(2));
+        assert_eq!(read(&a, 3), Ok((Ok(Some(10)), Origin::Version(1, 0))));
+        assert_eq!(read(&b, 5), Ok((Ok(Some(7)), Origin::Version(4, 0))));
+        assert!(memory.validate(&a, 5, &Origin::Version(1, 0), load, add));
+        memory.mark_estimate(&a, 1);
+        memory.mark_estimate(&c, 2);
+        assert_eq!(read(&a, 3), Err(1));
+        assert_eq!(read(&c, 3), Err(2));
+        assert!(!memory.validate(&a, 5, &Origin::Version(1, 0), load, add));
+        memory.publish(1, 1, vec![(a, Write::Put(11))], 0);
+        memory.publish(2, 1, vec![(c, Write::Put(6))], 0);
+        assert_eq!(read(&a, 3), Ok((Ok(Some(11)), Origin::Version(1, 1))));
+        assert_eq!(read(&c, 3), Ok((Ok(Some(6)), Origin::Version(2, 1))));
+        let mut finals = memory.into_final_values(2, load, add, merge).unwrap();
+        finals.sort();
+        let mut expected = vec![(a, 11), (b, 7), (c, 6)];
+        expected.sort();
+        assert_eq!(finals, expected);
     }
 }
