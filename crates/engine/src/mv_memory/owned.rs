@@ -13,7 +13,7 @@
 //! * none: no entry anywhere; one transaction `f` (alone): only in `f`'s list (if `f`
 //!   wrote that key of the bucket at all); many: only in the shards.
 //! * A second writer of a bucket owned by `f` first marks the cell *migrating*, copies
-//!   `f`'s entries of the bucket from `f`'s list into the shards (flagging them there),
+//!   `f`'s entries of the bucket from `f`'s list into the shards (flagging them in the list),
 //!   then marks it *many*. Readers and writers that find a bucket migrating wait for it.
 //! * A transaction replaces its list whole when it publishes an incarnation (under the
 //!   list's lock), then files in the shards every entry whose bucket is no longer its
