@@ -61,7 +61,8 @@ pub struct BenchArgs {
     /// Block sizes in transactions, comma-separated.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     txs: Vec<u64>,
-    /// Read latencies of pre-block state in microseconds, comma-separated.
+    /// Read latencies of pre-block state in microseconds, comma-separated (each at most
+    /// 1000000).
     ///
     /// With none of --gas, --txs, --latency-us the plan is: 1G gas and 1000 txs at 0 us, and
     /// 1000 txs at 100 us (--quick: 2000 txs at 0 us, 200 txs at 100 us). With any of them,
