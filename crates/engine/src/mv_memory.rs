@@ -484,6 +484,16 @@ const MAX_SINKS: usize = 16;
 /// Most shards a memory has; small blocks get fewer (creating shards is not free).
 const MAX_SHARDS: usize = 256;
 
+/// What a bucket's writer cell tells a read of a key ([`MvMemory::listed`]).
+enum Listed<R> {
+    /// No other transaction has an entry under the key below the reader.
+    Unwritten,
+    /// What the caller made of the entry in the owner's list.
+    Entry(R),
+    /// The shards hold the key's entries, if any.
+    InShards,
+}
+
 /// Where the walk down from a read position stopped.
 enum Bottom {
     /// A write at this position of `versions`.
@@ -718,11 +728,17 @@ where
             if list.elsewhere[i] || writers.bucket(hash) != bucket {
                 continue;
             }
-            list.elsewhere[i] = true;
-            let entry = list.entry(i);
-            let key = list.writes[i].0.clone();
-            self.shard(hash).write(hash, key, owner, entry);
+            self.file_in_shards(&mut list, i, owner);
         }
+    }
+
+    /// Files write `i` of `list`, transaction `tx`'s, in the shards, and flags it in the
+    /// list as filed elsewhere.
+    fn file_in_shards(&self, list: &mut Owned<K, V, D>, i: usize, tx: TxIndex) {
+        list.elsewhere[i] = true;
+        let hash = list.hashes[i];
+        let key = list.writes[i].0.clone();
+        self.shard(hash).write(hash, key, tx, list.entry(i));
     }
 
     /// Publishes the writes of `tx`'s `incarnation` whole (with [`Self::with_owners`]):
@@ -775,10 +791,7 @@ where
             {
                 continue;
             }
-            list.elsewhere[i] = true;
-            let entry = list.entry(i);
-            let key = list.writes[i].0.clone();
-            self.shard(hash).write(hash, key, tx, entry);
+            self.file_in_shards(&mut list, i, tx);
         }
         drop(list);
         drop(previous);
@@ -1038,6 +1051,45 @@ where
         }
     }
 
+    /// What the writer cell of `key`'s bucket (of hash `hash`) tells a read or validation
+    /// by `tx` on fast storage: that no other transaction has an entry under the key below
+    /// `tx`, or the answer of `entry` to the entry in its owner's list (owner, incarnation,
+    /// aborted, write; called under the list's lock), or that the shards must be asked.
+    fn listed<R>(
+        &self,
+        key: &K,
+        hash: u64,
+        tx: TxIndex,
+        entry: impl FnOnce(TxIndex, Incarnation, bool, &Write<V, D>) -> R,
+    ) -> Listed<R> {
+        let (Some(writers), Some(owners)) = (&self.writers, &self.owners) else {
+            return if self.only_writer(hash, tx) {
+                Listed::Unwritten
+            } else {
+                Listed::InShards
+            };
+        };
+        loop {
+            let owner = match writers.settled(hash) {
+                Writers::NONE => return Listed::Unwritten,
+                Writers::MANY => return Listed::InShards,
+                owner => owner as TxIndex - 1,
+            };
+            if owner >= tx {
+                return Listed::Unwritten;
+            }
+            let list = lock_list(owners, owner);
+            return match list.find(key, hash) {
+                Found::Nothing => Listed::Unwritten,
+                // Moved to the shards since the cell was read: it now says so.
+                Found::Moved => continue,
+                Found::Entry(incarnation, aborted, write) => {
+                    Listed::Entry(entry(owner, incarnation, aborted, write))
+                }
+            };
+        }
+    }
+
     /// A read on fast storage: [`Self::read`] with nothing cached or inserted.
     fn read_uncached(
         &self,
@@ -1047,43 +1099,28 @@ where
         load: impl Fn(&K) -> Result<Option<V>, StorageError>,
         apply: impl Fn(&K, Option<V>, &D) -> Option<V>,
     ) -> Read<V> {
-        if let (Some(writers), Some(owners)) = (&self.writers, &self.owners) {
-            loop {
-                let owner = match writers.settled(hash) {
-                    Writers::NONE => return Read::Value(load(key), Origin::Storage),
-                    Writers::MANY => break,
-                    owner => owner as TxIndex - 1,
-                };
-                if owner >= tx {
-                    return Read::Value(load(key), Origin::Storage);
+        let listed = self.listed(
+            key,
+            hash,
+            tx,
+            |owner, incarnation, aborted, write| match write {
+                _ if aborted => Read::Blocked(owner),
+                Write::Put(value) => {
+                    Read::Value(Ok(Some(value.clone())), Origin::Version(owner, incarnation))
                 }
-                let list = lock_list(owners, owner);
-                match list.find(key, hash) {
-                    Found::Nothing => {
-                        drop(list);
-                        return Read::Value(load(key), Origin::Storage);
+                Write::Delta(delta) => match load(key) {
+                    Err(e) => Read::Value(Err(e), Origin::Failed),
+                    Ok(base) => {
+                        let v = apply(key, base, delta);
+                        Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
                     }
-                    Found::Moved => continue,
-                    Found::Entry(_, true, _) => return Read::Blocked(owner),
-                    Found::Entry(incarnation, false, Write::Put(value)) => {
-                        let origin = Origin::Version(owner, incarnation);
-                        return Read::Value(Ok(Some(value.clone())), origin);
-                    }
-                    Found::Entry(_, false, Write::Delta(delta)) => {
-                        let delta = delta.clone();
-                        drop(list);
-                        return match load(key) {
-                            Err(e) => Read::Value(Err(e), Origin::Failed),
-                            Ok(base) => {
-                                let v = apply(key, base, &delta);
-                                Read::Value(Ok(v.clone()), Origin::Resolved(Box::new(v)))
-                            }
-                        };
-                    }
-                }
-            }
-        } else if self.only_writer(hash, tx) {
-            return Read::Value(load(key), Origin::Storage);
+                },
+            },
+        );
+        match listed {
+            Listed::Unwritten => return Read::Value(load(key), Origin::Storage),
+            Listed::Entry(read) => return read,
+            Listed::InShards => {}
         }
         let table = self.shard(hash);
         let Some(state) = table.find(hash, key) else {
@@ -1147,40 +1184,25 @@ where
         if let Some(sink) = self.sink_of(hash, key) {
             return sink.validate(tx, origin, || load(key), |v, d| apply(key, v, d));
         }
-        if let (Some(writers), Some(owners)) = (&self.writers, &self.owners) {
-            loop {
-                let owner = match writers.settled(hash) {
-                    Writers::NONE => return matches!(origin, Origin::Storage),
-                    Writers::MANY => break,
-                    owner => owner as TxIndex - 1,
-                };
-                if owner >= tx {
-                    return matches!(origin, Origin::Storage);
-                }
-                let list = lock_list(owners, owner);
-                match list.find(key, hash) {
-                    Found::Nothing => return matches!(origin, Origin::Storage),
-                    Found::Moved => continue,
-                    Found::Entry(_, true, _) => return false,
-                    Found::Entry(incarnation, false, Write::Put(_)) => {
-                        return *origin == Origin::Version(owner, incarnation);
-                    }
-                    Found::Entry(_, false, Write::Delta(delta)) => {
-                        let delta = delta.clone();
-                        drop(list);
-                        return match (origin, load(key)) {
-                            (Origin::Resolved(seen), Ok(base)) => {
-                                apply(key, base, &delta) == **seen
-                            }
-                            (Origin::Failed, Err(_)) => true,
-                            _ => false,
-                        };
-                    }
-                }
-            }
-        } else if self.only_writer(hash, tx) {
+        let listed = self.listed(
+            key,
+            hash,
+            tx,
+            |owner, incarnation, aborted, write| match write {
+                _ if aborted => false,
+                Write::Put(_) => *origin == Origin::Version(owner, incarnation),
+                Write::Delta(delta) => match (origin, load(key)) {
+                    (Origin::Resolved(seen), Ok(base)) => apply(key, base, delta) == **seen,
+                    (Origin::Failed, Err(_)) => true,
+                    _ => false,
+                },
+            },
+        );
+        match listed {
             // No other transaction's entry under the key: the pre-block value, as read.
-            return matches!(origin, Origin::Storage);
+            Listed::Unwritten => return matches!(origin, Origin::Storage),
+            Listed::Entry(valid) => return valid,
+            Listed::InShards => {}
         }
         let table = self.shard(hash);
         let Some(state) = table.find(hash, key) else {
