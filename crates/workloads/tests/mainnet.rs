@@ -181,3 +181,28 @@ fn block_stm_starts_heavy_transactions_first() {
         );
     }
 }
+
+/// A block too small to give two workers 64 transactions each gets its second worker by its
+/// transactions' weight, counted twice when they weigh two light ones or more on average
+/// (contract calls): 19923400 (24 calls) and 19933122 (45) run on two workers in the engines
+/// that judge blocks by their work; 6196166 (108 calls worth 126 light ones, two chains into
+/// two contracts) stays on one, in order. Every result passes its header.
+#[test]
+fn small_blocks_of_calls_get_a_second_worker_by_weight() {
+    let wanted = [(19_923_400, 2), (19_933_122, 2), (6_196_166, 1)];
+    let blocks = builtin_blocks(&wanted.map(|(number, _)| number));
+    for block in &blocks {
+        let (_, workers) = wanted.iter().find(|(n, _)| *n == block.number).unwrap();
+        for engine in [EngineKind::BlockStm, EngineKind::Optimistic] {
+            let check = check_block(block, engine, 2).expect("executes");
+            assert!(check.passed(), "block {} ({engine:?})", block.number);
+            assert_eq!(
+                check.metrics.extra("workers"),
+                Some(*workers),
+                "block {} ({engine:?}): {:?}",
+                block.number,
+                check.metrics
+            );
+        }
+    }
+}
