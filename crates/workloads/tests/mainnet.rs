@@ -167,19 +167,7 @@ fn block_stm_judges_a_chain_by_its_units() {
 #[test]
 fn block_stm_starts_heavy_transactions_first() {
     let wanted = [(4_370_000, 0), (18_426_253, 4), (19_929_064, 2)];
-    let blocks = builtin_blocks(&wanted.map(|(number, _)| number));
-    for block in &blocks {
-        let (_, heavy) = wanted.iter().find(|(n, _)| *n == block.number).unwrap();
-        let check = check_block(block, EngineKind::BlockStm, 2).expect("executes");
-        assert!(check.passed(), "block {}", block.number);
-        assert_eq!(
-            check.metrics.extra("heavy_first"),
-            Some(*heavy),
-            "block {}: {:?}",
-            block.number,
-            check.metrics
-        );
-    }
+    assert_extra_per_block(&wanted, &[EngineKind::BlockStm], "heavy_first");
 }
 
 /// A block too small to give two workers 64 transactions each gets its second worker by its
@@ -190,15 +178,22 @@ fn block_stm_starts_heavy_transactions_first() {
 #[test]
 fn small_blocks_of_calls_get_a_second_worker_by_weight() {
     let wanted = [(19_923_400, 2), (19_933_122, 2), (6_196_166, 1)];
-    let blocks = builtin_blocks(&wanted.map(|(number, _)| number));
-    for block in &blocks {
-        let (_, workers) = wanted.iter().find(|(n, _)| *n == block.number).unwrap();
-        for engine in [EngineKind::BlockStm, EngineKind::Optimistic] {
+    let engines = [EngineKind::BlockStm, EngineKind::Optimistic];
+    assert_extra_per_block(&wanted, &engines, "workers");
+}
+
+/// Each of the `wanted` built-in blocks (number, expected value), executed by each of
+/// `engines` on 2 threads, passes its header and reports metric `extra` with that value.
+fn assert_extra_per_block(wanted: &[(u64, u64)], engines: &[EngineKind], extra: &str) {
+    let numbers: Vec<u64> = wanted.iter().map(|(number, _)| *number).collect();
+    for block in &builtin_blocks(&numbers) {
+        let (_, value) = wanted.iter().find(|(n, _)| *n == block.number).unwrap();
+        for &engine in engines {
             let check = check_block(block, engine, 2).expect("executes");
             assert!(check.passed(), "block {} ({engine:?})", block.number);
             assert_eq!(
-                check.metrics.extra("workers"),
-                Some(*workers),
+                check.metrics.extra(extra),
+                Some(*value),
                 "block {} ({engine:?}): {:?}",
                 block.number,
                 check.metrics
